@@ -1,0 +1,306 @@
+"""The three hot spots of SSL training: Sinkhorn-Knopp, the contrastive loss, k-means.
+
+Each public function validates its inputs, then runs the compiled extension
+(`common._C`, built by setup.py from csrc/) when it is available for the tensor's
+device, else the pure-PyTorch reference implementation below. The references are
+written for clarity and exactness; they are what the tests compare against.
+`backend()` says which implementation runs.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+try:  # the compiled extension is optional: everything works without it
+    from common import _C
+except ImportError:  # not built
+    _C = None
+
+
+def backend(device="cpu"):
+    """'compiled-cuda', 'compiled-cpu' or 'reference': what runs for tensors on `device`."""
+    device = torch.device(device)
+    if _C is not None:
+        if device.type == "cuda" and getattr(_C, "has_cuda", lambda: False)():
+            return "compiled-cuda"
+        if device.type == "cpu":
+            return "compiled-cpu"
+    return "reference"
+
+
+# ----------------------------------------------------------------------------- checks
+
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_matrix(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(t.shape)}.")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}.")
+
+
+def _check_index(name, idx, n, m, device):
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an integer (int64 or int32) tensor.")
+    if idx.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(idx.shape)}.")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the features are on {device}.")
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= m):
+        raise ValueError(f"{name} has values outside [0, {m}).")
+
+
+def _world(group):
+    """The process group to reduce over, or None when running alone."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- sinkhorn
+
+def sinkhorn(scores, epsilon=0.05, n_iters=3, group=None):
+    """SwAV's Sinkhorn-Knopp (Caron et al. 2020, Alg. 1 / Eq. 3) on Q = exp(scores / epsilon).
+
+    scores: [B, K] similarities of B samples to K prototypes (this rank's rows).
+    Returns [B, K] soft assignments: the prototypes share the (global) batch equally
+    and each row sums to 1. Distributed: column sums are all-reduced, so the result
+    equals running it on the concatenation of all ranks' rows.
+    """
+    _check_matrix("scores", scores)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}.")
+    if int(n_iters) != n_iters or n_iters < 1:
+        raise ValueError(f"n_iters must be a positive integer, got {n_iters}.")
+    if scores.shape[1] == 0:
+        raise ValueError("scores must have at least one column (prototype).")
+    group = _world(group)
+    if _C is not None and backend(scores.device) != "reference" and scores.dtype != torch.float64:
+        return _C.sinkhorn(scores.contiguous(), float(epsilon), int(n_iters), group)
+    return sinkhorn_reference(scores, epsilon, n_iters, group)
+
+
+def _all_reduce(t, op, group):
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _global_rows(n_local, group, device):
+    n = torch.tensor([float(n_local)], device=device, dtype=torch.float64)
+    return int(_all_reduce(n, dist.ReduceOp.SUM, group).item())
+
+
+def sinkhorn_reference(scores, epsilon=0.05, n_iters=3, group=None):
+    """Sinkhorn-Knopp in the log domain: mathematically SwAV's iteration, never overflows.
+
+    With log Q = scores/eps - u[k] - v[b], SwAV's "divide each prototype's row by its
+    sum, then by K" is u += logsumexp_b(log Q) + log K, and "divide each sample's
+    column by its sum, then by B" is v += logsumexp_k(log Q) + log B. The final
+    multiplication by B makes each sample's assignment sum to one.
+    """
+    group = _world(group)
+    with torch.no_grad():
+        log_q = scores.detach().to(_compute_dtype(scores)) / epsilon
+        n_samples, n_prototypes = log_q.shape
+        total_samples = _global_rows(n_samples, group, log_q.device)
+        for _ in range(int(n_iters)):
+            # prototypes: logsumexp over all ranks' samples, computed stably
+            col_max = log_q.max(dim=0).values if n_samples else torch.full(
+                (n_prototypes,), -math.inf, device=log_q.device, dtype=log_q.dtype)
+            col_max = _all_reduce(col_max.clone(), dist.ReduceOp.MAX, group)
+            col_sum = (log_q - col_max).exp().sum(dim=0)
+            col_sum = _all_reduce(col_sum, dist.ReduceOp.SUM, group)
+            log_q = log_q - (col_max + col_sum.log() + math.log(n_prototypes))
+            # samples: each row normalised to 1/B
+            log_q = log_q - (torch.logsumexp(log_q, dim=1, keepdim=True) + math.log(total_samples))
+        q = (log_q + math.log(total_samples)).exp()
+    return q.to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def contrastive_loss(queries, keys, pos_index, temperature, self_index=None, reduction="mean"):
+    """InfoNCE / NT-Xent (Oord et al. 2018; Chen et al. 2020, Eq. 1) over `queries @ keys.T / T`.
+
+    queries [N, D], keys [M, D] (used as given: L2-normalise them first). Row i's
+    target is column pos_index[i]; column self_index[i] (SimCLR's own view) is left
+    out of the softmax. Returns the mean (or sum, or per-row) cross-entropy.
+    The compiled version never materialises the N x M logits.
+    """
+    _check_matrix("queries", queries)
+    _check_matrix("keys", keys)
+    n, d = queries.shape
+    m, dk = keys.shape
+    if dk != d:
+        raise ValueError(f"queries and keys must have the same feature size, got {d} and {dk}.")
+    if keys.dtype != queries.dtype:
+        raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must have the same dtype.")
+    if keys.device != queries.device:
+        raise ValueError(f"queries ({queries.device}) and keys ({keys.device}) must be on the same device.")
+    if m == 0:
+        raise ValueError("keys must have at least one row.")
+    _check_index("pos_index", pos_index, n, m, queries.device)
+    if self_index is not None:
+        _check_index("self_index", self_index, n, m, queries.device)
+        if bool((self_index == pos_index).any()):
+            raise ValueError("pos_index and self_index must differ for every row.")
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    if _C is not None and backend(queries.device) != "reference" and queries.dtype != torch.float64:
+        per_row = _C.contrastive_loss(queries, keys, pos_index.long(),
+                                      None if self_index is None else self_index.long(), temperature)
+        return _reduce(per_row, reduction)
+    return contrastive_loss_reference(queries, keys, pos_index, temperature, self_index, reduction)
+
+
+def _reduce(per_row, reduction):
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def contrastive_loss_reference(queries, keys, pos_index, temperature, self_index=None, reduction="mean"):
+    """The plain formula: materialises the N x M logits (fp32 for half inputs)."""
+    compute = _compute_dtype(queries)
+    logits = queries.to(compute) @ keys.to(compute).t() / temperature
+    if self_index is not None:
+        excluded = torch.zeros_like(logits, dtype=torch.bool)
+        excluded[torch.arange(len(logits), device=logits.device), self_index.long()] = True
+        logits = logits.masked_fill(excluded, -math.inf)
+    per_row = torch.logsumexp(logits, dim=1) - logits.gather(1, pos_index.long()[:, None])[:, 0]
+    return _reduce(per_row, reduction)
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
+    """Lloyd's k-means (DeepCluster-v2's spherical variant when spherical=True).
+
+    x: [N, D] this rank's rows. init: "random" (k distinct rows of the global data,
+    chosen by `seed`) or a [k, D] tensor of starting centroids. Runs n_iters
+    assign/update rounds, then a final assignment, so assignments[i] is the best
+    returned centroid for row i. Empty clusters are re-seeded with the points
+    farthest from their centroids. Distributed: sums and counts are all-reduced and
+    every rank returns the same centroids (and the assignments of its own rows).
+    Returns (centroids [k, D], assignments [N] int64).
+    """
+    _check_matrix("x", x)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}.")
+    if int(n_iters) != n_iters or n_iters < 0:
+        raise ValueError(f"n_iters must be a non-negative integer, got {n_iters}.")
+    group = _world(group)
+    total = _global_rows(x.shape[0], group, x.device)
+    if total < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {total}.")
+    if isinstance(init, torch.Tensor):
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}.")
+        if init.device != x.device:
+            raise ValueError(f"init centroids are on {init.device} but x is on {x.device}.")
+    elif init != "random":
+        raise ValueError(f"init must be 'random' or a [k, D] tensor, got {init!r}.")
+    if _C is not None and backend(x.device) != "reference" and x.dtype != torch.float64:
+        return _C.kmeans(x.contiguous(), k, int(n_iters), bool(spherical), init, int(seed), group)
+    return kmeans_reference(x, k, n_iters, spherical, init, seed, group)
+
+
+def _random_init(x, k, seed, group):
+    """k distinct rows of the concatenation of every rank's x, chosen by `seed`."""
+    counts = torch.zeros(dist.get_world_size(group) if group is not None else 1, dtype=torch.float64,
+                         device=x.device)
+    rank = dist.get_rank(group) if group is not None else 0
+    counts[rank] = x.shape[0]
+    counts = _all_reduce(counts, dist.ReduceOp.SUM, group).long().cpu()
+    offset = int(counts[:rank].sum())
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(int(counts.sum()), generator=generator)[:k].to(x.device)
+    mine = (chosen >= offset) & (chosen < offset + x.shape[0])
+    centroids = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[mine] = x[chosen[mine] - offset]
+    return _all_reduce(centroids, dist.ReduceOp.SUM, group)
+
+
+def _assign(x, centroids, spherical, chunk=16384):
+    """Best centroid and its score for each row, chunked over rows (score: higher is closer)."""
+    best_score = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    best = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    half_sq_norms = 0.5 * (centroids * centroids).sum(dim=1)
+    for start in range(0, x.shape[0], chunk):
+        scores = x[start:start + chunk] @ centroids.t()
+        if not spherical:  # argmin |x - c|^2 = argmax x.c - |c|^2 / 2
+            scores = scores - half_sq_norms
+        best_score[start:start + chunk], best[start:start + chunk] = scores.max(dim=1)
+    return best_score, best
+
+
+def _farthest_points(x, best_score, n, group):
+    """The n rows of the global data whose best score is lowest (farthest from their centroid)."""
+    local_n = min(n, x.shape[0])
+    order = torch.argsort(best_score, stable=True)[:local_n]
+    cand_scores, cand_points = best_score[order], x[order]
+    if group is not None:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # an all-reduce of disjoint slots is an all-gather that works on every backend
+        slot_scores = torch.zeros(world, n, dtype=x.dtype, device=x.device)
+        slot_valid = torch.zeros(world, n, dtype=x.dtype, device=x.device)
+        slot_points = torch.zeros(world, n, x.shape[1], dtype=x.dtype, device=x.device)
+        slot_scores[rank, :local_n] = cand_scores
+        slot_valid[rank, :local_n] = 1
+        slot_points[rank, :local_n] = cand_points
+        for t in (slot_scores, slot_valid, slot_points):
+            _all_reduce(t, dist.ReduceOp.SUM, group)
+        cand_scores = slot_scores.masked_fill(slot_valid == 0, math.inf).reshape(-1)
+        cand_points = slot_points.reshape(-1, x.shape[1])
+        keep = torch.argsort(cand_scores, stable=True)[:n]
+        cand_points = cand_points[keep]
+    return cand_points
+
+
+def kmeans_reference(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
+    """Plain Lloyd iterations in PyTorch (float64 for float64 input, else float32)."""
+    compute = _compute_dtype(x)
+    with torch.no_grad():
+        points = x.detach().to(compute)
+        if spherical:
+            points = torch.nn.functional.normalize(points, dim=1)
+        if isinstance(init, torch.Tensor):
+            centroids = init.detach().to(compute).clone()
+        else:
+            centroids = _random_init(points, k, seed, group)
+        if spherical:
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
+        for _ in range(int(n_iters)):
+            best_score, assignments = _assign(points, centroids, spherical)
+            sums = torch.zeros_like(centroids).index_add_(0, assignments, points)
+            counts = torch.bincount(assignments, minlength=k).to(compute)
+            _all_reduce(sums, dist.ReduceOp.SUM, group)
+            _all_reduce(counts, dist.ReduceOp.SUM, group)
+            nonempty = counts > 0
+            centroids = torch.where(nonempty[:, None], sums / counts.clamp(min=1)[:, None], centroids)
+            empty = (~nonempty).nonzero()[:, 0]
+            if len(empty):
+                centroids[empty] = _farthest_points(points, best_score, len(empty), group)
+            if spherical:
+                centroids = torch.nn.functional.normalize(centroids, dim=1)
+        _, assignments = _assign(points, centroids, spherical)
+    return centroids.to(x.dtype), assignments
