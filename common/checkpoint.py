@@ -1,0 +1,115 @@
+"""Checkpoints: atomic saves, resume from the latest one, RNG state capture.
+
+A training checkpoint is one `.pth` dict (DESIGN.md): method, args, epoch, step, model,
+optimizer, scaler, rng, method state, and `trunk` under plain torchvision names.
+Files are named `checkpoint-<step>.pth` in `--output-dir`; re-running the same
+command resumes from the highest step found there.
+"""
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one sentence for the user."""
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk mid-save leaves any previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoints(output_dir):
+    """Sorted (step, path) of the checkpoints in `output_dir`."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), output_dir / name) for name in os.listdir(output_dir) if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def latest(output_dir):
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_training(state, output_dir, step, keep=3):
+    """Save `state` as checkpoint-<step>.pth and delete all but the newest `keep` (0 = keep all)."""
+    path = Path(output_dir) / f"checkpoint-{step:08d}.pth"
+    save_atomic(state, path)
+    if keep:
+        for _, old in checkpoints(output_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load(path, map_location="cpu"):
+    """torch.load with one clear error for missing, truncated or non-checkpoint files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or foreign file?): "
+                              f"{type(e).__name__}.") from None
+
+
+def load_training(path, method):
+    """Load one of our training checkpoints for resuming `method`, refusing anything else."""
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "method" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project.")
+    if ckpt["method"] != method:
+        raise CheckpointError(f"{path} is a {ckpt['method']} checkpoint; it cannot resume a {method} run "
+                              f"(use another --output-dir).")
+    return ckpt
+
+
+def load_model(model, state_dict, path):
+    """model.load_state_dict(strict) with one clear error when the checkpoint does not fit."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{path} does not fit this model (different --arch or head?): {detail}") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

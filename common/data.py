@@ -1,0 +1,333 @@
+"""Datasets and loaders shared by every script.
+
+`build_dataset(spec, split)` understands:
+  - `cifar10-mini`: 4,000 train / 1,000 test CIFAR-10 JPEGs shipped in common/assets
+    (class-balanced; scripts/make_cifar10_mini.py made it), so demos run anywhere;
+  - `cifar10`, `cifar100`: a local copy under $SSL_DATA_DIR (torchvision's
+    `cifar-10-batches-py`, or an ImageFolder with train/ and test/), else torchvision's
+    download into $SSL_DATA_DIR (default ~/.cache/ssl-data);
+  - `fashion-mnist`: the IDX files of Debian's dataset-fashion-mnist
+    (/usr/share/datasets/fashion-mnist, or $FASHION_MNIST_DIR), as RGB images;
+  - a directory: an ImageFolder (`<dir>/<class>/<image>`); if it has a `train/` (and
+    `test/` or `val/`) sub-directory, the split's one is used;
+  - a text file: one `path [label]` per line, paths relative to the file's folder.
+Every dataset yields `(PIL RGB image, label)`; unreadable images raise `BadImage`.
+
+`ViewDataset` wraps one of them for training: it applies a transform with a random
+state derived from (seed, epoch, index) only, so augmentations do not depend on the
+number of workers or on where a run was resumed; it replaces unreadable images by
+another sample and reports them, so the loader survives corrupt or truncated files.
+"""
+import gzip
+import io
+import os
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN = ("cifar10", "cifar10-mini", "cifar100", "fashion-mnist")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message is one sentence for the user."""
+
+
+class BadImage(Exception):
+    """An image that could not be decoded; carries its path or index."""
+
+
+def _open_rgb(source, name):
+    try:
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt, truncated or foreign files
+        raise BadImage(f"{name}: {type(e).__name__}: {e}") from None
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images on disk with integer labels: the base of ImageFolder and file lists."""
+
+    def __init__(self, paths, labels, classes):
+        self.paths, self.labels, self.classes = [str(p) for p in paths], list(labels), list(classes)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return _open_rgb(self.paths[index], self.paths[index]), self.labels[index]
+
+    def describe(self, index):
+        return self.paths[index]
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """Images held in memory as encoded bytes (one array + offsets), e.g. cifar10-mini."""
+
+    def __init__(self, blob, offsets, labels, classes, name):
+        self.blob, self.offsets, self.labels, self.classes, self.name = blob, offsets, labels, list(classes), name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        raw = self.blob[self.offsets[index]:self.offsets[index + 1]].tobytes()
+        return _open_rgb(io.BytesIO(raw), self.describe(index)), int(self.labels[index])
+
+    def describe(self, index):
+        return f"{self.name}[{index}]"
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """Images held as a uint8 array [N, H, W] or [N, H, W, 3] (Fashion-MNIST, CIFAR batches)."""
+
+    def __init__(self, images, labels, classes, name):
+        self.images, self.labels, self.classes, self.name = images, labels, list(classes), name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
+
+    def describe(self, index):
+        return f"{self.name}[{index}]"
+
+
+def _cifar10_mini(split):
+    arrays = np.load(ASSETS / "cifar10_mini.npz")
+    return EncodedImages(arrays[f"{split}_bytes"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"],
+                         arrays["classes"].tolist(), f"cifar10-mini/{split}")
+
+
+def _data_dir():
+    return Path(os.environ.get("SSL_DATA_DIR", Path.home() / ".cache" / "ssl-data"))
+
+
+def _cifar(name, split):
+    root = _data_dir()
+    folder = root / name
+    if (folder / split).is_dir():  # an ImageFolder copy, e.g. SSL_DATA_DIR=../shared/data
+        return _image_folder(folder / split)
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        tv = cls(str(root), train=(split == "train"), download=True)
+    except Exception as e:
+        raise DataError(f"{name} is neither under {root} nor downloadable ({type(e).__name__}: {e}); "
+                        f"set SSL_DATA_DIR or pass an ImageFolder path to --data.") from None
+    return ArrayImages(tv.data, tv.targets, tv.classes, f"{name}/{split}")
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as f:
+        _, _, dtype_code, ndim = f.read(4)
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        assert dtype_code == 0x08, f"{path}: only uint8 IDX files are supported"
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def _fashion_mnist(split):
+    root = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    prefix = "train" if split == "train" else "t10k"
+    images = sorted(root.glob(f"{prefix}-images-idx3-ubyte*"))
+    labels = sorted(root.glob(f"{prefix}-labels-idx1-ubyte*"))
+    if not images or not labels:
+        raise DataError(f"Fashion-MNIST IDX files are not in {root}; install Debian's dataset-fashion-mnist "
+                        f"(apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR.")
+    return ArrayImages(_read_idx(images[0]), _read_idx(labels[0]).astype(np.int64), FASHION_CLASSES,
+                       f"fashion-mnist/{split}")
+
+
+def _image_folder(root):
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class sub-directories (expected <dir>/<class>/<image>).")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not paths:
+        raise DataError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return ImageFiles(paths, labels, classes)
+
+
+def _file_list(path):
+    path = Path(path)
+    paths, labels = [], []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
+            raise DataError(f"{path}:{line_no}: expected 'path [integer label]', got {line!r}.")
+        paths.append(fields[0] if os.path.isabs(fields[0]) else str(path.parent / fields[0]))
+        labels.append(int(fields[1]) if len(fields) == 2 else -1)
+    if not paths:
+        raise DataError(f"{path} lists no images.")
+    n_classes = max(labels) + 1
+    return ImageFiles(paths, labels, [str(c) for c in range(max(n_classes, 0))])
+
+
+def build_dataset(spec, split="train"):
+    """A dataset of (PIL RGB image, label) from a built-in name, a directory or a file list."""
+    if spec is None or spec == "":
+        raise DataError("--data is required (a directory, a file list, or one of " + ", ".join(BUILTIN) + ").")
+    if split not in ("train", "test", "val"):
+        raise DataError(f"unknown split {split!r}.")
+    if spec == "cifar10-mini":
+        return _cifar10_mini("test" if split == "val" else split)
+    if spec in ("cifar10", "cifar100"):
+        return _cifar(spec, "test" if split == "val" else split)
+    if spec == "fashion-mnist":
+        return _fashion_mnist(split)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data path {spec} does not exist (nor is it one of {', '.join(BUILTIN)}).")
+    if path.is_file():
+        return _file_list(path)
+    for candidate in ([split] + (["val"] if split == "test" else ["test"] if split == "val" else [])):
+        if (path / candidate).is_dir() and (path / "train").is_dir():
+            return _image_folder(path / candidate)
+    return _image_folder(path)
+
+
+def fraction_indices(labels, fraction, seed=0):
+    """A deterministic, class-balanced subset: `fraction` of each class, chosen by `seed`."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"--data-fraction must be in (0, 1], got {fraction}.")
+    labels = np.asarray(labels)
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep.append(rng.choice(members, size=max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def labels_of(dataset):
+    if isinstance(dataset, torch.utils.data.Subset):
+        return [labels_of(dataset.dataset)[i] for i in dataset.indices]
+    return list(dataset.labels)
+
+
+def subset(dataset, fraction, seed=0):
+    if fraction == 1:
+        return dataset
+    return torch.utils.data.Subset(dataset, fraction_indices(labels_of(dataset), fraction, seed).tolist())
+
+
+def _describe(dataset, index):
+    if isinstance(dataset, torch.utils.data.Subset):
+        return _describe(dataset.dataset, dataset.indices[index])
+    return dataset.describe(index) if hasattr(dataset, "describe") else f"sample {index}"
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed for one sample's augmentation, from (run seed, epoch, index) only."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 12_345) % (2**63 - 1)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Applies `transform(image) -> views` with a per-sample random state; survives bad images.
+
+    Indexed by (epoch, index) pairs from `EpochSampler`. Returns (views, label, index,
+    bad), where `bad` lists the images that failed to decode and were replaced by the
+    next readable sample (VISSL's idea of substituting within the same rank's data).
+    """
+
+    def __init__(self, dataset, transform, seed=0, max_replacements=50):
+        self.dataset, self.transform, self.seed, self.max_replacements = dataset, transform, seed, max_replacements
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad = []
+        for attempt in range(self.max_replacements):
+            i = (index + attempt * 7_919) % len(self.dataset)
+            try:
+                image, label = self.dataset[i]
+                break
+            except BadImage as e:
+                bad.append(str(e) if str(e) else _describe(self.dataset, i))
+        else:
+            raise DataError(f"{self.max_replacements} consecutive images failed to decode near index {index}; "
+                            f"the data looks broken ({bad[-1]}).")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            py_state = random.getstate()
+            random.seed(sample_seed(self.seed, epoch, index))
+            try:
+                views = self.transform(image)
+            finally:
+                random.setstate(py_state)
+        return views, label, index, bad
+
+
+def collate(samples):
+    """Batches ViewDataset samples: (list of view batches, labels, indices, bad image names)."""
+    views, labels, indices, bad = zip(*samples)
+    if isinstance(views[0], (list, tuple)):
+        batched = [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+    else:
+        batched = torch.stack(views)
+    return batched, torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Seeded per-epoch shuffle split across ranks, resumable in the middle of an epoch.
+
+    Yields (epoch, index) pairs. Every rank sees `num_samples` = floor(N / world)
+    samples (the tail that does not divide is dropped, as DistributedSampler does with
+    drop_last), so all ranks run the same number of steps. `set_epoch(epoch, start)`
+    skips the first `start` samples of this rank's share (exact resume).
+    """
+
+    def __init__(self, n, rank=0, world_size=1, seed=0, shuffle=True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.num_samples = n // world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return order[:self.num_samples * self.world_size][self.rank::self.world_size]
+
+    def __iter__(self):
+        for i in self.order(self.epoch)[self.start:].tolist():
+            yield (self.epoch, i)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def build_loader(dataset, sampler, batch_size, workers, device, collate_fn=collate):
+    """A DataLoader for training: drop_last, pinned memory on GPU, persistent workers."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        pin_memory=torch.device(device).type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,85 @@
+"""Optimiser pieces: parameter groups, LARS/LARC, warmup + cosine schedule, LR scaling."""
+import math
+
+import torch
+
+
+def scaled_lr(base_lr, global_batch_size):
+    """Linear scaling rule (Goyal et al. 2017): `base_lr` is quoted for a global batch of 256."""
+    return base_lr * global_batch_size / 256
+
+
+def param_groups(model, weight_decay, exclude_bias_and_norm=True):
+    """Two groups: weights (decayed, LARS-adapted) and biases + norm parameters (neither).
+
+    SimCLR/BYOL/SwAV practice: 1-D parameters (biases, BN/LN affine) get no weight decay
+    and no LARS trust ratio.
+    """
+    decayed, plain = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (plain if exclude_bias_and_norm and p.ndim <= 1 else decayed).append(p)
+    return [dict(params=decayed, weight_decay=weight_decay, lars=True),
+            dict(params=plain, weight_decay=0.0, lars=False)]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and LARC (You et al. 2017; NVIDIA Apex's LARC, as VISSL uses it).
+
+    For each parameter of a group with `lars=True`, the update direction g + wd*w is
+    scaled by the trust ratio eta * |w| / (|g| + wd*|w| + eps); with `clip=True` that
+    ratio is capped so that lr * ratio <= lr (Apex's clip mode). Groups with
+    `lars=False` are plain SGD with momentum.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8,
+                 clip=False, nesterov=False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
+                        trust_coefficient=trust_coefficient, eps=eps, clip=clip, nesterov=nesterov)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    ratio = group["trust_coefficient"] * w_norm / (
+                        g_norm + group["weight_decay"] * w_norm + group["eps"])
+                    if group["clip"]:
+                        ratio = torch.clamp(ratio / group["lr"], max=1.0) if group["lr"] > 0 else ratio
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                    grad = grad * ratio
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = grad.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                    buf = state["momentum_buffer"]
+                    grad = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.add_(grad, alpha=-group["lr"])
+        return loss
+
+
+def warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr=0.0, start_lr=0.0):
+    """Linear warmup from `start_lr` to `peak_lr`, then cosine decay to `final_lr`, per step."""
+    if step < warmup_steps:
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,263 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+
+Chen, Kornblith, Norouzi, Hinton, ICML 2020 (https://arxiv.org/abs/2002.05709).
+
+Two random views of every image pass through a ResNet trunk and an MLP projection
+head; the NT-Xent loss (Eq. 1) makes each view pick out its partner among all
+2N - 1 other views of the global batch. Defaults follow VISSL's simclr_8node_resnet
+(ResNet-50, head 2048-2048-128, temperature 0.1, LARS, 0.3 x batch/256, wd 1e-6,
+10 warmup epochs + cosine, SyncBN); `--crops 2x160,4x96` is VISSL's multi-crop variant.
+
+    torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
+    python simclr.py --preset cifar --data cifar10 --epochs 800
+    python simclr.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 100
+    batch_size: int = 64  # per process: VISSL uses 64 x 64 GPUs = 4096
+    lr: float = 0.3  # for a global batch of 256, scaled linearly (4096 -> 4.8)
+    final_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    temperature: float = 0.1
+    hidden_dim: int = 2048
+    embedding_dim: int = 128
+    crops: str = field(default="2x224", metadata={"help": "views as NxSIZE groups, e.g. 2x160,4x96 (multi-crop)"})
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    small_crop_scale: tuple[float, ...] = (0.05, 0.14)  # for crop groups after the first
+    jitter_strength: float = 1.0  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s) ...
+    jitter_p: float = 0.8  # ... applied with probability 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    sync_bn: bool = True
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/simclr"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, T=0.5 (paper App. B.9)",
+                  arch="resnet18", cifar_stem=True, crops="2x32", batch_size=512, lr=1.0, temperature=0.5,
+                  hidden_dim=512, jitter_strength=0.5, blur_p=0.0, epochs=800, warmup_epochs=10, workers=4,
+                  output_dir="runs/simclr-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def parse_crops(spec):
+    """'2x160,4x96' -> [(2, 160), (4, 96)]."""
+    try:
+        groups = [tuple(int(n) for n in part.split("x")) for part in spec.split(",")]
+        assert groups and all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in groups)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--crops must look like 2x224 or 2x160,4x96, got {spec!r}.") from None
+    return groups
+
+
+def view_transform(size, scale, args):
+    """One SimCLR view (paper App. A): crop, flip, colour distortion, optional blur."""
+    s = args.jitter_strength
+    steps = [
+        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
+        T.RandomGrayscale(p=args.grayscale_p),
+    ]
+    if args.blur_p > 0:  # kernel 10% of the image side, sigma in [0.1, 2.0]
+        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
+    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    return T.Compose(steps)
+
+
+class MultiView:
+    """Image -> list of views: the first crop group at `crop_scale`, later ones at `small_crop_scale`."""
+
+    def __init__(self, args):
+        self.transforms = []
+        for group, (count, size) in enumerate(parse_crops(args.crops)):
+            scale = args.crop_scale if group == 0 else args.small_crop_scale
+            self.transforms += [view_transform(size, scale, args)] * count
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------- model
+
+class SimCLR(nn.Module):
+    """ResNet trunk + MLP projection head g(.) (paper Sec. 2.1); returns L2-normalised z."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = models.mlp([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim])
+
+    def forward(self, views):
+        """views: list of [n, 3, H, W] batches; same-size views share one forward pass (SwAV's trick)."""
+        embeddings, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+                end += 1
+            embeddings.append(self.head(self.trunk(torch.cat(views[start:end]))))
+            start = end
+        z = torch.cat(embeddings)
+        return nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def nt_xent_loss(z, n_views, temperature):
+    """NT-Xent (Eq. 1) over the global batch, for 2 or more views per image.
+
+    z: [n_views * n, d], view-major (row v*n + i is view v of image i), normalised.
+    Keys are every rank's z (gradients flow back to their owners). Each view is
+    contrasted with one positive at a time, every other view of its image in turn
+    (the mean of the n_views - 1 pairwise terms); its own column is left out.
+    """
+    keys = dist.gather_with_grad(z)
+    rows = torch.arange(len(z), device=z.device)
+    view, image = rows // (len(z) // n_views), rows % (len(z) // n_views)
+    offset = dist.rank() * len(z)
+    loss = 0.0
+    for shift in range(1, n_views):
+        positive = offset + ((view + shift) % n_views) * (len(z) // n_views) + image
+        loss = loss + ops.contrastive_loss(z, keys, positive, temperature, self_index=offset + rows)
+    return loss / (n_views - 1)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    n_views = sum(count for count, _ in parse_crops(args.crops))
+    if n_views < 2:
+        raise ValueError(f"SimCLR needs at least two views per image, --crops {args.crops} gives {n_views}.")
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, MultiView(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+
+    model = SimCLR(args).to(device)
+    if runtime.distributed and args.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "simclr")
+        checkpoint.load_model(core, state["model"], last)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "simclr", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"simclr: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
+                f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, {precision}, "
+                f"ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for batch_views, _, _, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
+            optim.set_lr(optimizer, lr)
+            batch_views = [v.to(device, non_blocking=True) for v in batch_views]
+            with dist.autocast(device, precision):
+                z = model(batch_views)
+            loss = nt_xent_loss(z, n_views, args.temperature)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)
