@@ -37,6 +37,7 @@ class Args:
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"
+    seed: int = 0  # initialises the trunk for --weights random
     output: str = ""  # also write the JSON result here
 
 
@@ -90,6 +91,7 @@ def main(argv=None):
     try:
         train_set = data.build_dataset(args.train_data, "train")
         test_set = data.build_dataset(args.test_data or args.train_data, "test")
+        torch.manual_seed(args.seed)
         trunk, info = features.load_trunk(args.weights, args.arch or None, args.cifar_stem)
         image_size = args.image_size or info.get("train_crop_size", 224)
         transform = features.eval_transform(image_size, args.resize_size or None)

@@ -61,3 +61,24 @@ def tiny_folder(tmp_path_factory):
             pixels[..., c] = 255
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.jpg")
     return root
+
+
+def cifar10_test_split():
+    """The full CIFAR-10 test split when ../shared/data/cifar10 is beside the checkout, else cifar10-mini's."""
+    return str(SHARED_CIFAR10) if (SHARED_CIFAR10 / "test").is_dir() else "cifar10-mini"
+
+
+def knn_top1(weights, arch="resnet18", *extra):
+    """Weighted-kNN top-1 (k=20, T=0.07) on CIFAR-10 test with cifar10-mini's 4,000 training images as the bank.
+
+    Used by every method's convergence test; `weights="random"` gives the seeded random-init baseline.
+    """
+    proc = run_script("eval_knn.py", "--weights", weights, "--arch", arch, "--no-cifar-stem", "--image-size", "32",
+                      "--train-data", "cifar10-mini", "--test-data", cifar10_test_split(), "--workers", "2",
+                      "--seed", "0", *extra)
+    return last_json(proc.stdout)["top1"]
+
+
+@pytest.fixture(scope="session")
+def random_knn_top1():
+    return knn_top1("random")
