@@ -10,10 +10,13 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
+	@# Fashion-MNIST comes from Debian (optional: its tests skip without it)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "note: dataset-fashion-mnist not installed"; fi
 	touch $@
 
 install: $(VENV)/.installed
