@@ -305,28 +305,26 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
 def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     """Per-sample hue shift (factor in [-0.5, 0.5]) through HSV, float in [0, 1].
 
-    RGB -> HSV exactly as torchvision's ``_rgb_to_hsv``; HSV -> RGB with the
-    closed form ``v - v*s*clamp(min(k, 4 - k), 0, 1)``, k = (n + 6h) mod 6,
-    which is torchvision's sector table written without a gather.
+    Same maths as torchvision's ``_rgb_to_hsv`` / ``h = (h + factor) mod 1`` /
+    ``_hsv_to_rgb``, written with fewer passes: with v = max, v*s = max - min
+    and H6 = 6h, the output channel n (R: 5, G: 3, B: 1) is
+    ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)``, k = (n + H6) mod 6,
+    which is the sector table of ``_hsv_to_rgb`` in closed form.
     """
     r, g, b = x.unbind(dim=-3)
     minc, maxc = torch.aminmax(x, dim=-3)
-    eqc = maxc == minc
     crange = maxc - minc
-    div = torch.where(eqc, torch.ones_like(crange), crange)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / div.unsqueeze(-3)).unbind(dim=-3)
-    neq_r = maxc != r
-    eq_g = maxc == g
-    h = torch.where(~neq_r, bc - gc, torch.where(eq_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(eqc, torch.zeros_like(h), h)  # torchvision: (hr + hg + hb)/6 + 1 mod 1 -> 0
-    h = (h * (1.0 / 6.0) + 1.0).fmod_(1.0)
-    h = (h + factor.reshape(-1, 1, 1).to(h.dtype)).remainder_(1.0)
-    # s * v == maxc - minc (v = maxc, s = crange / maxc)
-    h6 = (h * 6.0).unsqueeze(-3)
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    # hue in sixths, before the mod: R: (g-b)/range, G: 2 + (b-r)/range, B: 4 + (r-g)/range
+    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    h6 = num.div_(crange.clamp(min=1e-12))  # range == 0 -> num == 0 -> any hue, output = max
+    off = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6.0 * factor.reshape(-1, 1, 1).to(x.dtype)
+    h6 = h6.add_(off).unsqueeze(-3)
     n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).reshape(3, 1, 1)
-    k = (n + h6).remainder_(6.0)
+    k = (h6 + n).remainder_(6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(-3) - crange.unsqueeze(-3) * w).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(-3), crange.unsqueeze(-3), w, value=-1.0).clamp_(0.0, 1.0)
 
 
 def sample_color_jitter_params(
@@ -359,32 +357,63 @@ def sample_color_jitter_params(
     return {"apply": apply, "factors": factors, "order": order}
 
 
+def _inplace_jitter_op(x: Tensor, op: int, f: Tensor) -> None:
+    """Apply jitter op ``op`` with per-sample factors ``f`` to ``x`` in place
+    (torchvision's ``_blend``: ``x * f + ref * (1 - f)``, clamped to [0, 1])."""
+    if op == HUE:
+        x.copy_(adjust_hue(x, f))
+        return
+    fb = _bcast(f).to(x.dtype)
+    ref = None
+    if op == CONTRAST:
+        ref = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    elif op == SATURATION:
+        ref = rgb_to_grayscale(x)
+    x.mul_(fb)
+    if ref is not None:
+        x.add_(ref.mul_(1.0 - fb))
+    x.clamp_(0.0, 1.0)
+
+
 def apply_color_jitter(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
     """Apply sampled jitter to float images [N, 3, H, W] in [0, 1].
 
-    For each of the 4 order positions, one blend does brightness / contrast /
-    saturation for every sample whose op at that position is one of them
-    (the others get factor 1, an exact identity); hue runs on the subset whose
-    op there is hue.
+    Per order position k, the batch is permuted so that the samples whose k-th
+    op is brightness, contrast, saturation, hue (or nothing: jitter not
+    applied) are contiguous slices; each op then runs once on its slice.  One
+    host sync in all (the slice lengths), none per sample.
     """
-    apply = params["apply"].to(x.device)
-    factors = params["factors"].to(x.device, x.dtype)
-    order = params["order"].to(x.device)
-    do_hue = bool((factors[:, HUE] != 0).any()) if x.device.type == "cpu" else True
+    device = x.device
+    apply = params["apply"].to(device)
+    factors = params["factors"].to(device, torch.float32)
+    order = params["order"].to(device)
+    N = x.shape[0]
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+    # op id per (sample, position); 4 = skip (jitter not applied, or identity factor:
+    # torchvision skips ops whose strength is 0)
+    skip = ~apply[:, None] | (factors.gather(1, order) == identity[order])
+    ops = torch.where(skip, torch.full_like(order, 4), order)
+    counts = torch.stack([torch.bincount(ops[:, k], minlength=5) for k in range(4)]).tolist()
+    ar = torch.arange(N, device=device)
+    out = None
+    inv_prev = None
     for k in range(4):
-        op = order[:, k]
-        is_blend = apply & (op != HUE)
-        f = torch.where(is_blend, factors.gather(1, op.clamp(max=SATURATION)[:, None]).squeeze(1),
-                        torch.ones_like(factors[:, 0]))
-        gray = rgb_to_grayscale(x)
-        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        ref = gray * _bcast(op == SATURATION).to(x.dtype) + mean * _bcast(op == CONTRAST).to(x.dtype)
-        x = _blend(x, ref, f)
-        if do_hue:
-            idx = torch.nonzero(apply & (op == HUE)).squeeze(1)
-            if idx.numel() > 0:
-                x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), factors[idx, HUE]))
-    return x
+        if sum(counts[k][:4]) == 0:
+            continue
+        perm = torch.argsort(ops[:, k], stable=True)
+        out = x.index_select(0, perm) if out is None else out.index_select(0, inv_prev[perm])
+        f = factors.index_select(0, perm)
+        start = 0
+        for op in range(4):
+            n = counts[k][op]
+            if n:
+                _inplace_jitter_op(out[start:start + n], op, f[start:start + n, op])
+            start += n
+        inv_prev = torch.empty_like(perm)
+        inv_prev[perm] = ar
+    if out is None:
+        return x
+    return out.index_select(0, inv_prev)
 
 
 def sample_grayscale_params(batch_size: int, p: float = 0.2, generator=None, device=None) -> Tensor:
