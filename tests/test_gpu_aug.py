@@ -6,7 +6,8 @@ Tolerances (float images in [0, 1]):
   rounding (grid coordinates normalised for grid_sample, hue in closed form,
   separable blur vs torchvision's 2-D kernel), which stays around 1e-6.
   This is well inside the 1/255 the issue asks for.
-* 1/255 for the composed pipeline before normalisation (i.e. 1/255/std after it).
+* The composed pipeline (crop, flip, jitter in random order, grayscale, blur,
+  solarize) is held to the same 1e-4 before normalisation (observed ~1e-5).
 Distribution checks use fixed seeds and p-value thresholds of 1e-3, with a
 negative control showing the same check rejects a slightly wrong distribution.
 """
@@ -27,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import gpu_aug as A  # noqa: E402
 
 ATOL = 1e-4
-PIPE_TOL = 1.0 / 255.0
 
 
 def gen(seed=0):
@@ -248,7 +248,6 @@ def test_gaussian_blur_params_distribution():
 
 def tv_view(img, aug, params, i):
     """torchvision functional pipeline for sample i, same order as ViewAugmentation."""
-    B = img.shape[0] if img.ndim == 4 else None  # noqa: F841
     v, b = divmod(i, params["boxes"].shape[1])
     out = tv_resized_crop(img, params["boxes"][v, b], aug.size)
     if params["flip"][v, b]:
@@ -273,7 +272,7 @@ def test_view_augmentation_matches_torchvision_pipeline():
     assert out.shape == (20, 3, 28, 28)
     for i in range(20):
         ref = tv_view(x[i % 10], aug, params, i)
-        torch.testing.assert_close(out[i], ref, atol=PIPE_TOL, rtol=0)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
     # with normalisation: the same up to the affine map
     norm = A.ViewAugmentation(28, scale=(0.2, 1.0), grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
     outn = norm.apply(x, params)
