@@ -309,22 +309,29 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     ``_hsv_to_rgb``, written with fewer passes: with v = max, v*s = max - min
     and H6 = 6h, the output channel n (R: 5, G: 3, B: 1) is
     ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)``, k = (n + H6) mod 6,
-    which is the sector table of ``_hsv_to_rgb`` in closed form.
+    which is the sector table of ``_hsv_to_rgb`` in closed form (computed as
+    ``min + (max - min) * clamp(|((n + 1 + H6) mod 6) - 3| - 1, 0, 1)``).
     """
     r, g, b = x.unbind(dim=-3)
-    minc, maxc = torch.aminmax(x, dim=-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)  # faster than aminmax over the channel dim
+    minc = torch.minimum(torch.minimum(r, g), b)
     crange = maxc - minc
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
+    # sector masks as 0/1 floats (arithmetic selection: torch.where is slow on CPU here)
+    m_r = (maxc == r).to(x.dtype)
+    m_g = (maxc == g).to(x.dtype).mul_(1.0 - m_r)
+    m_b = (1.0 - m_r).sub_(m_g)
     # hue in sixths, before the mod: R: (g-b)/range, G: 2 + (b-r)/range, B: 4 + (r-g)/range
-    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    h6 = num.div_(crange.clamp(min=1e-12))  # range == 0 -> num == 0 -> any hue, output = max
-    off = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6.0 * factor.reshape(-1, 1, 1).to(x.dtype)
+    num = (g - b).mul_(m_r).add_((b - r).mul_(m_g)).add_((r - g).mul_(m_b))  # exactly one term is non-zero
+    h6 = num.div_(crange.clamp(min=1e-12))  # range == 0 -> num == 0 -> any hue, output = min = max
+    # + sector offset (0, 2, 4), + 6 * factor, + 1 for the shift below
+    off = torch.add(m_r, m_g, alpha=0.5).mul_(-4.0).add_(5.0 + 6.0 * factor.reshape(-1, 1, 1).to(x.dtype))
     h6 = h6.add_(off).unsqueeze(-3)
+    # channel n (R: 5, G: 3, B: 1), k = (n + H6) mod 6, w = clamp(min(k, 4 - k), 0, 1):
+    # with j = (k + 1) mod 6 - 3 = ((n + 1 + H6) mod 6) - 3, 1 - w = clamp(|j| - 1, 0, 1), so
+    # out = max - range * w = min + range * clamp(|j| - 1, 0, 1)
     n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).reshape(3, 1, 1)
-    k = (h6 + n).remainder_(6.0)
-    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.addcmul(maxc.unsqueeze(-3), crange.unsqueeze(-3), w, value=-1.0).clamp_(0.0, 1.0)
+    j = (h6 + n).remainder_(6.0).sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return j.mul_(crange.unsqueeze(-3)).add_(minc.unsqueeze(-3))  # in place: big fresh buffers are slow on CPU
 
 
 def sample_color_jitter_params(
@@ -395,13 +402,17 @@ def apply_color_jitter(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
     ops = torch.where(skip, torch.full_like(order, 4), order)
     counts = torch.stack([torch.bincount(ops[:, k], minlength=5) for k in range(4)]).tolist()
     ar = torch.arange(N, device=device)
-    out = None
+    out = spare = None  # two buffers, reused (fresh large allocations are slow on CPU)
     inv_prev = None
     for k in range(4):
         if sum(counts[k][:4]) == 0:
             continue
         perm = torch.argsort(ops[:, k], stable=True)
-        out = x.index_select(0, perm) if out is None else out.index_select(0, inv_prev[perm])
+        if out is None:
+            out = x.index_select(0, perm)
+        else:
+            spare = torch.empty_like(out) if spare is None else spare
+            out, spare = torch.index_select(out, 0, inv_prev[perm], out=spare), out
         f = factors.index_select(0, perm)
         start = 0
         for op in range(4):
@@ -413,7 +424,7 @@ def apply_color_jitter(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
         inv_prev[perm] = ar
     if out is None:
         return x
-    return out.index_select(0, inv_prev)
+    return out.index_select(0, inv_prev) if spare is None else torch.index_select(out, 0, inv_prev, out=spare)
 
 
 def sample_grayscale_params(batch_size: int, p: float = 0.2, generator=None, device=None) -> Tensor:
@@ -421,10 +432,13 @@ def sample_grayscale_params(batch_size: int, p: float = 0.2, generator=None, dev
     return _bernoulli(batch_size, p, generator, device)
 
 
-def apply_grayscale(x: Tensor, mask: Tensor) -> Tensor:
+def apply_grayscale(x: Tensor, mask: Tensor, inplace: bool = False) -> Tensor:
     """Replace the masked samples by their 3-channel grayscale."""
-    gray = rgb_to_grayscale(x).expand_as(x)
-    return torch.where(_bcast(mask.to(x.device)), gray, x)
+    idx = torch.nonzero(mask.to(x.device)).squeeze(1)
+    out = x if inplace else x.clone()
+    if idx.numel() > 0:
+        out.index_copy_(0, idx, rgb_to_grayscale(x.index_select(0, idx)).expand(-1, x.shape[1], -1, -1))
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -477,10 +491,11 @@ def apply_solarize(x: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     return torch.where(_bcast(mask.to(x.device)) & (x >= threshold), 1.0 - x, x)
 
 
-def apply_normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def apply_normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False) -> Tensor:
+    """(x - mean) / std per channel (torchvision's Normalize)."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    return (x - m) / s
+    return x.sub_(m).div_(s) if inplace else (x - m) / s
 
 
 # --------------------------------------------------------------------------- #
@@ -560,13 +575,13 @@ class ViewAugmentation:
         if params["jitter"] is not None:
             x = apply_color_jitter(x, params["jitter"])
         if params["gray"] is not None:
-            x = apply_grayscale(x, params["gray"])
+            x = apply_grayscale(x, params["gray"], inplace=True)
         if params["blur"] is not None:
             x = apply_gaussian_blur(x, params["blur"], self.blur_kernel_size)
         if params["solarize"] is not None:
             x = apply_solarize(x, params["solarize"], self.solarize_threshold)
         if self.mean is not None:
-            x = apply_normalize(x, self.mean, self.std)
+            x = apply_normalize(x, self.mean, self.std, inplace=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
