@@ -616,6 +616,8 @@ class MultiCrop:
 
     def __call__(self, images: Images, generator: Optional[torch.Generator] = None) -> List[Tensor]:
         canvas, sizes = to_canvas(images)
+        if canvas.dtype == torch.uint8 and len(self.groups) > 1:
+            canvas = to_float(canvas)  # convert once for all groups
         out: List[Tensor] = []
         for n, aug in self.groups:
             params = aug.sample_params(sizes, n, generator, canvas.device)

@@ -311,3 +311,16 @@ def test_multicrop_shapes_and_independent_views():
         for b in range(a + 1, 8):
             if views[a].shape == views[b].shape:
                 assert not torch.allclose(views[a], views[b])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """Same CPU generator -> same parameters -> same views on CUDA as on CPU."""
+    imgs = [(torch.rand(3, h, w, generator=gen(h)) * 255).to(torch.uint8) for h, w in [(40, 56), (48, 40), (60, 60)]]
+    mc = A.MultiCrop([(2, A.ViewAugmentation(32, blur_p=0.5, solarize_p=0.2)),
+                      (3, A.ViewAugmentation(16, scale=(0.05, 0.14)))])
+    cpu = mc(imgs, gen(90))
+    cuda = mc([im.cuda() for im in imgs], gen(90))
+    for a, b in zip(cpu, cuda):
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=ATOL / min(A.IMAGENET_STD), rtol=0)
