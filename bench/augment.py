@@ -7,6 +7,8 @@ Cases (two SimCLR views per image, img/s counts source images):
   (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, no blur, normalise.
     a = torchvision.transforms per image on PIL images (+ torch.stack, the collate)
     a_v2_uint8 = torchvision.transforms.v2 per image on uint8 tensors (info)
+    a_pil_dataloader_2workers = a in a DataLoader with 2 worker processes, i.e.
+        the per-image path using both cores (info; b runs in one process, 2 threads)
     b = ViewAugmentation.views on the uint8 batch [256, 3, 32, 32]
 * imagenet224 (information): batch 32 of random-size 256-500 px images,
   RandomResizedCrop(224) + flip + jitter + grayscale + GaussianBlur(23) p=0.5;
@@ -94,6 +96,39 @@ def simclr_tv(size, blur_kernel=None, mean=IN_MEAN, std=IN_STD, v2=False):
     return M.Compose(ops)
 
 
+class _TwoViews(torch.utils.data.Dataset):
+    def __init__(self, images, tf, length):
+        self.images, self.tf, self.length = images, tf, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        im = self.images[i % len(self.images)]
+        return self.tf(im), self.tf(im)
+
+
+def dataloader_img_s(images, tf, batch, workers, batches, reps):
+    """torchvision per-image pipeline in a DataLoader with ``workers`` processes
+    (what a training script does), steady state: img/s over ``batches`` batches."""
+    def worker_init(_):
+        torch.set_num_threads(1)
+
+    loader = torch.utils.data.DataLoader(_TwoViews(images, tf, batch * batches), batch_size=batch,
+                                         num_workers=workers, persistent_workers=True,
+                                         worker_init_fn=worker_init, prefetch_factor=2)
+    for _ in loader:  # warm-up epoch: starts the workers
+        pass
+    best = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        best.append(batch * batches / (time.perf_counter() - t))
+    del loader
+    return statistics.median(best)
+
+
 def case_cifar32(reps):
     B = 256
     pil, source = cifar_images(B)
@@ -109,13 +144,16 @@ def case_cifar32(reps):
         "a_v2_uint8": lambda: (torch.stack([tv2(im) for im in u8_list]), torch.stack([tv2(im) for im in u8_list])),
         "b": lambda: ours.views(batch, 2, g),
     }, reps)
+    a_dl = dataloader_img_s(pil, tv, B, workers=2, batches=8, reps=3)
     return {
         "images": source, "batch": B, "views": 2,
         "a_torchvision_pil_img_s": round(B / t["a"], 1),
+        "a_pil_dataloader_2workers_img_s": round(a_dl, 1),
         "a_v2_uint8_tensor_img_s": round(B / t["a_v2_uint8"], 1),
         "b_batched_uint8_img_s": round(B / t["b"], 1),
         "ratio_b_over_a": round(t["a"] / t["b"], 2),
         "ratio_b_over_a_v2_uint8": round(t["a_v2_uint8"] / t["b"], 2),
+        "ratio_b_over_a_dataloader_2workers": round(B / t["b"] / a_dl, 2),
     }
 
 

@@ -30,10 +30,12 @@ Conventions and the few host syncs:
   ``F.resized_crop(..., antialias=False)``: source = (dst + 0.5) * in/out - 0.5
   clamped to the crop box, so pixels outside the box never contribute.  The
   horizontal flip is folded into the grid (it reverses the x coordinates).
-* Colour jitter applies brightness/contrast/saturation for all samples as one
-  blend per order position; hue and blur run on the subset of samples that
-  need them (``nonzero``: one host sync per jitter position / blur call,
-  never one per sample).
+* Colour jitter (random order per sample): for each of the 4 order positions
+  the batch is permuted (one index_select) so that samples whose op there is
+  brightness / contrast / saturation / hue / none are contiguous slices, and
+  each op runs once on its slice.  Host syncs: one for the jitter (the slice
+  lengths), one each for grayscale and blur (``nonzero`` of the samples that
+  get them); never one per sample.
 * Randomness comes from an optional ``torch.Generator``; parameters are drawn
   on the generator's device and moved to the images' device, so a seed gives
   the same result on every device.
