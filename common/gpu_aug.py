@@ -280,7 +280,9 @@ def apply_hflip(images: Tensor, flip: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- #
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W], torchvision's weights."""
+    """[N, 3, H, W] -> [N, 1, H, W], torchvision's weights (1-channel: unchanged)."""
+    if x.shape[-3] == 1:
+        return x
     r, g, b = x.unbind(dim=-3)
     return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(-3)
 
@@ -301,6 +303,8 @@ def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    if x.shape[-3] == 1:  # like torchvision: no-op on 1-channel images
+        return x
     return _blend(x, rgb_to_grayscale(x), factor)
 
 
@@ -314,6 +318,8 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     which is the sector table of ``_hsv_to_rgb`` in closed form (computed as
     ``min + (max - min) * clamp(|((n + 1 + H6) mod 6) - 3| - 1, 0, 1)``).
     """
+    if x.shape[-3] == 1:  # like torchvision: no-op on 1-channel images
+        return x
     r, g, b = x.unbind(dim=-3)
     maxc = torch.maximum(torch.maximum(r, g), b)  # faster than aminmax over the channel dim
     minc = torch.minimum(torch.minimum(r, g), b)
@@ -369,6 +375,8 @@ def sample_color_jitter_params(
 def _inplace_jitter_op(x: Tensor, op: int, f: Tensor) -> None:
     """Apply jitter op ``op`` with per-sample factors ``f`` to ``x`` in place
     (torchvision's ``_blend``: ``x * f + ref * (1 - f)``, clamped to [0, 1])."""
+    if x.shape[-3] == 1 and op in (SATURATION, HUE):  # torchvision: no-ops on 1 channel
+        return
     if op == HUE:
         x.copy_(adjust_hue(x, f))
         return

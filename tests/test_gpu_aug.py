@@ -254,7 +254,7 @@ def tv_view(img, aug, params, i):
         out = TF.horizontal_flip(out)
     out = tv_jitter(out, params["jitter"], i)
     if params["gray"][i]:
-        out = TF.rgb_to_grayscale(out, 3)
+        out = TF.rgb_to_grayscale(out, out.shape[-3])
     if params["blur"]["apply"][i]:
         k = aug.blur_kernel_size
         out = TF.gaussian_blur(out, [k, k], [float(params["blur"]["sigma"][i])])
@@ -278,6 +278,18 @@ def test_view_augmentation_matches_torchvision_pipeline():
     outn = norm.apply(x, params)
     ref = TF.normalize(out, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
     torch.testing.assert_close(outn, ref, atol=1e-5, rtol=0)
+
+
+def test_one_channel_images_match_torchvision():
+    """Fashion-MNIST-like input: saturation/hue are no-ops, grayscale keeps 1 channel."""
+    aug = A.ViewAugmentation(20, grayscale_p=0.5, blur_p=0.5, solarize_p=0.3, mean=None)
+    x = torch.rand(12, 1, 28, 28, generator=gen(55))
+    params = aug.sample_params(A.image_sizes(x), generator=gen(56))
+    assert params["jitter"]["apply"].any()
+    out = aug.apply(x, params)
+    assert out.shape == (12, 1, 20, 20)
+    for i in range(12):
+        torch.testing.assert_close(out[i], tv_view(x[i], aug, params, i), atol=ATOL, rtol=0)
 
 
 def test_uint8_and_float_inputs_agree():
