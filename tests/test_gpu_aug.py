@@ -1,0 +1,338 @@
+"""common/gpu_aug.py against torchvision, image by image, with the same parameters.
+
+Tolerances (float images in [0, 1]):
+* ATOL = 1e-4 for every single op (crop, flip, jitter ops, grayscale, blur,
+  solarize): the batched ops do the same arithmetic as torchvision up to float32
+  rounding (grid coordinates normalised for grid_sample, hue in closed form,
+  separable blur vs torchvision's 2-D kernel), which stays around 1e-6.
+  This is well inside the 1/255 the issue asks for.
+* The composed pipeline (crop, flip, jitter in random order, grayscale, blur,
+  solarize) is held to the same 1e-4 before normalisation (observed ~1e-5).
+Distribution checks use fixed seeds and p-value thresholds of 1e-3, with a
+negative control showing the same check rejects a slightly wrong distribution.
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from scipy import stats
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import gpu_aug as A  # noqa: E402
+
+ATOL = 1e-4
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_images(n, h, w, seed=0):
+    return torch.rand(n, 3, h, w, generator=gen(seed))
+
+
+def tv_resized_crop(img, box, size):
+    t, l, h, w = [int(v) for v in box]
+    return TF.resized_crop(img, t, l, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                           antialias=False)
+
+
+# --------------------------------------------------------------------------- #
+# RandomResizedCrop + flip
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("size", [24, 64])  # mostly downsampling / mostly upsampling
+def test_resized_crop_matches_torchvision(size):
+    x = rand_images(16, 37, 53)
+    boxes = A.sample_resized_crop_params(A.image_sizes(x), generator=gen(1))
+    # edge cases: whole image, 1-pixel strips, boxes touching the right/bottom border
+    boxes[:4] = torch.tensor([[0, 0, 37, 53], [36, 52, 1, 1], [0, 10, 37, 1], [20, 40, 17, 13]])
+    flip = A.sample_hflip_params(16, 0.5, gen(2))
+    out = A.apply_resized_crop(x, boxes, size, flip)
+    assert out.shape == (16, 3, size, size) and out.dtype == torch.float32
+    for i in range(16):
+        ref = tv_resized_crop(x[i], boxes[i], size)
+        if flip[i]:
+            ref = TF.horizontal_flip(ref)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+
+
+def test_resized_crop_multi_view_equals_single_views_and_uint8():
+    u8 = (rand_images(6, 30, 41, seed=3) * 255).round().to(torch.uint8)
+    sizes = A.image_sizes(u8)
+    boxes = A.sample_resized_crop_params(sizes.repeat(3, 1), generator=gen(4)).reshape(3, 6, 4)
+    flip = A.sample_hflip_params(18, 0.5, gen(5)).reshape(3, 6)
+    out = A.apply_resized_crop(u8, boxes, 20, flip)  # [3*6, ...], view-major
+    for v in range(3):
+        single = A.apply_resized_crop(u8.float() / 255, boxes[v], 20, flip[v])
+        torch.testing.assert_close(out[v * 6:(v + 1) * 6], single, atol=1e-6, rtol=0)
+
+
+def test_variable_size_list_input():
+    shapes = [(40, 60), (64, 33), (25, 25), (50, 71)]
+    imgs = [(torch.rand(3, h, w, generator=gen(i)) * 255).to(torch.uint8) for i, (h, w) in enumerate(shapes)]
+    canvas, sizes = A.to_canvas(imgs)
+    assert canvas.shape == (4, 3, 64, 71)
+    assert sizes.tolist() == [list(s) for s in shapes]
+    # boxes always inside their own image's region
+    many = A.sample_resized_crop_params(sizes.repeat(2000, 1), scale=(0.02, 1.0), generator=gen(6))
+    hw = sizes.repeat(2000, 1)
+    t, l, h, w = many.unbind(1)
+    assert (t >= 0).all() and (l >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (t + h <= hw[:, 0]).all() and (l + w <= hw[:, 1]).all()
+    # resampling the padded canvas == torchvision on each original (unpadded) image
+    boxes = A.sample_resized_crop_params(sizes, generator=gen(7))
+    boxes[0] = torch.tensor([0, 0, 40, 60])  # a whole image, touching its padding
+    out = A.apply_resized_crop(canvas, boxes, 32)
+    for i, im in enumerate(imgs):
+        ref = tv_resized_crop(im.float() / 255, boxes[i], 32)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+    # the composed pipeline accepts the list too
+    views = A.ViewAugmentation(32, blur_p=0.5).views(imgs, 2, gen(8))
+    assert views.shape == (2, 4, 3, 32, 32) and torch.isfinite(views).all()
+
+
+def _tv_boxes(h, w, n, scale, ratio, seed):
+    torch.manual_seed(seed)
+    img = torch.empty(1, h, w)
+    return np.array([T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)])
+
+
+@pytest.mark.parametrize("hw,scale", [((60, 90), (0.08, 1.0)), ((20, 200), (0.08, 1.0)), ((96, 96), (0.05, 0.14))])
+def test_resized_crop_params_distribution(hw, scale):
+    n = 20000
+    ratio = (3 / 4, 4 / 3)
+    ours = A.sample_resized_crop_params(hw, scale, ratio, generator=gen(10), batch_size=n).numpy()
+    ref = _tv_boxes(*hw, n, scale, ratio, seed=11)
+    names = ["top", "left", "height", "width"]
+    for k in range(4):
+        p = stats.ks_2samp(ours[:, k], ref[:, k]).pvalue
+        assert p > 1e-3, (names[k], p)
+    p = stats.ks_2samp(ours[:, 2] * ours[:, 3], ref[:, 2] * ref[:, 3]).pvalue
+    assert p > 1e-3, ("area", p)
+    # the fallback fraction (all 10 tries fail) agrees too: central full-height crops
+    H, W = hw
+    fb_ours = np.mean((ours[:, 2] == H) & (ours[:, 1] == (W - ours[:, 3]) // 2))
+    fb_ref = np.mean((ref[:, 2] == H) & (ref[:, 1] == (W - ref[:, 3]) // 2))
+    assert abs(fb_ours - fb_ref) < 4 * math.sqrt(max(fb_ref, 1e-4) / n) + 1e-3
+
+
+def test_resized_crop_params_distribution_check_has_power():
+    """Negative control: the KS check above rejects a slightly different scale range."""
+    n = 20000
+    ours = A.sample_resized_crop_params((60, 90), (0.12, 1.0), generator=gen(12), batch_size=n).numpy()
+    ref = _tv_boxes(60, 90, n, (0.08, 1.0), (3 / 4, 4 / 3), seed=13)
+    assert stats.ks_2samp(ours[:, 2] * ours[:, 3], ref[:, 2] * ref[:, 3]).pvalue < 1e-3
+
+
+@pytest.mark.parametrize("hw", [(30, 200), (200, 30), (50, 60), (1, 7)])
+def test_resized_crop_fallback_matches_torchvision(hw):
+    # scale > 1: no try can fit, so torchvision's deterministic central-crop fallback is used
+    scale, ratio = (2.0, 3.0), (3 / 4, 4 / 3)
+    ours = A.sample_resized_crop_params(hw, scale, ratio, generator=gen(0), batch_size=5)
+    ref = T.RandomResizedCrop.get_params(torch.empty(1, *hw), list(scale), list(ratio))
+    assert ours.tolist() == [list(ref)] * 5
+
+
+# --------------------------------------------------------------------------- #
+# colour
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_single_jitter_ops_match_torchvision(name):
+    x = rand_images(12, 21, 19, seed=20)
+    x[0] = x[0, :1]  # a gray image (max == min everywhere)
+    x[1, :, :5] = 0.0  # black and saturated regions
+    x[1, :, 5:9] = 1.0
+    u = torch.rand(12, generator=gen(21))
+    f = u - 0.5 if name == "hue" else 2.0 * u
+    ours = getattr(A, "adjust_" + name)(x, f)
+    for i in range(12):
+        ref = getattr(TF, "adjust_" + name)(x[i], float(f[i]))
+        torch.testing.assert_close(ours[i], ref, atol=ATOL, rtol=0)
+
+
+def tv_jitter(img, params, i):
+    if not params["apply"][i]:
+        return img
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for op in params["order"][i].tolist():
+        img = fns[op](img, float(params["factors"][i, op]))
+    return img
+
+
+def test_color_jitter_matches_torchvision_random_order():
+    x = rand_images(48, 16, 20, seed=22)
+    params = A.sample_color_jitter_params(48, 0.4, 0.4, 0.4, 0.1, p=0.8, generator=gen(23))
+    assert not params["apply"].all() and params["apply"].any()
+    out = A.apply_color_jitter(x, params)
+    assert torch.equal(out[~params["apply"]], x[~params["apply"]])
+    for i in range(48):
+        torch.testing.assert_close(out[i], tv_jitter(x[i], params, i), atol=ATOL, rtol=0)
+
+
+def test_color_jitter_params_distribution():
+    n = 20000
+    b, c, s, h, p = 0.8, 1.5, 0.4, 0.1, 0.8
+    params = A.sample_color_jitter_params(n, b, c, s, h, p=p, generator=gen(24))
+    f = params["factors"].double().numpy()
+    bounds = [(0.2, 1.8), (0.0, 2.5), (0.6, 1.4), (-0.1, 0.1)]
+    for k, (lo, hi) in enumerate(bounds):
+        assert f[:, k].min() >= lo and f[:, k].max() <= hi
+        assert stats.kstest(f[:, k], "uniform", args=(lo, hi - lo)).pvalue > 1e-3, k
+    # apply ~ Bernoulli(p)
+    rate = params["apply"].double().mean().item()
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n)
+    # order: each row a permutation of 0..3, the 24 permutations uniform
+    order = params["order"]
+    assert (order.sort(dim=1).values == torch.arange(4)).all()
+    codes = (order * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)
+    counts = counts[counts > 0].numpy()
+    assert len(counts) == 24
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # the same check rejects a non-uniform order (negative control)
+    biased = codes.clone()
+    biased[: n // 50] = codes[0]
+    bc = torch.bincount(biased, minlength=256)
+    assert stats.chisquare(bc[bc > 0].numpy()).pvalue < 1e-3
+
+
+def test_grayscale_solarize_normalize_flip_match_torchvision():
+    x = rand_images(10, 17, 23, seed=30)
+    g = A.sample_grayscale_params(10, 0.5, gen(31))
+    s = A.sample_solarize_params(10, 0.5, gen(32))
+    fl = A.sample_hflip_params(10, 0.5, gen(33))
+    assert g.any() and (~g).any() and s.any() and (~s).any() and fl.any() and (~fl).any()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    og, os_, on, of = (A.apply_grayscale(x, g), A.apply_solarize(x, s, 0.5),
+                       A.apply_normalize(x, mean, std), A.apply_hflip(x, fl))
+    for i in range(10):
+        torch.testing.assert_close(og[i], TF.rgb_to_grayscale(x[i], 3) if g[i] else x[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(os_[i], TF.solarize(x[i], 0.5) if s[i] else x[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(on[i], TF.normalize(x[i], list(mean), list(std)), atol=ATOL, rtol=0)
+        torch.testing.assert_close(of[i], TF.horizontal_flip(x[i]) if fl[i] else x[i], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("k", [3, 9, 23])
+def test_gaussian_blur_matches_torchvision(k):
+    x = rand_images(8, 30, 26, seed=40)
+    params = A.sample_gaussian_blur_params(8, (0.1, 2.0), p=0.7, generator=gen(41))
+    params["sigma"][0] = 5.0  # a wide one too
+    params["apply"][0] = True
+    out = A.apply_gaussian_blur(x, params, k)
+    for i in range(8):
+        ref = TF.gaussian_blur(x[i], [k, k], [float(params["sigma"][i])]) if params["apply"][i] else x[i]
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+
+
+def test_gaussian_blur_params_distribution():
+    n = 20000
+    params = A.sample_gaussian_blur_params(n, (0.1, 2.0), p=0.5, generator=gen(42))
+    s = params["sigma"].double().numpy()
+    assert s.min() >= 0.1 and s.max() <= 2.0
+    assert stats.kstest(s, "uniform", args=(0.1, 1.9)).pvalue > 1e-3
+    assert abs(params["apply"].double().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+# --------------------------------------------------------------------------- #
+# composed pipelines
+# --------------------------------------------------------------------------- #
+
+def tv_view(img, aug, params, i):
+    """torchvision functional pipeline for sample i, same order as ViewAugmentation."""
+    v, b = divmod(i, params["boxes"].shape[1])
+    out = tv_resized_crop(img, params["boxes"][v, b], aug.size)
+    if params["flip"][v, b]:
+        out = TF.horizontal_flip(out)
+    out = tv_jitter(out, params["jitter"], i)
+    if params["gray"][i]:
+        out = TF.rgb_to_grayscale(out, out.shape[-3])
+    if params["blur"]["apply"][i]:
+        k = aug.blur_kernel_size
+        out = TF.gaussian_blur(out, [k, k], [float(params["blur"]["sigma"][i])])
+    if params["solarize"][i]:
+        out = TF.solarize(out, aug.solarize_threshold)
+    return out
+
+
+def test_view_augmentation_matches_torchvision_pipeline():
+    aug = A.ViewAugmentation(28, scale=(0.2, 1.0), jitter_p=0.8, grayscale_p=0.3, blur_p=0.5,
+                             solarize_p=0.3, mean=None)
+    x = rand_images(10, 40, 36, seed=50)
+    params = aug.sample_params(A.image_sizes(x), num_views=2, generator=gen(51))
+    out = aug.apply(x, params)
+    assert out.shape == (20, 3, 28, 28)
+    for i in range(20):
+        ref = tv_view(x[i % 10], aug, params, i)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+    # with normalisation: the same up to the affine map
+    norm = A.ViewAugmentation(28, scale=(0.2, 1.0), grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
+    outn = norm.apply(x, params)
+    ref = TF.normalize(out, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
+    torch.testing.assert_close(outn, ref, atol=1e-5, rtol=0)
+
+
+def test_one_channel_images_match_torchvision():
+    """Fashion-MNIST-like input: saturation/hue are no-ops, grayscale keeps 1 channel."""
+    aug = A.ViewAugmentation(20, grayscale_p=0.5, blur_p=0.5, solarize_p=0.3, mean=None)
+    x = torch.rand(12, 1, 28, 28, generator=gen(55))
+    params = aug.sample_params(A.image_sizes(x), generator=gen(56))
+    assert params["jitter"]["apply"].any()
+    out = aug.apply(x, params)
+    assert out.shape == (12, 1, 20, 20)
+    for i in range(12):
+        torch.testing.assert_close(out[i], tv_view(x[i], aug, params, i), atol=ATOL, rtol=0)
+
+
+def test_uint8_and_float_inputs_agree():
+    u8 = (rand_images(8, 33, 45, seed=60) * 255).round().to(torch.uint8)
+    aug = A.ViewAugmentation(24, blur_p=0.5, solarize_p=0.2)
+    a = aug.views(u8, 2, gen(61))
+    b = aug.views(u8.float() / 255, 2, gen(61))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_generator_seed_is_deterministic():
+    x = (rand_images(8, 32, 32, seed=70) * 255).to(torch.uint8)
+    aug = A.ViewAugmentation(32, blur_p=0.5, solarize_p=0.2)
+    a, b, c = aug(x, gen(5)), aug(x, gen(5)), aug(x, gen(6))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    mc = A.MultiCrop.swav(sizes=(32, 16), counts=(2, 3))
+    assert all(torch.equal(p, q) for p, q in zip(mc(x, gen(7)), mc(x, gen(7))))
+
+
+def test_multicrop_shapes_and_independent_views():
+    imgs = [(torch.rand(3, h, w, generator=gen(h)) * 255).to(torch.uint8) for h, w in [(40, 56), (48, 40), (60, 60)]]
+    mc = A.MultiCrop([(2, A.ViewAugmentation(32, scale=(0.14, 1.0))),
+                      (6, A.ViewAugmentation(16, scale=(0.05, 0.14), channels_last=True))])
+    views = mc(imgs, gen(80))
+    assert len(views) == 8
+    assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6
+    assert views[2].is_contiguous(memory_format=torch.channels_last)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    for a in range(8):
+        for b in range(a + 1, 8):
+            if views[a].shape == views[b].shape:
+                assert not torch.allclose(views[a], views[b])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """Same CPU generator -> same parameters -> same views on CUDA as on CPU."""
+    imgs = [(torch.rand(3, h, w, generator=gen(h)) * 255).to(torch.uint8) for h, w in [(40, 56), (48, 40), (60, 60)]]
+    mc = A.MultiCrop([(2, A.ViewAugmentation(32, blur_p=0.5, solarize_p=0.2)),
+                      (3, A.ViewAugmentation(16, scale=(0.05, 0.14)))])
+    cpu = mc(imgs, gen(90))
+    cuda = mc([im.cuda() for im in imgs], gen(90))
+    for a, b in zip(cpu, cuda):
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=ATOL / min(A.IMAGENET_STD), rtol=0)
