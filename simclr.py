@@ -164,6 +164,7 @@ def train(args, runtime):
     if n_views < 2:
         raise ValueError(f"SimCLR needs at least two views per image, --crops {args.crops} gives {n_views}.")
 
+    checkpoint.prepare_output_dir(args.output_dir)
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
     views = data.ViewDataset(dataset, MultiView(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)

@@ -45,6 +45,18 @@ def save_atomic(obj, path):
         raise
 
 
+def prepare_output_dir(output_dir):
+    """Create `output_dir` and check that files can be written there, before any work is done."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"--output-dir {path} is not a writable directory ({e.strerror}).") from None
+    return path
+
+
 def checkpoints(output_dir):
     """Sorted (step, path) of the checkpoints in `output_dir`."""
     output_dir = Path(output_dir)

@@ -1,0 +1,171 @@
+"""Reliability of the training scripts: preemption, NaN/Inf guard, corrupt data, dying ranks, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import checkpoint
+from common.guard import EXIT_PREEMPTED
+from tests.conftest import ROOT, free_port, metrics, run_script
+
+SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0",
+         "--workers", "0", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1.0", "--print-every", "1"]
+
+
+def _popen(argv, env=None):
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+
+
+def _wait_for_steps(output_dir, n, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = output_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the expected step")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_checkpoints_exits_75_and_resumes_exactly(tmp_path, signum):
+    data = ["--data", "cifar10-mini", "--data-fraction", "0.1", "--batch-size", "16", *SMALL, "--max-steps", "14"]
+    run_script("simclr.py", *data, "--output-dir", tmp_path / "full")
+    proc = _popen(["simclr.py", *data, "--output-dir", tmp_path / "preempted"])
+    _wait_for_steps(tmp_path / "preempted", 3, proc)
+    sent = time.time()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    seconds_to_exit = time.time() - sent
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "preempted by" in out and "re-run the same command" in out
+    logged = [r["step"] for r in metrics(tmp_path / "preempted")]
+    assert checkpoint.checkpoints(tmp_path / "preempted")[-1][0] == logged[-1]  # the step in flight was finished
+    print(f"signal to exit: {seconds_to_exit:.2f} s (step {logged[-1]})")
+    resumed = run_script("simclr.py", *data, "--output-dir", tmp_path / "preempted")
+    assert "resumed from" in resumed.stdout
+    full = {r["step"]: r["loss"] for r in metrics(tmp_path / "full")}
+    after = {r["step"]: r["loss"] for r in metrics(tmp_path / "preempted")}
+    assert full == after  # every step's loss is bit-identical to the uninterrupted run
+
+
+def test_nan_loss_stops_with_pointer_to_last_checkpoint(tmp_path):
+    data = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--batch-size", "16", *SMALL]
+    proc = run_script("simclr.py", *data, "--lr", "1e30", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "became non-finite at step" in lines[0] and "nonfinite.jsonl" in lines[0]
+    record = json.loads((tmp_path / "nonfinite.jsonl").read_text().splitlines()[0])
+    assert record["what"] in ("loss", "gradient") and record["lr"] > 1e20 and len(record["inputs"]) == 2
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_nan_policy_skip_is_bounded(tmp_path):
+    data = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--batch-size", "16", *SMALL]
+    proc = run_script("simclr.py", *data, "--lr", "1e30", "--nan-policy", "skip", "--max-nan-skips", "3",
+                      "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "3 batches were skipped already" in proc.stderr
+    assert len((tmp_path / "nonfinite.jsonl").read_text().splitlines()) == 4
+
+
+def _folder_with_bad_images(root, n_good, n_bad):
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+    for i in range(n_good):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.jpg")
+    for i in range(n_bad):
+        (root / f"c{i % 2}" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff garbage" if i % 2 else b"")
+    return root
+
+
+def test_corrupt_images_are_skipped_logged_and_bounded(tmp_path):
+    few_bad = _folder_with_bad_images(tmp_path / "few", 160, 1)
+    ok = run_script("simclr.py", "--data", few_bad, "--batch-size", "16", *SMALL, "--max-steps", "10",
+                    "--max-bad-fraction", "0.05", "--output-dir", tmp_path / "out1")
+    assert "skipped unreadable image" in ok.stdout and "bad0.jpg" in ok.stdout
+    assert metrics(tmp_path / "out1")[-1]["bad_images"] >= 1
+    many_bad = _folder_with_bad_images(tmp_path / "many", 120, 40)
+    proc = run_script("simclr.py", "--data", many_bad, "--batch-size", "16", *SMALL, "--max-steps", "10",
+                      "--max-bad-fraction", "0.05", "--output-dir", tmp_path / "out2", check=False)
+    assert proc.returncode == 2 and "--max-bad-fraction 0.05" in proc.stderr
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.distributed
+def test_a_dying_rank_ends_the_run_promptly_and_the_restart_resumes(tmp_path):
+    args = ["simclr.py", "--data", "cifar10-mini", "--data-fraction", "0.1", "--batch-size", "8", *SMALL,
+            "--checkpoint-every", "2", "--output-dir", tmp_path]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SSL_DIST_TIMEOUT_MINUTES="1")
+    proc = subprocess.Popen(torchrun + [f"--master_port={free_port()}", *args, "--max-steps", "60"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(tmp_path, 5, proc)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    killed = time.time()
+    os.kill(workers[1], signal.SIGKILL)
+    proc.communicate(timeout=180)
+    seconds_to_exit = time.time() - killed
+    assert proc.returncode != 0
+    print(f"rank killed -> torchrun exited in {seconds_to_exit:.1f} s")
+    last = checkpoint.checkpoints(tmp_path)[-1][0]
+    assert last >= 4
+    done = subprocess.run(torchrun + [f"--master_port={free_port()}", *args, "--max-steps", str(last + 2)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from" in done.stdout and checkpoint.checkpoints(tmp_path)[-1][0] == last + 2
+
+
+# ----------------------------------------------------------------------------- the README's table of bad input
+
+def _make_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimages" / "cls").mkdir(parents=True)
+    (tmp_path / "noimages" / "cls" / "notes.txt").write_text("not an image")
+    other = tmp_path / "other-method"
+    other.mkdir()
+    torch.save({"method": "moco", "model": {}, "step": 1}, other / "checkpoint-00000001.pth")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "checkpoint-00000001.pth").write_bytes(b"PK\x03\x04 not really")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output directory should go")
+    return [
+        (["--data", "/no/such/dir"], "does not exist"),
+        (["--data", tmp_path / "empty"], "has no class sub-directories"),
+        (["--data", tmp_path / "noimages"], "contains no images"),
+        (["--data", "cifar10-mini", "--arch", "resnet7"], "unknown architecture 'resnet7'"),
+        (["--data", "cifar10-mini", "--batch-size", "100000"], "larger than this process's share"),
+        (["--data", "cifar10-mini", "--crops", "1x32"], "at least two views"),
+        (["--data", "cifar10-mini", "--crops", "2by32"], "--crops must look like"),
+        (["--data", "cifar10-mini", "--data-fraction", "1.5"], "--data-fraction must be in (0, 1]"),
+        (["--data", "cifar10-mini", "--output-dir", other], "is a moco checkpoint; it cannot resume a simclr run"),
+        (["--data", "cifar10-mini", "--output-dir", truncated], "not a readable PyTorch checkpoint"),
+        (["--data", "cifar10-mini", "--output-dir", blocker / "sub"], "is not a writable directory"),
+        (["--data", "cifar10-mini", "--nan-policy", "ignore"], "invalid choice"),
+    ]
+
+
+def test_bad_input_table(tmp_path):
+    for extra, message in _make_cases(tmp_path):
+        argv = ["simclr.py", "--batch-size", "16", *SMALL, "--max-steps", "1", "--output-dir", tmp_path / "out", *extra]
+        proc = run_script(*argv, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
+        assert len(lines) == 1 or "invalid choice" in message, (extra, proc.stderr)  # argparse prints usage first
