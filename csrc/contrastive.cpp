@@ -1,0 +1,172 @@
+// Fused contrastive (InfoNCE / NT-Xent) loss on the CPU.
+//
+// Forward: query tiles (TQ rows) are spread over threads with at::parallel_for; each
+// walks the keys in tiles of TK, computes the TQ x TK logits with one GEMM (MKL via
+// at::mm_out into a per-thread buffer), drops column self_index, picks the positive
+// logit, and folds the tile into a running max m and sum l per row (online
+// log-sum-exp). Only m + log(l) (the per-row log-sum-exp) is kept for backward.
+// Backward recomputes each tile, turns it into dL/dlogits = g (softmax - onehot(pos))
+// in place, and accumulates dQ (rows owned by the thread) and dK (one buffer per
+// thread, summed at the end). Extra memory: O((N + threads * M) * D + threads * TQ * TK).
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace sslops {
+namespace {
+
+constexpr int64_t kTileQ = 256;
+constexpr int64_t kTileK = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Tiles {
+  int64_t tq, tk, ntiles, chunks;
+};
+
+Tiles make_tiles(int64_t n, int64_t m, int64_t tile_q, int64_t tile_k) {
+  Tiles t;
+  t.tq = tile_q > 0 ? tile_q : kTileQ;
+  t.tk = std::min<int64_t>(tile_k > 0 ? tile_k : kTileK, std::max<int64_t>(m, 1));
+  t.ntiles = (n + t.tq - 1) / t.tq;
+  t.chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.ntiles));
+  return t;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                  const c10::optional<at::Tensor>& self) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat,
+              "contrastive_loss (CPU kernel): float32 queries and keys expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && pos.is_contiguous(), "contiguous inputs expected");
+  TORCH_CHECK(pos.scalar_type() == at::kLong, "pos_index must be int64");
+  if (self.has_value()) TORCH_CHECK(self->scalar_type() == at::kLong && self->is_contiguous());
+}
+
+// logits tile S[R, kt] = Qt Kt^T / T with column self_index set to -inf
+void logits_tile(at::Tensor& s, const at::Tensor& qt, const at::Tensor& kt, double temperature,
+                 const int64_t* self, int64_t q0, int64_t k0) {
+  at::mm_out(s, qt, kt.t());
+  s.div_(temperature);
+  if (self != nullptr) {
+    const int64_t rows = s.size(0), cols = s.size(1);
+    float* sp = s.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = self[q0 + r] - k0;
+      if (j >= 0 && j < cols) sp[r * cols + j] = kNegInf;
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> contrastive_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                                const c10::optional<at::Tensor>& self, double temperature,
+                                                int64_t tile_q, int64_t tile_k) {
+  check_inputs(q, k, pos, self);
+  const int64_t N = q.size(0), M = k.size(0);
+  auto loss = at::empty({N}, q.options());
+  auto lse = at::empty({N}, q.options());
+  if (N == 0) return {loss, lse};
+  const Tiles t = make_tiles(N, M, tile_q, tile_k);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
+  float* lossp = loss.data_ptr<float>();
+  float* lsep = lse.data_ptr<float>();
+  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+    auto buf = at::empty({t.tq * t.tk}, q.options());
+    auto shift = at::empty({t.tq, 1}, q.options());
+    std::vector<float> m(t.tq), l(t.tq), pl(t.tq);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
+        const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
+        auto qt = q.narrow(0, q0, R);
+        std::fill(m.begin(), m.end(), kNegInf);
+        std::fill(l.begin(), l.end(), 0.f);
+        std::fill(pl.begin(), pl.end(), std::numeric_limits<float>::quiet_NaN());
+        for (int64_t k0 = 0; k0 < M; k0 += t.tk) {
+          const int64_t kt = std::min(t.tk, M - k0);
+          auto s = buf.narrow(0, 0, R * kt).view({R, kt});
+          logits_tile(s, qt, k.narrow(0, k0, kt), temperature, sp, q0, k0);
+          const float* sd = s.data_ptr<float>();
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t j = pp[q0 + r] - k0;
+            if (j >= 0 && j < kt) pl[r] = sd[r * kt + j];
+          }
+          auto tmax = at::amax(s, 1);
+          const float* tm = tmax.data_ptr<float>();
+          float* sh = shift.data_ptr<float>();
+          for (int64_t r = 0; r < R; ++r) {
+            const float nm = std::max(m[r], tm[r]);
+            sh[r] = nm == kNegInf ? 0.f : nm;
+            l[r] *= std::exp(m[r] - sh[r]);
+            m[r] = nm;
+          }
+          s.sub_(shift.narrow(0, 0, R));
+          s.exp_();
+          auto tsum = s.sum(1);
+          const float* ts = tsum.data_ptr<float>();
+          for (int64_t r = 0; r < R; ++r) l[r] += ts[r];
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const float v = m[r] + std::log(l[r]);
+          lsep[q0 + r] = v;
+          lossp[q0 + r] = v - pl[r];
+        }
+      }
+    }
+  });
+  return {loss, lse};
+}
+
+std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                                 const c10::optional<at::Tensor>& self, double temperature,
+                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
+                                                 int64_t tile_q, int64_t tile_k) {
+  check_inputs(q, k, pos, self);
+  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
+  const double inv_t = 1.0 / temperature;
+  auto dq = at::zeros({N, D}, q.options());
+  if (N == 0) return {dq, need_dk ? at::zeros({M, D}, q.options()) : at::Tensor()};
+  const Tiles t = make_tiles(N, M, tile_q, tile_k);
+  auto dk_parts = need_dk ? at::zeros({t.chunks, M, D}, q.options()) : at::Tensor();
+  auto lse_c = lse.to(at::kFloat).contiguous().unsqueeze(1);
+  auto g_c = grad_rows.to(at::kFloat).contiguous();
+  const float* gp = g_c.data_ptr<float>();
+  auto g_col = g_c.unsqueeze(1);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+    auto buf = at::empty({t.tq * t.tk}, q.options());
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
+        const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
+        auto qt = q.narrow(0, q0, R);
+        auto dqt = dq.narrow(0, q0, R);
+        for (int64_t k0 = 0; k0 < M; k0 += t.tk) {
+          const int64_t kt = std::min(t.tk, M - k0);
+          auto s = buf.narrow(0, 0, R * kt).view({R, kt});
+          auto ktile = k.narrow(0, k0, kt);
+          logits_tile(s, qt, ktile, temperature, sp, q0, k0);
+          s.sub_(lse_c.narrow(0, q0, R));
+          s.exp_();                          // softmax probabilities (self column -> 0)
+          s.mul_(g_col.narrow(0, q0, R));    // g_i * p_ij
+          float* sd = s.data_ptr<float>();
+          for (int64_t r = 0; r < R; ++r) {  // - g_i at the positive
+            const int64_t j = pp[q0 + r] - k0;
+            if (j >= 0 && j < kt) sd[r * kt + j] -= gp[q0 + r];
+          }
+          dqt.addmm_(s, ktile, 1.0, inv_t);
+          if (need_dk) dk_parts[c].narrow(0, k0, kt).addmm_(s.t(), qt, 1.0, inv_t);
+        }
+      }
+    }
+  });
+  at::Tensor dk;
+  if (need_dk) dk = t.chunks == 1 ? dk_parts[0] : dk_parts.sum(0);
+  return {dq, dk};
+}
+
+}  // namespace sslops
