@@ -20,6 +20,22 @@ try:
 except ImportError:  # torch is needed to build the ops; without it the references are used
     torch = None
 
+
+def _cuda_library_includes(cuda_home):
+    """cuBLAS headers: in CUDA_HOME, else in the nvidia-* wheels torch was installed with.
+
+    (cublasGemmEx itself resolves at load time through libtorch_cuda's libcublas.)
+    """
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted({os.path.dirname(h) for root in nvidia.__path__
+                   for h in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h"))})
+
+
 if torch is not None:
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -36,7 +52,7 @@ if torch is not None:
         ext = cpp_extension.CUDAExtension(
             "common._C", cpp_sources + cu_sources,
             define_macros=[("WITH_CUDA", None)],
-            libraries=["cublas"],
+            include_dirs=_cuda_library_includes(cpp_extension.CUDA_HOME),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     else:

@@ -21,7 +21,8 @@ namespace {
 
 constexpr int64_t kTileQ = 256;
 constexpr int64_t kTileK = 2048;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 struct Tiles {
   int64_t tq, tk, ntiles, chunks;
@@ -38,28 +39,86 @@ Tiles make_tiles(int64_t n, int64_t m, int64_t tile_q, int64_t tile_k) {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                   const c10::optional<at::Tensor>& self) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat,
-              "contrastive_loss (CPU kernel): float32 queries and keys expected");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble) && k.scalar_type() == q.scalar_type(),
+              "contrastive_loss (CPU kernel): float32 (or float64) queries and keys of one dtype expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && pos.is_contiguous(), "contiguous inputs expected");
   TORCH_CHECK(pos.scalar_type() == at::kLong, "pos_index must be int64");
   if (self.has_value()) TORCH_CHECK(self->scalar_type() == at::kLong && self->is_contiguous());
 }
 
 // logits tile S[R, kt] = Qt Kt^T / T with column self_index set to -inf
+template <typename scalar_t>
 void logits_tile(at::Tensor& s, const at::Tensor& qt, const at::Tensor& kt, double temperature,
                  const int64_t* self, int64_t q0, int64_t k0) {
   at::mm_out(s, qt, kt.t());
   s.div_(temperature);
   if (self != nullptr) {
     const int64_t rows = s.size(0), cols = s.size(1);
-    float* sp = s.data_ptr<float>();
+    scalar_t* sp = s.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = self[q0 + r] - k0;
-      if (j >= 0 && j < cols) sp[r * cols + j] = kNegInf;
+      if (j >= 0 && j < cols) sp[r * cols + j] = neg_inf<scalar_t>();
     }
   }
 }
 
+}  // namespace
+
+namespace {
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                  const c10::optional<at::Tensor>& self, double temperature, const Tiles& t,
+                  at::Tensor& loss, at::Tensor& lse) {
+  using T = scalar_t;
+  const int64_t N = q.size(0), M = k.size(0);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
+  T* lossp = loss.data_ptr<T>();
+  T* lsep = lse.data_ptr<T>();
+  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+    auto buf = at::empty({t.tq * t.tk}, q.options());
+    auto shift = at::empty({t.tq, 1}, q.options());
+    std::vector<T> m(t.tq), l(t.tq), pl(t.tq);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
+        const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
+        auto qt = q.narrow(0, q0, R);
+        std::fill(m.begin(), m.end(), neg_inf<T>());
+        std::fill(l.begin(), l.end(), T(0));
+        std::fill(pl.begin(), pl.end(), std::numeric_limits<T>::quiet_NaN());
+        for (int64_t k0 = 0; k0 < M; k0 += t.tk) {
+          const int64_t kt = std::min(t.tk, M - k0);
+          auto s = buf.narrow(0, 0, R * kt).view({R, kt});
+          logits_tile<T>(s, qt, k.narrow(0, k0, kt), temperature, sp, q0, k0);
+          const T* sd = s.data_ptr<T>();
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t j = pp[q0 + r] - k0;
+            if (j >= 0 && j < kt) pl[r] = sd[r * kt + j];
+          }
+          auto tmax = at::amax(s, 1);
+          const T* tm = tmax.data_ptr<T>();
+          T* sh = shift.data_ptr<T>();
+          for (int64_t r = 0; r < R; ++r) {
+            const T nm = std::max(m[r], tm[r]);
+            sh[r] = nm == neg_inf<T>() ? T(0) : nm;
+            l[r] *= std::exp(m[r] - sh[r]);
+            m[r] = nm;
+          }
+          s.sub_(shift.narrow(0, 0, R));
+          s.exp_();
+          auto tsum = s.sum(1);
+          const T* ts = tsum.data_ptr<T>();
+          for (int64_t r = 0; r < R; ++r) l[r] += ts[r];
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const T v = m[r] + std::log(l[r]);
+          lsep[q0 + r] = v;
+          lossp[q0 + r] = v - pl[r];
+        }
+      }
+    }
+  });
+}
 }  // namespace
 
 std::vector<at::Tensor> contrastive_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
@@ -71,70 +130,22 @@ std::vector<at::Tensor> contrastive_forward_cpu(const at::Tensor& q, const at::T
   auto lse = at::empty({N}, q.options());
   if (N == 0) return {loss, lse};
   const Tiles t = make_tiles(N, M, tile_q, tile_k);
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
-  float* lossp = loss.data_ptr<float>();
-  float* lsep = lse.data_ptr<float>();
-  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
-    auto buf = at::empty({t.tq * t.tk}, q.options());
-    auto shift = at::empty({t.tq, 1}, q.options());
-    std::vector<float> m(t.tq), l(t.tq), pl(t.tq);
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
-        const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
-        auto qt = q.narrow(0, q0, R);
-        std::fill(m.begin(), m.end(), kNegInf);
-        std::fill(l.begin(), l.end(), 0.f);
-        std::fill(pl.begin(), pl.end(), std::numeric_limits<float>::quiet_NaN());
-        for (int64_t k0 = 0; k0 < M; k0 += t.tk) {
-          const int64_t kt = std::min(t.tk, M - k0);
-          auto s = buf.narrow(0, 0, R * kt).view({R, kt});
-          logits_tile(s, qt, k.narrow(0, k0, kt), temperature, sp, q0, k0);
-          const float* sd = s.data_ptr<float>();
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t j = pp[q0 + r] - k0;
-            if (j >= 0 && j < kt) pl[r] = sd[r * kt + j];
-          }
-          auto tmax = at::amax(s, 1);
-          const float* tm = tmax.data_ptr<float>();
-          float* sh = shift.data_ptr<float>();
-          for (int64_t r = 0; r < R; ++r) {
-            const float nm = std::max(m[r], tm[r]);
-            sh[r] = nm == kNegInf ? 0.f : nm;
-            l[r] *= std::exp(m[r] - sh[r]);
-            m[r] = nm;
-          }
-          s.sub_(shift.narrow(0, 0, R));
-          s.exp_();
-          auto tsum = s.sum(1);
-          const float* ts = tsum.data_ptr<float>();
-          for (int64_t r = 0; r < R; ++r) l[r] += ts[r];
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const float v = m[r] + std::log(l[r]);
-          lsep[q0 + r] = v;
-          lossp[q0 + r] = v - pl[r];
-        }
-      }
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "contrastive_forward_cpu",
+                             [&] { forward_impl<scalar_t>(q, k, pos, self, temperature, t, loss, lse); });
   return {loss, lse};
 }
 
-std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                                 const c10::optional<at::Tensor>& self, double temperature,
-                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
-                                                 int64_t tile_q, int64_t tile_k) {
-  check_inputs(q, k, pos, self);
-  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
+namespace {
+template <typename scalar_t>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                   const c10::optional<at::Tensor>& self, double temperature, const at::Tensor& lse,
+                   const at::Tensor& grad_rows, bool need_dk, const Tiles& t, at::Tensor& dq, at::Tensor& dk_parts) {
+  using T = scalar_t;
+  const int64_t N = q.size(0), M = k.size(0);
   const double inv_t = 1.0 / temperature;
-  auto dq = at::zeros({N, D}, q.options());
-  if (N == 0) return {dq, need_dk ? at::zeros({M, D}, q.options()) : at::Tensor()};
-  const Tiles t = make_tiles(N, M, tile_q, tile_k);
-  auto dk_parts = need_dk ? at::zeros({t.chunks, M, D}, q.options()) : at::Tensor();
-  auto lse_c = lse.to(at::kFloat).contiguous().unsqueeze(1);
-  auto g_c = grad_rows.to(at::kFloat).contiguous();
-  const float* gp = g_c.data_ptr<float>();
+  auto lse_c = lse.to(q.scalar_type()).contiguous().unsqueeze(1);
+  auto g_c = grad_rows.to(q.scalar_type()).contiguous();
+  const T* gp = g_c.data_ptr<T>();
   auto g_col = g_c.unsqueeze(1);
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
@@ -149,11 +160,11 @@ std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::
           const int64_t kt = std::min(t.tk, M - k0);
           auto s = buf.narrow(0, 0, R * kt).view({R, kt});
           auto ktile = k.narrow(0, k0, kt);
-          logits_tile(s, qt, ktile, temperature, sp, q0, k0);
+          logits_tile<T>(s, qt, ktile, temperature, sp, q0, k0);
           s.sub_(lse_c.narrow(0, q0, R));
           s.exp_();                          // softmax probabilities (self column -> 0)
           s.mul_(g_col.narrow(0, q0, R));    // g_i * p_ij
-          float* sd = s.data_ptr<float>();
+          T* sd = s.data_ptr<T>();
           for (int64_t r = 0; r < R; ++r) {  // - g_i at the positive
             const int64_t j = pp[q0 + r] - k0;
             if (j >= 0 && j < kt) sd[r * kt + j] -= gp[q0 + r];
@@ -163,6 +174,22 @@ std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::
         }
       }
     }
+  });
+}
+}  // namespace
+
+std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                                 const c10::optional<at::Tensor>& self, double temperature,
+                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
+                                                 int64_t tile_q, int64_t tile_k) {
+  check_inputs(q, k, pos, self);
+  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
+  auto dq = at::zeros({N, D}, q.options());
+  if (N == 0) return {dq, need_dk ? at::zeros({M, D}, q.options()) : at::Tensor()};
+  const Tiles t = make_tiles(N, M, tile_q, tile_k);
+  auto dk_parts = need_dk ? at::zeros({t.chunks, M, D}, q.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "contrastive_backward_cpu", [&] {
+    backward_impl<scalar_t>(q, k, pos, self, temperature, lse, grad_rows, need_dk, t, dq, dk_parts);
   });
   at::Tensor dk;
   if (need_dk) dk = t.chunks == 1 ? dk_parts[0] : dk_parts.sum(0);
