@@ -1,13 +1,15 @@
 // Fused contrastive (InfoNCE / NT-Xent) loss on the CPU.
 //
-// Forward: query tiles (TQ rows) are spread over threads with at::parallel_for; each
-// walks the keys in tiles of TK, computes the TQ x TK logits with one GEMM (MKL via
-// at::mm_out into a per-thread buffer), drops column self_index, picks the positive
-// logit, and folds the tile into a running max m and sum l per row (online
-// log-sum-exp). Only m + log(l) (the per-row log-sum-exp) is kept for backward.
-// Backward recomputes each tile, turns it into dL/dlogits = g (softmax - onehot(pos))
-// in place, and accumulates dQ (rows owned by the thread) and dK (one buffer per
-// thread, summed at the end). Extra memory: O((N + threads * M) * D + threads * TQ * TK).
+// Forward: for each tile of TQ queries x TK keys, one GEMM (at::mm_out into a reused
+// buffer) gives the logits; column self_index is dropped, the positive logit picked,
+// and the tile folded into a running max m and sum l per row (online log-sum-exp).
+// Only m + log(l) (the per-row log-sum-exp) is kept for backward. Backward recomputes
+// each tile, turns it into dL/dlogits = g (softmax - onehot(pos)) in place, and
+// accumulates dQ and dK with two more GEMMs. Extra memory: O((N + M) * D + TQ * TK).
+//
+// Parallelism is inside each step (the BLAS GEMM and ATen's vectorised, at::parallel_for
+// based amax / exp / sum over the tile's rows), not across tiles: a BLAS call inside an
+// at::parallel_for region nests OpenMP teams, which measured 10-20x slower on 2 cores.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -19,8 +21,8 @@
 namespace sslops {
 namespace {
 
-constexpr int64_t kTileQ = 256;
-constexpr int64_t kTileK = 2048;
+constexpr int64_t kTileQ = 512;
+constexpr int64_t kTileK = 4096;
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
@@ -33,7 +35,7 @@ Tiles make_tiles(int64_t n, int64_t m, int64_t tile_q, int64_t tile_k) {
   t.tq = tile_q > 0 ? tile_q : kTileQ;
   t.tk = std::min<int64_t>(tile_k > 0 ? tile_k : kTileK, std::max<int64_t>(m, 1));
   t.ntiles = (n + t.tq - 1) / t.tq;
-  t.chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.ntiles));
+  t.chunks = 1;
   return t;
 }
 
@@ -75,12 +77,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
   T* lossp = loss.data_ptr<T>();
   T* lsep = lse.data_ptr<T>();
-  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+  {
     auto buf = at::empty({t.tq * t.tk}, q.options());
     auto shift = at::empty({t.tq, 1}, q.options());
     std::vector<T> m(t.tq), l(t.tq), pl(t.tq);
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
+    {
+      for (int64_t tile = 0; tile < t.ntiles; ++tile) {
         const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
         auto qt = q.narrow(0, q0, R);
         std::fill(m.begin(), m.end(), neg_inf<T>());
@@ -117,7 +119,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
         }
       }
     }
-  });
+  }
 }
 }  // namespace
 
@@ -149,10 +151,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
   auto g_col = g_c.unsqueeze(1);
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
-  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+  {
     auto buf = at::empty({t.tq * t.tk}, q.options());
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t tile = c; tile < t.ntiles; tile += t.chunks) {
+    {
+      for (int64_t tile = 0; tile < t.ntiles; ++tile) {
         const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
         auto qt = q.narrow(0, q0, R);
         auto dqt = dq.narrow(0, q0, R);
@@ -170,11 +172,11 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
             if (j >= 0 && j < kt) sd[r * kt + j] -= gp[q0 + r];
           }
           dqt.addmm_(s, ktile, 1.0, inv_t);
-          if (need_dk) dk_parts[c].narrow(0, k0, kt).addmm_(s.t(), qt, 1.0, inv_t);
+          if (need_dk) dk_parts[0].narrow(0, k0, kt).addmm_(s.t(), qt, 1.0, inv_t);
         }
       }
     }
-  });
+  }
 }
 }  // namespace
 

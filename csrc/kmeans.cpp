@@ -13,7 +13,7 @@ namespace sslops {
 std::vector<at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat, "kmeans (CPU kernel): float32 expected");
   const int64_t N = x.size(0), K = c.size(0);
-  const int64_t rows = chunk > 0 ? chunk : 512;
+  const int64_t rows = chunk > 0 ? chunk : 4096;
   auto cc = c.contiguous();
   auto ct = cc.t();
   at::Tensor half_sq;
@@ -21,9 +21,11 @@ std::vector<at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor&
   auto best_score = at::empty({N}, x.options());
   auto best = at::empty({N}, x.options().dtype(at::kLong));
   const int64_t tiles = (N + rows - 1) / rows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    auto buf = at::empty({rows * K}, x.options());
-    for (int64_t t = t0; t < t1; ++t) {
+  // chunks run one after the other, each GEMM and arg-max parallel inside (BLAS, ATen's
+  // at::parallel_for): a BLAS call inside an at::parallel_for region nests OpenMP teams.
+  auto buf = at::empty({std::min(rows, N) * K}, x.options());
+  {
+    for (int64_t t = 0; t < tiles; ++t) {
       const int64_t r0 = t * rows, R = std::min(rows, N - r0);
       auto s = buf.narrow(0, 0, R * K).view({R, K});
       at::mm_out(s, x.narrow(0, r0, R), ct);
@@ -32,7 +34,7 @@ std::vector<at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor&
       auto idx = best.narrow(0, r0, R);
       at::max_out(vals, idx, s, 1);
     }
-  });
+  }
   return {best_score, best};
 }
 
