@@ -1,8 +1,64 @@
 """Installs the project (`pip install -e .`) so the scripts run from the repository root.
 
-The custom ops in csrc/ plug in here as the `common._C` extension (see common/ops.py).
+The custom ops in csrc/ are built here as the `common._C` extension (see common/ops.py
+and csrc/README.md): the C++ CPU kernels always, the CUDA kernels whenever nvcc is
+found (CUDA_HOME, or nvcc on PATH). TORCH_CUDA_ARCH_LIST defaults to the GPUs present,
+else "8.0;9.0". SSL_OPS_NO_CUDA=1 builds the CPU kernels only.
+
+    CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
+    pip install --no-build-isolation -e .
 """
+import glob
+import os
+
 from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # torch is needed to build the ops; without it the references are used
+    torch = None
+
+
+def _cuda_library_includes(cuda_home):
+    """cuBLAS headers: in CUDA_HOME, else in the nvidia-* wheels torch was installed with.
+
+    (cublasGemmEx itself resolves at load time through libtorch_cuda's libcublas.)
+    """
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted({os.path.dirname(h) for root in nvidia.__path__
+                   for h in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h"))})
+
+
+if torch is not None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    with_cuda = cpp_extension.CUDA_HOME is not None and os.environ.get("SSL_OPS_NO_CUDA", "0") != "1"
+    cxx_flags = ["-O3", "-g0"]  # -g0: no debug info (much faster build); the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if torch.cuda.is_available():
+                caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        ext = cpp_extension.CUDAExtension(
+            "common._C", cpp_sources + cu_sources,
+            define_macros=[("WITH_CUDA", None)],
+            include_dirs=_cuda_library_includes(cpp_extension.CUDA_HOME),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("common._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    ext_modules = [ext]
+    cmdclass = {"build_ext": cpp_extension.BuildExtension}
 
 setup(
     name="ssl-reference",
@@ -11,4 +67,6 @@ setup(
     packages=["common"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "torchvision>=0.16", "numpy", "pillow"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -7,6 +7,7 @@ written for clarity and exactness; they are what the tests compare against.
 `backend()` says which implementation runs.
 """
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ import torch.distributed as dist
 try:  # the compiled extension is optional: everything works without it
     from common import _C
 except ImportError:  # not built
+    _C = None
+if os.environ.get("SSL_OPS_FORCE_REFERENCE", "0") == "1":  # e.g. to compare against the references end to end
     _C = None
 
 
@@ -26,6 +29,16 @@ def backend(device="cpu"):
         if device.type == "cpu":
             return "compiled-cpu"
     return "reference"
+
+
+def _use_compiled(t):
+    """Whether the compiled kernels run for tensor t (float64 always goes to the reference)."""
+    return _C is not None and t.dtype != torch.float64 and backend(t.device) != "reference"
+
+
+def _kernel_dtype(t):
+    """What the kernels read: float32 on CPU; float32/bf16/fp16 on CUDA (fp32 accumulation)."""
+    return t if t.is_cuda else t.float()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -84,9 +97,30 @@ def sinkhorn(scores, epsilon=0.05, n_iters=3, group=None):
     if scores.shape[1] == 0:
         raise ValueError("scores must have at least one column (prototype).")
     group = _world(group)
-    if _C is not None and backend(scores.device) != "reference" and scores.dtype != torch.float64:
-        return _C.sinkhorn(scores.contiguous(), float(epsilon), int(n_iters), group)
+    if _use_compiled(scores):
+        return _sinkhorn_compiled(scores, epsilon, n_iters, group)
     return sinkhorn_reference(scores, epsilon, n_iters, group)
+
+
+def _sinkhorn_compiled(scores, epsilon, n_iters, group):
+    """The kernels keep Q = exp(scores/eps - colmax - rowmax) once and update scaling vectors.
+
+    u (one per prototype) = 1 / column sums, all-reduced; v (one per sample) is local.
+    The constants 1/K and 1/B of SwAV's formula cancel in the final row normalisation.
+    """
+    with torch.no_grad():
+        s = _kernel_dtype(scores.detach()).contiguous()
+        n_prototypes = s.shape[1]
+        if s.shape[0]:
+            colmax = s.amax(dim=0).float()
+        else:
+            colmax = torch.full((n_prototypes,), -math.inf, device=s.device)
+        colmax = _all_reduce(colmax, dist.ReduceOp.MAX, group)
+        q, colsum = _C.sinkhorn_init(s, float(epsilon), colmax)
+        for _ in range(int(n_iters) - 1):
+            colsum = _C.sinkhorn_step(q, 1.0 / _all_reduce(colsum, dist.ReduceOp.SUM, group))
+        q = _C.sinkhorn_finish(q, 1.0 / _all_reduce(colsum, dist.ReduceOp.SUM, group))
+    return q.to(scores.dtype)
 
 
 def _all_reduce(t, op, group):
@@ -162,11 +196,40 @@ def contrastive_loss(queries, keys, pos_index, temperature, self_index=None, red
         raise ValueError(f"temperature must be positive, got {temperature}.")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
-    if _C is not None and backend(queries.device) != "reference" and queries.dtype != torch.float64:
-        per_row = _C.contrastive_loss(queries, keys, pos_index.long(),
-                                      None if self_index is None else self_index.long(), temperature)
+    if _use_compiled(queries):
+        per_row = _ContrastiveLoss.apply(_kernel_dtype(queries), _kernel_dtype(keys), pos_index.long().contiguous(),
+                                         None if self_index is None else self_index.long().contiguous(),
+                                         temperature, _TILES)
         return _reduce(per_row, reduction)
     return contrastive_loss_reference(queries, keys, pos_index, temperature, self_index, reduction)
+
+
+_TILES = (0, 0)  # (query rows, keys) per tile; 0 = the kernel's default. Tests vary it.
+
+
+class _ContrastiveLoss(torch.autograd.Function):
+    """Per-row loss by the fused kernel; backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, pos_index, self_index, temperature, tiles):
+        q, k = queries.detach().contiguous(), keys.detach().contiguous()
+        loss, lse = _C.contrastive_forward(q, k, pos_index, self_index, temperature, *tiles)
+        ctx.save_for_backward(q, k, pos_index, lse)
+        ctx.self_index, ctx.temperature, ctx.tiles = self_index, temperature, tiles
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        q, k, pos_index, lse = ctx.saved_tensors
+        need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dq or need_dk):
+            return None, None, None, None, None, None
+        dq, dk = _C.contrastive_backward(q, k, pos_index, ctx.self_index, ctx.temperature, lse,
+                                         grad_rows.contiguous(), bool(need_dk), *ctx.tiles)
+        dq = dq.to(q.dtype) if need_dq else None
+        dk = dk.to(k.dtype) if need_dk else None
+        return dq, dk, None, None, None, None
 
 
 def _reduce(per_row, reduction):
@@ -219,9 +282,21 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
             raise ValueError(f"init centroids are on {init.device} but x is on {x.device}.")
     elif init != "random":
         raise ValueError(f"init must be 'random' or a [k, D] tensor, got {init!r}.")
-    if _C is not None and backend(x.device) != "reference" and x.dtype != torch.float64:
-        return _C.kmeans(x.contiguous(), k, int(n_iters), bool(spherical), init, int(seed), group)
+    if _use_compiled(x):
+        with torch.no_grad():
+            points = x.detach().float().contiguous()
+            centroids, assignments = _lloyd(points, k, n_iters, spherical, init, seed, group,
+                                            _compiled_assign, _compiled_update)
+        return centroids.to(x.dtype), assignments
     return kmeans_reference(x, k, n_iters, spherical, init, seed, group)
+
+
+def _compiled_assign(points, centroids, spherical):
+    return _C.kmeans_assign(points, centroids.contiguous(), bool(spherical), 0)
+
+
+def _compiled_update(points, assignments, k):
+    return _C.kmeans_update(points, assignments, k)
 
 
 def _random_init(x, k, seed, group):
@@ -278,29 +353,41 @@ def _farthest_points(x, best_score, n, group):
 
 def kmeans_reference(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
     """Plain Lloyd iterations in PyTorch (float64 for float64 input, else float32)."""
-    compute = _compute_dtype(x)
     with torch.no_grad():
-        points = x.detach().to(compute)
-        if spherical:
-            points = torch.nn.functional.normalize(points, dim=1)
-        if isinstance(init, torch.Tensor):
-            centroids = init.detach().to(compute).clone()
-        else:
-            centroids = _random_init(points, k, seed, group)
+        centroids, assignments = _lloyd(x.detach().to(_compute_dtype(x)), k, n_iters, spherical, init, seed, group,
+                                        _assign, _reference_update)
+    return centroids.to(x.dtype), assignments
+
+
+def _reference_update(points, assignments, k):
+    """Per-centroid sums and counts of the rows assigned to it."""
+    sums = torch.zeros(k, points.shape[1], dtype=points.dtype, device=points.device)
+    sums.index_add_(0, assignments, points)
+    return sums, torch.bincount(assignments, minlength=k).to(points.dtype)
+
+
+def _lloyd(points, k, n_iters, spherical, init, seed, group, assign, update):
+    """The Lloyd loop shared by the reference and the compiled kernels (assign, update)."""
+    compute = points.dtype
+    if spherical:
+        points = torch.nn.functional.normalize(points, dim=1)
+    if isinstance(init, torch.Tensor):
+        centroids = init.detach().to(compute).clone()
+    else:
+        centroids = _random_init(points, k, seed, group)
+    if spherical:
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+    for _ in range(int(n_iters)):
+        best_score, assignments = assign(points, centroids, spherical)
+        sums, counts = update(points, assignments, k)
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+        _all_reduce(counts, dist.ReduceOp.SUM, group)
+        nonempty = counts > 0
+        centroids = torch.where(nonempty[:, None], sums / counts.clamp(min=1)[:, None], centroids)
+        empty = (~nonempty).nonzero()[:, 0]
+        if len(empty):
+            centroids[empty] = _farthest_points(points, best_score, len(empty), group)
         if spherical:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
-        for _ in range(int(n_iters)):
-            best_score, assignments = _assign(points, centroids, spherical)
-            sums = torch.zeros_like(centroids).index_add_(0, assignments, points)
-            counts = torch.bincount(assignments, minlength=k).to(compute)
-            _all_reduce(sums, dist.ReduceOp.SUM, group)
-            _all_reduce(counts, dist.ReduceOp.SUM, group)
-            nonempty = counts > 0
-            centroids = torch.where(nonempty[:, None], sums / counts.clamp(min=1)[:, None], centroids)
-            empty = (~nonempty).nonzero()[:, 0]
-            if len(empty):
-                centroids[empty] = _farthest_points(points, best_score, len(empty), group)
-            if spherical:
-                centroids = torch.nn.functional.normalize(centroids, dim=1)
-        _, assignments = _assign(points, centroids, spherical)
-    return centroids.to(x.dtype), assignments
+    _, assignments = assign(points, centroids, spherical)
+    return centroids, assignments

@@ -1,0 +1,77 @@
+// Python bindings of common._C: each entry dispatches on the tensor's device to the
+// CPU kernels (always built) or the CUDA kernels (built when nvcc was found).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace sslops {
+namespace {
+
+bool is_cuda(const at::Tensor& t) {
+#ifdef WITH_CUDA
+  return t.is_cuda();
+#else
+  TORCH_CHECK(!t.is_cuda(), "common._C was built without CUDA support");
+  return false;
+#endif
+}
+
+#ifdef WITH_CUDA
+#define SSL_DISPATCH(t, name, ...) (is_cuda(t) ? name##_cuda(__VA_ARGS__) : name##_cpu(__VA_ARGS__))
+#else
+#define SSL_DISPATCH(t, name, ...) (is_cuda(t), name##_cpu(__VA_ARGS__))
+#endif
+
+std::vector<at::Tensor> sinkhorn_init(const at::Tensor& s, double eps, const at::Tensor& colmax) {
+  return SSL_DISPATCH(s, sinkhorn_init, s, eps, colmax);
+}
+at::Tensor sinkhorn_step(const at::Tensor& q, const at::Tensor& u) { return SSL_DISPATCH(q, sinkhorn_step, q, u); }
+at::Tensor sinkhorn_finish(at::Tensor q, const at::Tensor& u) { return SSL_DISPATCH(q, sinkhorn_finish, q, u); }
+
+std::vector<at::Tensor> contrastive_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                            const c10::optional<at::Tensor>& self, double temperature, int64_t tile_q,
+                                            int64_t tile_k) {
+  return SSL_DISPATCH(q, contrastive_forward, q, k, pos, self, temperature, tile_q, tile_k);
+}
+std::vector<at::Tensor> contrastive_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                             const c10::optional<at::Tensor>& self, double temperature,
+                                             const at::Tensor& lse, const at::Tensor& g, bool need_dk,
+                                             int64_t tile_q, int64_t tile_k) {
+  return SSL_DISPATCH(q, contrastive_backward, q, k, pos, self, temperature, lse, g, need_dk, tile_q, tile_k);
+}
+
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk) {
+  return SSL_DISPATCH(x, kmeans_assign, x, c, spherical, chunk);
+}
+std::vector<at::Tensor> kmeans_update(const at::Tensor& x, const at::Tensor& a, int64_t k) {
+  return SSL_DISPATCH(x, kmeans_update, x, a, k);
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace sslops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sslops;
+  namespace py = pybind11;
+  m.doc() = "Compiled kernels of common/ops.py (Sinkhorn, fused contrastive loss, k-means)";
+  m.def("has_cuda", &has_cuda, "whether the CUDA kernels were built");
+  m.def("sinkhorn_init", &sinkhorn_init, py::arg("scores"), py::arg("eps"), py::arg("colmax"));
+  m.def("sinkhorn_step", &sinkhorn_step, py::arg("q"), py::arg("u"));
+  m.def("sinkhorn_finish", &sinkhorn_finish, py::arg("q"), py::arg("u"));
+  m.def("contrastive_forward", &contrastive_forward, py::arg("queries"), py::arg("keys"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("temperature"), py::arg("tile_q") = 0, py::arg("tile_k") = 0);
+  m.def("contrastive_backward", &contrastive_backward, py::arg("queries"), py::arg("keys"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"),
+        py::arg("need_dk"), py::arg("tile_q") = 0, py::arg("tile_k") = 0);
+  m.def("kmeans_assign", &kmeans_assign, py::arg("x"), py::arg("centroids"), py::arg("spherical"),
+        py::arg("chunk") = 0);
+  m.def("kmeans_update", &kmeans_update, py::arg("x"), py::arg("assign"), py::arg("k"));
+}

@@ -1,0 +1,343 @@
+"""Numerical tests of common/ops.py: the compiled kernels against the float64 references.
+
+Rules: each kernel's error against the float64 truth is at most the naive PyTorch
+code's error at the same precision plus a small stated tolerance; sizes are odd and
+never multiples of the tile sizes; results do not depend on the tile size; GPU tests
+set TF32 explicitly; k-means assignments are compared tie-tolerantly.
+CUDA cases run the same checks and are skipped without a GPU.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import ops
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]
+F32_TOL = 2e-5  # absolute slack on top of the naive float32 error (probabilities, losses of O(1-10))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """GPU tests compare fp32 kernels with fp32 PyTorch: TF32 off, set explicitly."""
+    if CUDA:
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
+
+
+def test_extension_is_built():
+    assert ops._C is not None, "common._C is not built: run `pip install --no-build-isolation -e .`"
+    assert ops.backend("cpu") == "compiled-cpu"
+    if CUDA:
+        assert ops.backend("cuda") == "compiled-cuda"
+
+
+# ----------------------------------------------------------------------------- sinkhorn
+
+def swav_sinkhorn(scores, epsilon, n_iters):
+    """SwAV's published formula (Caron et al., main_swav.py), single process."""
+    q = torch.exp(scores / epsilon).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+SINKHORN_CASES = [(1, 7), (7, 37), (37, 3), (1037, 301)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SINKHORN_CASES)
+@pytest.mark.parametrize("epsilon", [0.05, 0.005])
+@pytest.mark.parametrize("n_iters", [1, 3])
+def test_sinkhorn_matches_float64(device, shape, epsilon, n_iters):
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
+    scores = F.normalize(torch.randn(*shape, generator=g), dim=1).to(device)  # cosine scores, as in SwAV
+    truth = ops.sinkhorn_reference(scores.double(), epsilon, n_iters)
+    out = ops.sinkhorn(scores, epsilon, n_iters)
+    naive = ops.sinkhorn_reference(scores, epsilon, n_iters)  # PyTorch, float32
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert torch.isfinite(out).all()
+    err, naive_err = (out.double() - truth).abs().max().item(), (naive.double() - truth).abs().max().item()
+    assert err <= naive_err + F32_TOL, (err, naive_err)
+    assert torch.allclose(out.sum(1).double(), torch.ones(shape[0], dtype=torch.float64, device=device), atol=1e-5)
+    if epsilon == 0.05:  # SwAV's formula does not overflow here: same result
+        assert torch.allclose(out.double(), swav_sinkhorn(scores.double(), epsilon, n_iters), atol=F32_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinkhorn_extreme_ratio_stays_finite(device):
+    """scores/eps up to ~400: SwAV's exp overflows fp32 (> 88), ours must not."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(37, 11, generator=g) * 4 - 2).to(device)
+    eps = 0.005
+    with torch.no_grad():
+        assert not torch.isfinite(swav_sinkhorn(scores, eps, 3)).all()  # the naive formula breaks
+    out = ops.sinkhorn(scores, eps, 3)
+    truth = ops.sinkhorn_reference(scores.double(), eps, 3)
+    assert torch.isfinite(out).all()
+    assert (out.double() - truth).abs().max().item() < 1e-4
+    assert torch.allclose(out.sum(1).double(), torch.ones(37, dtype=torch.float64, device=device), atol=1e-5)
+
+
+def test_sinkhorn_thread_count_does_not_matter():
+    scores = F.normalize(torch.randn(1037, 301, generator=torch.Generator().manual_seed(1)), dim=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.sinkhorn(scores, 0.05, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(one, ops.sinkhorn(scores, 0.05, 3), atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sinkhorn_half_cuda(dtype):
+    scores = F.normalize(torch.randn(1037, 301, device="cuda"), dim=1).to(dtype)
+    out = ops.sinkhorn(scores, 0.05, 3)
+    assert out.dtype == dtype
+    truth = ops.sinkhorn_reference(scores.double(), 0.05, 3)
+    assert (out.double() - truth).abs().max().item() < 1e-2
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+def contrastive_inputs(n, m, d, seed, device, simclr=False):
+    g = torch.Generator().manual_seed(seed)
+    if simclr:  # queries are the local views, keys the same views: positive = the other view
+        assert n == m and n % 2 == 0
+        z = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+        q, k = z, z.clone()
+        pos = (torch.arange(n) + n // 2) % n
+        self_index = torch.arange(n)
+    else:
+        q = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+        k = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+        pos = torch.randint(0, m, (n,), generator=g)
+        self_index = (pos + 1 + torch.randint(0, m - 1, (n,), generator=g)) % m
+    return q.to(device), k.to(device), pos.to(device), self_index.to(device)
+
+
+def loss_and_grads(fn, q, k, pos, temperature, self_index, dtype, reduction="sum"):
+    qq = q.detach().to(dtype).requires_grad_()
+    kk = k.detach().to(dtype).requires_grad_()
+    per_row = fn(qq, kk, pos, temperature, self_index=self_index, reduction="none")
+    (per_row.sum() if reduction == "sum" else per_row.mean()).backward()
+    return per_row.detach().double(), qq.grad.double(), kk.grad.double()
+
+
+CONTRASTIVE_CASES = [(1, 7, 5), (7, 37, 11), (37, 1, 3), (37, 37, 16), (1037, 1101, 19)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,m,d", CONTRASTIVE_CASES)
+@pytest.mark.parametrize("temperature", [0.5, 0.1, 0.01])
+@pytest.mark.parametrize("with_self", [True, False])
+def test_contrastive_matches_float64(device, n, m, d, temperature, with_self):
+    if m == 1:
+        m, with_self = 2, False
+    q, k, pos, self_index = contrastive_inputs(n, m, d, n * 7 + m, device)
+    self_index = self_index if with_self else None
+    truth = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, temperature, self_index, torch.float64)
+    naive = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, temperature, self_index, torch.float32)
+    ours = loss_and_grads(ops.contrastive_loss, q, k, pos, temperature, self_index, torch.float32)
+    for name, o, nv, t in zip(("loss", "dq", "dk"), ours, naive, truth):
+        err, naive_err = (o - t).abs().max().item(), (nv - t).abs().max().item()
+        scale = max(1.0, t.abs().max().item())
+        assert err <= naive_err + F32_TOL * scale, (name, err, naive_err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contrastive_simclr_layout(device):
+    q, k, pos, self_index = contrastive_inputs(74, 74, 13, 3, device, simclr=True)
+    for reduction in ("mean", "sum", "none"):
+        ours = ops.contrastive_loss(q.float(), k.float(), pos, 0.1, self_index, reduction)
+        ref = ops.contrastive_loss_reference(q, k, pos, 0.1, self_index, reduction)
+        assert torch.allclose(ours.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contrastive_tile_size_does_not_matter(device, monkeypatch):
+    q, k, pos, self_index = contrastive_inputs(1037, 1101, 19, 5, device)
+    default = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.05, self_index, torch.float32)
+    for tiles in [(1, 7), (37, 101), (300, 1101), (4096, 4096)]:
+        monkeypatch.setattr(ops, "_TILES", tiles)
+        tiled = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.05, self_index, torch.float32)
+        for a, b in zip(tiled, default):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), tiles
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contrastive_moco_queue_gets_no_gradient(device):
+    q, k, pos, _ = contrastive_inputs(37, 101, 16, 9, device)
+    qq = q.float().requires_grad_()
+    keys = k.float()  # [k; queue] with requires_grad=False
+    ops.contrastive_loss(qq, keys, pos, 0.2).backward()
+    assert keys.grad is None and torch.isfinite(qq.grad).all()
+    qd = q.clone().requires_grad_()
+    ops.contrastive_loss_reference(qd, k, pos, 0.2).backward()
+    assert torch.allclose(qq.grad.double(), qd.grad, atol=1e-6)
+
+
+def test_contrastive_gradcheck_float64_kernel():
+    """gradcheck of the compiled autograd.Function (its CPU kernel also runs in float64)."""
+    q, k, pos, self_index = contrastive_inputs(7, 13, 5, 11, "cpu")
+    q.requires_grad_()
+    k.requires_grad_()
+
+    def fn(qq, kk):
+        return ops._ContrastiveLoss.apply(qq, kk, pos, self_index, 0.3, (3, 4))
+
+    assert torch.autograd.gradcheck(fn, (q, k), eps=1e-6, atol=1e-6)
+    out = fn(q, k)
+    assert torch.allclose(out, ops.contrastive_loss_reference(q, k, pos, 0.3, self_index, "none"), atol=1e-12)
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contrastive_half_cuda(dtype):
+    q, k, pos, self_index = contrastive_inputs(1037, 1101, 64, 13, "cuda")
+    truth = loss_and_grads(ops.contrastive_loss_reference, q.to(dtype).double(), k.to(dtype).double(), pos, 0.1,
+                           self_index, torch.float64)
+    naive = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, 0.1, self_index, dtype)
+    ours = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.1, self_index, dtype)
+    for o, nv, t in zip(ours, naive, truth):
+        assert (o - t).abs().max().item() <= 2 * (nv - t).abs().max().item() + 1e-2
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def clustered(n, d, centers, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g) * 3
+    x = c[torch.randint(0, centers, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    return x.to(device)
+
+
+def kmeans_scores(x, centroids, spherical):
+    x, c = x.double(), centroids.double()
+    if spherical:
+        return F.normalize(x, dim=1) @ F.normalize(c, dim=1).t()
+    return x @ c.t() - 0.5 * (c * c).sum(1)
+
+
+def assert_assignments_are_argmax(x, centroids, assignments, spherical, tol=1e-4):
+    scores = kmeans_scores(x, centroids, spherical)
+    best = scores.max(dim=1).values
+    chosen = scores.gather(1, assignments[:, None])[:, 0]
+    scale = 1.0 if spherical else max(1.0, best.abs().max().item())
+    assert (chosen >= best - tol * scale).all()
+
+
+def objective(x, centroids, spherical):
+    """Sum of squared distances to the nearest centroid (on the unit sphere when spherical)."""
+    x, c = x.double(), centroids.double()
+    if spherical:
+        x, c = F.normalize(x, dim=1), F.normalize(c, dim=1)
+    return torch.cdist(x, c).min(dim=1).values.pow(2).sum().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,d,k", [(7, 3, 1), (37, 5, 7), (1037, 19, 37)])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_matches_reference(device, n, d, k, spherical):
+    x = clustered(n, d, max(1, k // 2), n + k, device)
+    centroids, assignments = ops.kmeans(x, k, n_iters=5, spherical=spherical, seed=3)
+    ref_c, ref_a = ops.kmeans_reference(x.double(), k, n_iters=5, spherical=spherical, seed=3)
+    assert centroids.shape == (k, d) and assignments.shape == (n,) and assignments.dtype == torch.int64
+    assert torch.isfinite(centroids).all()
+    assert_assignments_are_argmax(x, centroids, assignments, spherical)
+    assert torch.bincount(assignments, minlength=k).min() > 0, "empty cluster"
+    if spherical:
+        assert torch.allclose(centroids.norm(dim=1), torch.ones(k, device=device), atol=1e-5)
+    assert objective(x, centroids, spherical) <= objective(x, ref_c, spherical) * (1 + 1e-4) + 1e-6
+    assert torch.allclose(centroids.double(), ref_c, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_reseeds_empty_clusters(device, spherical):
+    x = clustered(101, 4, 3, 0, device)
+    init = torch.cat([x[:5], torch.full((2, 4), 1e3, device=device), -torch.full((1, 4), 1e3, device=device)])
+    if spherical:  # two copies of the same direction: one of them is empty after the first assignment
+        init[5] = init[0]
+    centroids, assignments = ops.kmeans(x, 8, n_iters=3, spherical=spherical, init=init)
+    ref_c, ref_a = ops.kmeans_reference(x.double(), 8, n_iters=3, spherical=spherical, init=init.double())
+    assert torch.isfinite(centroids).all()
+    assert torch.bincount(assignments, minlength=8).min() > 0
+    assert torch.allclose(centroids.double(), ref_c, atol=1e-4)
+    assert_assignments_are_argmax(x, centroids, assignments, spherical)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_objective_close_to_faiss(spherical):
+    faiss = pytest.importorskip("faiss")
+    n, d, k, iters = 2011, 16, 37, 10
+    x = clustered(n, d, 20, 5)
+    if spherical:
+        x = F.normalize(x, dim=1)
+    init = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]].clone()
+    centroids, _ = ops.kmeans(x, k, n_iters=iters, spherical=spherical, init=init)
+    km = faiss.Kmeans(d, k, niter=iters, spherical=spherical, seed=0, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=10**7)
+    km.train(x.numpy(), init_centroids=init.numpy())
+    ours, theirs = objective(x, centroids, spherical), objective(x, torch.from_numpy(km.centroids), spherical)
+    assert ours <= theirs * 1.01, (ours, theirs)
+
+
+def test_kmeans_random_init_is_seeded():
+    x = clustered(1037, 8, 5, 1)
+    a = ops.kmeans(x, 11, n_iters=0, seed=7)[0]
+    assert torch.equal(a, ops.kmeans(x, 11, n_iters=0, seed=7)[0])
+    assert not torch.equal(a, ops.kmeans(x, 11, n_iters=0, seed=8)[0])
+    rows = torch.randperm(1037, generator=torch.Generator().manual_seed(7))[:11]
+    assert torch.allclose(a, F.normalize(x[rows], dim=1), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.sinkhorn(torch.randn(3), 0.05),
+    lambda: ops.sinkhorn(torch.randint(0, 3, (3, 4)), 0.05),
+    lambda: ops.sinkhorn(torch.randn(3, 4), 0.0),
+    lambda: ops.sinkhorn(torch.randn(3, 4), 0.05, n_iters=0),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long), 0.1),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4).double(), torch.zeros(3, dtype=torch.long), 0.1),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long), 0.1),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.full((3,), 5), 0.1),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3), 0.1),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), 0.1,
+                                 self_index=torch.zeros(3, dtype=torch.long)),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), -1.0),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), 0.1,
+                                 reduction="max"),
+    lambda: ops.kmeans(torch.randn(5, 3), 6),
+    lambda: ops.kmeans(torch.randn(5, 3), 0),
+    lambda: ops.kmeans(torch.randn(5, 3, 2), 2),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, init=torch.randn(3, 3)),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, init="kmeans++"),
+])
+def test_bad_inputs_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_mixed_devices_raise_value_error():
+    with pytest.raises(ValueError):
+        ops.contrastive_loss(torch.randn(3, 4, device="cuda"), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), 1.)
+    with pytest.raises(ValueError):
+        ops.kmeans(torch.randn(5, 3, device="cuda"), 2, init=torch.randn(2, 3))
