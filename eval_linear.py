@@ -133,8 +133,8 @@ class Heads:
 
     def step(self, batch, labels, lr_scale):
         """One SGD step of every head on a batch {layer: [B, D]}; the gradients of softmax CE in closed form."""
-        for layer, x in batch.items():
-            x = self._normalise(layer, x.float(), True)
+        for layer in self.weight:
+            x = self._normalise(layer, batch[layer].float(), True)
             grad = self._logits(layer, x).softmax(-1)
             grad[torch.arange(len(labels)), :, labels] -= 1
             grad /= len(labels)  # d mean CE / d logits: [B, H, C]

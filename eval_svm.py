@@ -225,7 +225,7 @@ def sweep(x, targets, train_rows, costs, n_folds, positive_weight, newton_iters=
             mean_ap = torch.full((len(cls), k), float("nan"))
             best = torch.zeros(len(cls), dtype=torch.long)
         weights_out.append(w[:, -1, torch.arange(len(cls)), best.to(w.device)])
-        chosen.append(torch.tensor(costs)[best.cpu()])
+        chosen.append(torch.tensor(costs, dtype=torch.float64)[best.cpu()])
         cv_ap.append(mean_ap.cpu())
     return torch.cat(weights_out, 1), torch.cat(chosen), torch.cat(cv_ap)
 
