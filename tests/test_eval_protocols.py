@@ -229,3 +229,17 @@ def test_scripts_from_images_end_to_end_and_bad_input(tiny_folder, tmp_path):
                           ("eval_knn.py", ["--features", cached, "--layers", "res2"])):
         proc = run_script(script, *extra, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_torchrun_extraction_equals_one_process(tiny_folder, tmp_path):
+    """Two ranks each encode a strided shard; the gathered cache equals the single-process one, in order."""
+    from tests.conftest import run_torchrun
+    base = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            "--train-data", tiny_folder, "--test-data", tiny_folder, "--layers", "pooled", "res3"]
+    run_script("eval_knn.py", *base, "--save-features", tmp_path / "one.pth")
+    run_torchrun(2, "eval_knn.py", *base, "--save-features", tmp_path / "two.pth")
+    one, two = features.load_features(tmp_path / "one.pth"), features.load_features(tmp_path / "two.pth")
+    for split in ("train", "test"):
+        assert torch.equal(one[f"{split}_labels"], two[f"{split}_labels"])
+        for layer in ("pooled", "res3"):
+            torch.testing.assert_close(one[f"{split}_features"][layer], two[f"{split}_features"][layer])
