@@ -7,7 +7,9 @@ checkpoint (torchvision, VISSL, MoCo, SwAV, DeepCluster-v2, DINO; common/foreign
 strided shard; results are gathered in dataset order, so torchrun splits the work).
 
 Taps (`--layers`): `conv1` (after the max-pool), `res2`..`res5` (global average pooled),
-`pooled` (= `res5avg`, the trunk's output), and `vissl-conv1`..`vissl-res5`: VISSL's
+`pooled` (= `res5avg`, the trunk's output), `head` (the checkpoint's MLP projection head
+on the pooled feature: Linear/BatchNorm1d/ReLU stacks saved as `head.`, `projection_head.`
+or `projector.`, as our scripts and SwAV / DeepCluster-v2 save them), and `vissl-conv1`..`vissl-res5`: VISSL's
 linear-probe pooling table for ResNet-50 at 224 px (LINEAR_EVAL_FEAT_POOL_OPS_MAP:
 conv1 AvgPool(10, 10, 4) -> 6x6, res2 AvgPool(16, 8) -> 6x6, res3 AvgPool(13, 5) -> 4x4,
 res4 AvgPool(8, 3) -> 3x3, res5 AvgPool(6, 1) -> 2x2, flattened). On feature maps smaller
@@ -34,7 +36,8 @@ STAGES = ("conv1", "res2", "res3", "res4", "res5")
 # VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP for ResNet-50: (kernel, stride, padding) and the grid it gives at 224 px.
 VISSL_POOL = {"conv1": ((10, 10, 4), 6), "res2": ((16, 8, 0), 6), "res3": ((13, 5, 0), 4), "res4": ((8, 3, 0), 3),
               "res5": ((6, 1, 0), 2)}
-LAYERS = STAGES + ("pooled", "res5avg") + tuple(f"vissl-{s}" for s in STAGES)
+LAYERS = STAGES + ("pooled", "res5avg", "head") + tuple(f"vissl-{s}" for s in STAGES)
+HEAD_PREFIXES = ("head.", "projection_head.", "projector.", "module.projection_head.", "module.head.")
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -47,7 +50,8 @@ def eval_transform(image_size, resize_size=None):
                       T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_prefix=None, append_prefix=None):
+def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_prefix=None, append_prefix=None,
+               with_head=False):
     """(trunk, info) from 'random', our checkpoint, or any foreign checkpoint (common/foreign.py).
 
     `arch`/`cifar_stem` default to what our checkpoint records, else to the first ResNet
@@ -76,8 +80,39 @@ def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_
         arch = foreign.infer_arch(state, candidates) or "resnet50"
     trunk = models.build_trunk(arch, bool(cifar_stem))
     report = foreign.load_into(trunk, state, weights)
+    if with_head:
+        trunk.eval_head = load_head(ckpt, weights)
     info.update(arch=arch, missing_keys=report["missing"], unexpected_keys=report["unexpected"])
     return trunk, info
+
+
+def load_head(ckpt, source):
+    """The MLP projection head stored beside the trunk, rebuilt as nn.Sequential (ReLU where an index has no weights)."""
+    state, _ = foreign.find_state_dict(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt)
+    for prefix in HEAD_PREFIXES:
+        layers = {}
+        for key, value in state.items():
+            if key.startswith(prefix) and key[len(prefix):].split(".")[0].isdigit():
+                index, name = key[len(prefix):].split(".", 1)
+                layers.setdefault(int(index), {})[name] = value
+        if layers:
+            break
+    else:
+        raise checkpoint.CheckpointError(f"{source} has no MLP head ({', '.join(HEAD_PREFIXES)}) for --layers head.")
+    modules = []
+    for index in range(max(layers) + 1):
+        params = layers.get(index)
+        if params is None:
+            modules.append(nn.ReLU())
+        elif "running_mean" in params:
+            modules.append(nn.BatchNorm1d(len(params["running_mean"]), affine="weight" in params))
+        elif params.get("weight") is not None and params["weight"].dim() == 2:
+            modules.append(nn.Linear(params["weight"].shape[1], params["weight"].shape[0], bias="bias" in params))
+        else:
+            raise checkpoint.CheckpointError(f"{source}: head layer {index} is neither Linear nor BatchNorm1d.")
+        if params is not None:
+            modules[-1].load_state_dict(params)
+    return nn.Sequential(*modules)
 
 
 def _trunk_names():
@@ -92,7 +127,10 @@ def taps(trunk, images, layers=("pooled",)):
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; choose from {', '.join(LAYERS)}.")
     trunk = getattr(trunk, "module", trunk)
-    stage_of = {name: ("res5" if name in ("pooled", "res5avg") else name.removeprefix("vissl-")) for name in layers}
+    if "head" in layers and not hasattr(trunk, "eval_head"):
+        raise ValueError("--layers head needs a checkpoint with a projection head (not 'random' or a bare trunk).")
+    stage_of = {name: ("res5" if name in ("pooled", "res5avg", "head") else name.removeprefix("vissl-"))
+                for name in layers}
     deepest = max(STAGES.index(s) for s in stage_of.values())
     x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(images))))
     maps = {"conv1": x}
@@ -110,6 +148,8 @@ def taps(trunk, images, layers=("pooled",)):
         else:
             pooled = nn.functional.adaptive_avg_pool2d(fmap, 1)
         out[name] = torch.flatten(pooled, 1)
+        if name == "head":
+            out[name] = trunk.eval_head(out[name])
     return out
 
 
@@ -150,7 +190,7 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
         test_set = data.build_split(args.test_data or args.train_data, "test")
     torch.manual_seed(args.seed)
     trunk, info = load_trunk(args.weights, args.arch or None, args.cifar_stem, args.state_dict_key or None,
-                             args.remove_prefix or None, args.append_prefix or None)
+                             args.remove_prefix or None, args.append_prefix or None, "head" in args.layers)
     image_size = args.image_size or info.get("train_crop_size", 224)
     transform = eval_transform(image_size, args.resize_size or None)
     kw = dict(batch_size=args.batch_size, workers=args.workers, device=runtime.device,

@@ -108,3 +108,25 @@ def test_multilabel_file_list_and_explicit_split(tmp_path, tiny_folder):
     with pytest.raises(data.DataError, match="labels in"):
         data.build_dataset(str(tmp_path / "bad.txt"))
     assert len(data.build_split("cifar10-mini@test")) == 1000
+
+
+@pytest.mark.parametrize("layout", ["ours", "swav"])
+def test_head_tap_rebuilds_the_projection_head(reference, layout, tmp_path):
+    torch.manual_seed(1)
+    head = models.mlp([512, 64, 16]).eval()
+    head[1].running_mean.normal_()
+    if layout == "ours":
+        ckpt = {"method": "simclr", "arch": "resnet18", "cifar_stem": False, "trunk": dict(reference),
+                "model": {**prefixed(reference, "trunk."), **prefixed(head.state_dict(), "head.")}}
+    else:
+        ckpt = {"state_dict": {**prefixed(reference, "module."), **prefixed(head.state_dict(), "module.projection_head."),
+                               "module.prototypes.weight": torch.randn(5, 16)}}
+    torch.save(ckpt, tmp_path / "with_head.pth")
+    trunk, _ = features.load_trunk(str(tmp_path / "with_head.pth"), with_head=True)
+    trunk.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(features.taps(trunk, images, ["head"])["head"], head(trunk(images)))
+    random_trunk, _ = features.load_trunk("random", "resnet18")
+    with pytest.raises(ValueError, match="projection head"):
+        features.taps(random_trunk, images, ["head"])
