@@ -5,7 +5,8 @@
 SVM: eval_svm's sweep (all classes x VOC07 costs x 3 CV folds + refit, one batched solve) against
 VISSL's loop of LinearSVC fits (same costs, same folds, class weight 2:1, AP scoring, refit).
 Linear: eval_linear's cached sweep (52 heads, 100 epochs, chosen on val, refit) against one
-sklearn LogisticRegression fit.
+sklearn LogisticRegression fit; and the batched L-BFGS logistic regression over 16 values of C
+against 16 sklearn fits (same standardised features).
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--costs", type=float, nargs="+", default=list(eval_svm.VOC07_COSTS))
     parser.add_argument("--skip-sklearn-svm", action="store_true")
+    parser.add_argument("--lbfgs-iters", type=int, default=300)
     opts = parser.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
@@ -89,6 +91,18 @@ def main():
     out["sklearn_logreg_one_fit_s"] = round(time.perf_counter() - t0, 2)
     out["sklearn_logreg_top1"] = round(100 * ref.score((cache["test_features"]["pooled"].numpy() - mean) / std,
                                                        yt.numpy()), 3)
+    # DINOv2's log_regression sweep: one batched L-BFGS over 16 values of C vs 16 sklearn fits
+    cs = [float(c) for c in np.logspace(-4, 2, 16)]
+    xs, xts = torch.from_numpy((raw - mean) / std), torch.from_numpy((cache["test_features"]["pooled"].numpy() - mean) / std)
+    t0 = time.perf_counter()
+    w, b = eval_linear.logistic_regression(xs, y, 10, cs, iters=opts.lbfgs_iters)
+    out["logreg16_ours_s"] = round(time.perf_counter() - t0, 2)
+    ours_acc = [100 * ((xts @ w[i] + b[i]).argmax(1) == yt).float().mean().item() for i in range(len(cs))]
+    t0 = time.perf_counter()
+    sk_acc = [100 * LogisticRegression(C=c, max_iter=1000).fit(xs.numpy(), y.numpy()).score(xts.numpy(), yt.numpy())
+              for c in cs]
+    out["logreg16_sklearn_s"] = round(time.perf_counter() - t0, 2)
+    out["logreg16_max_abs_top1_diff"] = round(max(abs(a - b) for a, b in zip(ours_acc, sk_acc)), 3)
     print(json.dumps(out), flush=True)
 
 
