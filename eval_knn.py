@@ -5,29 +5,48 @@ CVPR 2018 (Sec. 3.4), with DINO's protocol (Caron et al. 2021): features are
 L2-normalised, each test image takes its k most cosine-similar training images,
 neighbour j votes for its class with weight exp(s_j / T), and the class with the
 largest total wins. One top-(max k) search serves every k; test and training
-features are processed in chunks, so no full similarity matrix is ever built.
+features are processed in chunks, so no full similarity matrix is ever built; any test
+set size (even 1 image) and any label ids work. Presets: `dino` (k = 20, T = 0.07, the
+default), `vissl` and `lightly` (k = 200, T = 0.1).
+
+`--fewshot fixed|variable` runs Meta-Dataset's episodic evaluation (Triantafillou et al.,
+ICLR 2020) on the test features instead: fixed 5-way 5-shot 15-query episodes, or its
+variable-way / variable-shot sampler; a prototypical classifier (Snell et al. 2017) on
+L2-normalised features; mean accuracy +- 1.96 std / sqrt(episodes) over seeded episodes.
 
     python eval_knn.py --weights runs/simclr/checkpoint-00012345.pth --train-data /imagenet/train --test-data /imagenet/val
-    python eval_knn.py --weights random --arch resnet18 --train-data cifar10-mini
+    python eval_knn.py --weights random --arch resnet18 --train-data cifar10-mini --save-features f.pth
+    python eval_knn.py --features f.pth --preset vissl --layers pooled res4
+    python eval_knn.py --features f.pth --fewshot variable --episodes 600
     torchrun --nproc_per_node=8 eval_knn.py --weights ckpt.pth --train-data ... --test-data ...
 """
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common import cli, data, dist, features
+from common import cli, dist, features
+
+PRESETS = {"dino": {"k": (10, 20, 100, 200), "report_k": 20, "temperature": 0.07, "_doc": "DINO: k=20, T=0.07"},
+           "vissl": {"k": (200,), "report_k": 200, "temperature": 0.1, "_doc": "VISSL: k=200, T=0.1"},
+           "lightly": {"k": (200,), "report_k": 200, "temperature": 0.1, "_doc": "lightly: k=200, T=0.1"}}
 
 
 @dataclass
 class Args:
-    weights: str = field(default="", metadata={"help": "checkpoint path, or 'random' for a random-init trunk"})
-    arch: str = field(default="", metadata={"help": "trunk architecture (default: the checkpoint's, else resnet50)"})
+    weights: str = field(default="", metadata={"help": "checkpoint (any format), or 'random' for a random-init trunk"})
+    arch: str = field(default="", metadata={"help": "trunk architecture (default: the checkpoint's, else inferred)"})
     cifar_stem: bool = field(default=None, metadata={"help": "3x3 stem (default: the checkpoint's)"})
-    train_data: str = ""
+    state_dict_key: str = field(default="", metadata={"help": "dotted path of the weights inside the checkpoint"})
+    remove_prefix: str = ""
+    append_prefix: str = ""
+    train_data: str = field(default="", metadata={"help": "SPEC or SPEC@SPLIT; default split train"})
     test_data: str = field(default="", metadata={"help": "default: the test split of --train-data"})
+    features: str = field(default="", metadata={"help": "cached features file (from --save-features): skip the trunk"})
+    save_features: str = ""
     layers: tuple[str, ...] = ("pooled",)
     k: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
@@ -37,7 +56,13 @@ class Args:
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"
-    seed: int = 0  # initialises the trunk for --weights random
+    precision: str = "auto"
+    seed: int = 0  # initialises the trunk for --weights random, and seeds the few-shot episodes
+    fewshot: str = field(default="off", metadata={"choices": ["off", "fixed", "variable"]})
+    episodes: int = 600
+    way: int = 5
+    shot: int = 5
+    query: int = 15
     output: str = ""  # also write the JSON result here
 
 
@@ -78,43 +103,119 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, ks, t
     return {k: {"top1": 100.0 * c[0].item() / n, "top5": 100.0 * c[1].item() / n} for k, c in correct.items()}
 
 
+# ---------------------------------------------------------------- Meta-Dataset few-shot episodes
+def fixed_episode(labels_by_class, way, shot, query, g):
+    """(support idx, support y, query idx, query y) of an N-way K-shot Q-query episode."""
+    eligible = [c for c, idx in enumerate(labels_by_class) if len(idx) >= shot + query]
+    if len(eligible) < way:
+        raise ValueError(f"only {len(eligible)} classes have {shot + query} test images; {way}-way episodes "
+                         f"need {way}.")
+    chosen = torch.tensor(eligible)[torch.randperm(len(eligible), generator=g)[:way]]
+    return _split([labels_by_class[c] for c in chosen.tolist()], [shot] * way, [query] * way, g)
+
+
+def variable_episode(labels_by_class, g, max_way=50, max_support=500, max_query=10):
+    """Meta-Dataset's variable-way variable-shot episode (Triantafillou et al. 2020, Sec. 3.2)."""
+    eligible = [c for c, idx in enumerate(labels_by_class) if len(idx) >= 2]
+    if len(eligible) < 5:
+        raise ValueError(f"variable-way episodes need at least 5 test classes with 2 images, got {len(eligible)}.")
+    way = int(torch.randint(5, min(max_way, len(eligible)) + 1, (1,), generator=g))
+    chosen = torch.tensor(eligible)[torch.randperm(len(eligible), generator=g)[:way]].tolist()
+    sizes = torch.tensor([len(labels_by_class[c]) for c in chosen], dtype=torch.float64)
+    query = int(min(max_query, int((0.5 * sizes).floor().min())))
+    beta = float(1 - torch.rand((), generator=g, dtype=torch.float64))  # U(0, 1]
+    support = int(min(max_support, (beta * (sizes - query).clamp_max(100)).ceil().sum()))
+    alpha = torch.empty(way, dtype=torch.float64).uniform_(math.log(0.5), math.log(2), generator=g)
+    ratio = alpha.exp() * sizes
+    shots = ((ratio / ratio.sum() * (support - way)).floor() + 1).clamp_max(sizes - query).long().tolist()
+    return _split([labels_by_class[c] for c in chosen], shots, [query] * way, g)
+
+
+def _split(members, shots, queries, g):
+    s_idx, s_y, q_idx, q_y = [], [], [], []
+    for y, (idx, shot, query) in enumerate(zip(members, shots, queries)):
+        picked = idx[torch.randperm(len(idx), generator=g)[:shot + query]]
+        s_idx.append(picked[:shot]), q_idx.append(picked[shot:])
+        s_y.append(torch.full((shot,), y)), q_y.append(torch.full((query,), y))
+    return torch.cat(s_idx), torch.cat(s_y), torch.cat(q_idx), torch.cat(q_y)
+
+
+def prototype_accuracy(feats, support, support_y, query, query_y):
+    """Top-1 (%) of the nearest class mean (squared Euclidean) on L2-normalised features."""
+    way = int(support_y.max()) + 1
+    prototypes = torch.zeros(way, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    prototypes.index_add_(0, support_y.to(feats.device), feats[support])
+    prototypes /= torch.bincount(support_y, minlength=way).to(feats)[:, None]
+    predicted = torch.cdist(feats[query], prototypes).argmin(1)
+    return 100 * (predicted.cpu() == query_y).float().mean().item()
+
+
+def fewshot(feats, labels, mode, episodes, way=5, shot=5, query=15, seed=0):
+    """{"mean", "ci95", "accuracies"}: ci95 = 1.96 * std / sqrt(episodes), std over episodes (ddof 0)."""
+    feats = torch.nn.functional.normalize(feats.float(), dim=1)
+    _, mapped = torch.unique(labels, return_inverse=True)
+    labels_by_class = [torch.nonzero(mapped == c).flatten() for c in range(int(mapped.max()) + 1)]
+    g = torch.Generator().manual_seed(seed)
+    accuracies = []
+    for _ in range(episodes):
+        episode = fixed_episode(labels_by_class, way, shot, query, g) if mode == "fixed" else \
+            variable_episode(labels_by_class, g)
+        accuracies.append(prototype_accuracy(feats, *episode))
+    acc = torch.tensor(accuracies, dtype=torch.float64)
+    return {"mean": acc.mean().item(), "ci95": 1.96 * acc.std(unbiased=False).item() / math.sqrt(len(acc)),
+            "accuracies": accuracies}
+
+
 def main(argv=None):
-    args = cli.parse_args(Args, None, argv, description=__doc__.split("\n")[0])
-    if not args.weights:
-        raise ValueError("--weights is required (a checkpoint path, or 'random').")
-    if not args.train_data:
-        raise ValueError("--train-data is required.")
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    if not args.features and not args.weights:
+        raise ValueError("--weights is required (a checkpoint path, or 'random'), unless --features is given.")
+    if not args.features and not args.train_data:
+        raise ValueError("--train-data is required, unless --features is given.")
     if any(k < 1 for k in args.k) or args.report_k not in args.k:
         raise ValueError(f"--k must be positive and include --report-k {args.report_k}, got {list(args.k)}.")
+    if args.fewshot != "off" and (args.episodes < 1 or min(args.way, args.shot, args.query) < 1):
+        raise ValueError("--episodes, --way, --shot and --query must be positive.")
     runtime = dist.setup(args.device)
     started = time.time()
     try:
-        train_set = data.build_dataset(args.train_data, "train")
-        test_set = data.build_dataset(args.test_data or args.train_data, "test")
-        torch.manual_seed(args.seed)
-        trunk, info = features.load_trunk(args.weights, args.arch or None, args.cifar_stem)
-        image_size = args.image_size or info.get("train_crop_size", 224)
-        transform = features.eval_transform(image_size, args.resize_size or None)
-        extract = dict(batch_size=args.batch_size, workers=args.workers, device=runtime.device)
-        train_feats, train_labels = features.extract(trunk, train_set, args.layers, transform, **extract)
-        test_feats, test_labels = features.extract(trunk, test_set, args.layers, transform, **extract)
-        results = {}
-        for layer in args.layers:
-            results[layer] = weighted_knn(train_feats[layer].to(runtime.device), train_labels.to(runtime.device),
-                                          test_feats[layer].to(runtime.device), test_labels.to(runtime.device),
-                                          args.k, args.temperature)
-        headline = results[args.layers[0]][args.report_k]
-        summary = {"top1": round(headline["top1"], 3), "top5": round(headline["top5"], 3), "k": args.report_k,
-                   "layer": args.layers[0], "temperature": args.temperature, "weights": args.weights,
-                   "arch": trunk.arch, "image_size": image_size, "n_train": len(train_set), "n_test": len(test_set),
-                   "per_k": {layer: {str(k): {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}
-                             for layer, res in results.items()},
-                   "seconds": round(time.time() - started, 1)}
-        if runtime.is_main:
-            if args.output:
-                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.output).write_text(json.dumps(summary) + "\n")
-            print(json.dumps(summary), flush=True)
+        cache = features.compute_or_load(args, runtime)
+        if not runtime.is_main:
+            return None
+        device = runtime.device
+        train_labels, test_labels = cache["train_labels"], cache["test_labels"]
+        if train_labels.dim() != 1:
+            raise ValueError("kNN needs single-label data; use eval_svm.py for N x C multi-label targets.")
+        meta = cache["meta"]
+        common_fields = {"layer": args.layers[0], "weights": meta.get("weights"), "arch": meta.get("arch"),
+                         "image_size": meta.get("image_size"), "n_train": len(train_labels), "n_test": len(test_labels)}
+        if args.fewshot != "off":
+            results = {layer: fewshot(cache["test_features"][layer].to(device), test_labels, args.fewshot,
+                                      args.episodes, args.way, args.shot, args.query, args.seed)
+                       for layer in args.layers}
+            head = results[args.layers[0]]
+            summary = {"top1": round(head["mean"], 3), "ci95": round(head["ci95"], 3), "fewshot": args.fewshot,
+                       "episodes": args.episodes, **common_fields,
+                       "per_layer": {k: {"mean": round(r["mean"], 3), "ci95": round(r["ci95"], 3)}
+                                     for k, r in results.items()}}
+            if args.fewshot == "fixed":
+                summary.update(way=args.way, shot=args.shot, query=args.query)
+        else:
+            results = {}
+            for layer in args.layers:
+                results[layer] = weighted_knn(cache["train_features"][layer].to(device), train_labels.to(device),
+                                              cache["test_features"][layer].to(device), test_labels.to(device),
+                                              args.k, args.temperature)
+            headline = results[args.layers[0]][args.report_k]
+            summary = {"top1": round(headline["top1"], 3), "top5": round(headline["top5"], 3), "k": args.report_k,
+                       "temperature": args.temperature, **common_fields,
+                       "per_k": {layer: {str(k): {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}
+                                 for layer, res in results.items()}}
+        summary["seconds"] = round(time.time() - started, 1)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(summary) + "\n")
+        print(json.dumps(summary), flush=True)
         return summary
     finally:
         dist.cleanup()

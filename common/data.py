@@ -10,7 +10,11 @@
     (/usr/share/datasets/fashion-mnist, or $FASHION_MNIST_DIR), as RGB images;
   - a directory: an ImageFolder (`<dir>/<class>/<image>`); if it has a `train/` (and
     `test/` or `val/`) sub-directory, the split's one is used;
-  - a text file: one `path [label]` per line, paths relative to the file's folder.
+  - a text file: one `path [label]` per line, paths relative to the file's folder, or
+    `path l_1 ... l_C` with l in {1, 0, -1} for multi-label targets (present, absent,
+    difficult; VOC07's N x C convention), whose labels are then C-vectors.
+`build_split("SPEC@SPLIT", default)` declares the split explicitly (`cifar10@train`,
+`/data/voc@val`); without `@` the script's default split is used.
 Every dataset yields `(PIL RGB image, label)`; unreadable images raise `BadImage`.
 
 `ViewDataset` wraps one of them for training: it applies a transform with a random
@@ -173,12 +177,19 @@ def _file_list(path):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
-            raise DataError(f"{path}:{line_no}: expected 'path [integer label]', got {line!r}.")
+        if not all(f.lstrip("-").isdigit() for f in fields[1:]) or (
+                len(fields) > 2 and not all(f in ("1", "0", "-1") for f in fields[1:])):
+            raise DataError(f"{path}:{line_no}: expected 'path [integer label]' or 'path' and C labels in "
+                            f"{{1, 0, -1}}, got {line!r}.")
         paths.append(fields[0] if os.path.isabs(fields[0]) else str(path.parent / fields[0]))
-        labels.append(int(fields[1]) if len(fields) == 2 else -1)
+        labels.append([int(f) for f in fields[1:]] if len(fields) > 2 else int(fields[1]) if len(fields) == 2 else -1)
     if not paths:
         raise DataError(f"{path} lists no images.")
+    if isinstance(labels[0], list) or any(isinstance(y, list) for y in labels):
+        widths = {len(y) if isinstance(y, list) else 1 for y in labels}
+        if len(widths) != 1:
+            raise DataError(f"{path}: multi-label lines must all have the same number of labels, found {sorted(widths)}.")
+        return ImageFiles(paths, labels, [str(c) for c in range(widths.pop())])
     n_classes = max(labels) + 1
     return ImageFiles(paths, labels, [str(c) for c in range(max(n_classes, 0))])
 
@@ -204,6 +215,14 @@ def build_dataset(spec, split="train"):
         if (path / candidate).is_dir() and (path / "train").is_dir():
             return _image_folder(path / candidate)
     return _image_folder(path)
+
+
+def build_split(spec, default_split="train"):
+    """build_dataset for `SPEC` or `SPEC@SPLIT` (an explicitly declared train/val/test split)."""
+    if spec and "@" in spec and spec.rsplit("@", 1)[1] in ("train", "val", "test"):
+        spec, split = spec.rsplit("@", 1)
+        return build_dataset(spec, split)
+    return build_dataset(spec, default_split)
 
 
 def fraction_indices(labels, fraction, seed=0):

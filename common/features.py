@@ -1,14 +1,43 @@
 """Frozen-trunk features for the eval scripts: load any trunk, extract taps once, cache them.
 
-`load_trunk(weights, arch, cifar_stem)` builds a torchvision ResNet trunk from
-`random`, one of our training checkpoints (its `trunk`, arch and stem), or a
-torchvision-style state dict. `extract(...)` runs the frozen trunk over a dataset in
-eval mode (each rank takes a strided shard; results are gathered in dataset order).
+`load_trunk(weights, arch, cifar_stem, ...)` builds a torchvision ResNet trunk from
+`random`, one of our training checkpoints (its `trunk`, arch and stem), or any foreign
+checkpoint (torchvision, VISSL, MoCo, SwAV, DeepCluster-v2, DINO; common/foreign.py).
+`extract(...)` runs the frozen trunk over a dataset in eval mode (each rank takes a
+strided shard; results are gathered in dataset order, so torchrun splits the work).
+
+Taps (`--layers`): `conv1` (after the max-pool), `res2`..`res5` (global average pooled),
+`pooled` (= `res5avg`, the trunk's output), `head` (the checkpoint's MLP projection head
+on the pooled feature: Linear/BatchNorm1d/ReLU stacks saved as `head.`, `projection_head.`
+or `projector.`, as our scripts and SwAV / DeepCluster-v2 save them), and `vissl-conv1`..`vissl-res5`: VISSL's
+linear-probe pooling table for ResNet-50 at 224 px (LINEAR_EVAL_FEAT_POOL_OPS_MAP:
+conv1 AvgPool(10, 10, 4) -> 6x6, res2 AvgPool(16, 8) -> 6x6, res3 AvgPool(13, 5) -> 4x4,
+res4 AvgPool(8, 3) -> 3x3, res5 AvgPool(6, 1) -> 2x2, flattened). On feature maps smaller
+than VISSL's kernel (small images) the map is adaptively average-pooled to the same grid.
+
+Cached features (`--save-features PATH` in every eval script, read back with
+`--features PATH`) are one torch.save'd dict:
+
+    {"format": "ssl-features-v1", "layers": [names],
+     "train_features": {layer: float32 [N_train, D_layer]}, "train_labels": int64 [N_train] or [N_train, C],
+     "test_features":  {layer: float32 [N_test, D_layer]},  "test_labels":  int64 [N_test] or [N_test, C],
+     "meta": {"weights", "arch", "image_size", "train_data", "test_data", ...}}
+
+Multi-label targets are N x C in {1, 0, -1} (present, absent, difficult/ignored).
 """
 import torch
+import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, dist, models
+from common import checkpoint, dist, foreign, models
+
+FORMAT = "ssl-features-v1"
+STAGES = ("conv1", "res2", "res3", "res4", "res5")
+# VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP for ResNet-50: (kernel, stride, padding) and the grid it gives at 224 px.
+VISSL_POOL = {"conv1": ((10, 10, 4), 6), "res2": ((16, 8, 0), 6), "res3": ((13, 5, 0), 4), "res4": ((8, 3, 0), 3),
+              "res5": ((6, 1, 0), 2)}
+LAYERS = STAGES + ("pooled", "res5avg", "head") + tuple(f"vissl-{s}" for s in STAGES)
+HEAD_PREFIXES = ("head.", "projection_head.", "projector.", "module.projection_head.", "module.head.")
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -21,32 +50,160 @@ def eval_transform(image_size, resize_size=None):
                       T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def load_trunk(weights, arch=None, cifar_stem=None):
-    """(trunk, info) from 'random', our checkpoint, or a plain torchvision state dict.
+def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_prefix=None, append_prefix=None,
+               with_head=False):
+    """(trunk, info) from 'random', our checkpoint, or any foreign checkpoint (common/foreign.py).
 
-    `arch`/`cifar_stem` default to what our checkpoint records, else resnet50 / False.
-    `info` holds what was loaded, and the training crop size when the checkpoint knows it.
+    `arch`/`cifar_stem` default to what our checkpoint records, else to the first ResNet
+    whose shapes fit (resnet50 first) and a 3x3 conv1. `info` holds what was loaded,
+    the missing/unexpected keys, and the training crop size when the checkpoint knows it.
     """
     info = {"weights": weights}
     if weights == "random":
         trunk = models.build_trunk(arch or "resnet50", bool(cifar_stem))
         return trunk, info
     ckpt = checkpoint.load(weights)
-    if isinstance(ckpt, dict) and "trunk" in ckpt:  # one of ours
+    ours = isinstance(ckpt, dict) and "trunk" in ckpt and "method" in ckpt and not state_dict_key
+    if ours:
         arch = arch or ckpt.get("arch", "resnet50")
         cifar_stem = ckpt.get("cifar_stem", False) if cifar_stem is None else cifar_stem
-        state = ckpt["trunk"]
         crops = (ckpt.get("args") or {}).get("crops")
         if crops:
             info["train_crop_size"] = int(crops.split(",")[0].split("x")[1])
         info["method"] = ckpt.get("method")
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        state = ckpt
-    else:
-        raise checkpoint.CheckpointError(f"{weights} is neither one of our checkpoints nor a plain state dict.")
-    trunk = models.build_trunk(arch or "resnet50", bool(cifar_stem))
-    models.load_trunk_state(trunk, state)
+    names = _trunk_names()
+    state, info["found"] = foreign.trunk_state(ckpt, names, state_dict_key, remove_prefix, append_prefix)
+    if cifar_stem is None:
+        cifar_stem = "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
+    if not arch:
+        candidates = ["resnet50"] + [n for n in models.resnet_names() if n != "resnet50"]
+        arch = foreign.infer_arch(state, candidates) or "resnet50"
+    trunk = models.build_trunk(arch, bool(cifar_stem))
+    report = foreign.load_into(trunk, state, weights)
+    if with_head:
+        trunk.eval_head = load_head(ckpt, weights)
+    info.update(arch=arch, missing_keys=report["missing"], unexpected_keys=report["unexpected"])
     return trunk, info
+
+
+def load_head(ckpt, source):
+    """The MLP projection head stored beside the trunk, rebuilt as nn.Sequential (ReLU where an index has no weights)."""
+    state, _ = foreign.find_state_dict(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt)
+    for prefix in HEAD_PREFIXES:
+        layers = {}
+        for key, value in state.items():
+            if key.startswith(prefix) and key[len(prefix):].split(".")[0].isdigit():
+                index, name = key[len(prefix):].split(".", 1)
+                layers.setdefault(int(index), {})[name] = value
+        if layers:
+            break
+    else:
+        raise checkpoint.CheckpointError(f"{source} has no MLP head ({', '.join(HEAD_PREFIXES)}) for --layers head.")
+    modules = []
+    for index in range(max(layers) + 1):
+        params = layers.get(index)
+        if params is None:
+            modules.append(nn.ReLU())
+        elif "running_mean" in params:
+            modules.append(nn.BatchNorm1d(len(params["running_mean"]), affine="weight" in params))
+        elif params.get("weight") is not None and params["weight"].dim() == 2:
+            modules.append(nn.Linear(params["weight"].shape[1], params["weight"].shape[0], bias="bias" in params))
+        else:
+            raise checkpoint.CheckpointError(f"{source}: head layer {index} is neither Linear nor BatchNorm1d.")
+        if params is not None:
+            modules[-1].load_state_dict(params)
+    return nn.Sequential(*modules)
+
+
+def _trunk_names():
+    with torch.device("meta"):
+        names = list(models.build_trunk("resnet18").state_dict())
+    return [n for n in names if not n.endswith("num_batches_tracked")]
+
+
+def taps(trunk, images, layers=("pooled",)):
+    """{layer: [B, dim]} features of `images` at the requested taps (see the module docstring)."""
+    unknown = [name for name in layers if name not in LAYERS]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; choose from {', '.join(LAYERS)}.")
+    trunk = getattr(trunk, "module", trunk)
+    if "head" in layers and not hasattr(trunk, "eval_head"):
+        raise ValueError("--layers head needs a checkpoint with a projection head (not 'random' or a bare trunk).")
+    stage_of = {name: ("res5" if name in ("pooled", "res5avg", "head") else name.removeprefix("vissl-"))
+                for name in layers}
+    deepest = max(STAGES.index(s) for s in stage_of.values())
+    x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(images))))
+    maps = {"conv1": x}
+    for name, stage in zip(STAGES[1:deepest + 1], (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)):
+        x = maps[name] = stage(x)
+    out = {}
+    for name in layers:
+        fmap = maps[stage_of[name]]
+        if name.startswith("vissl-"):
+            (kernel, stride, padding), grid = VISSL_POOL[stage_of[name]]
+            if min(fmap.shape[-2:]) >= kernel:
+                pooled = nn.functional.avg_pool2d(fmap, kernel, stride, padding)
+            else:
+                pooled = nn.functional.adaptive_avg_pool2d(fmap, grid)
+        else:
+            pooled = nn.functional.adaptive_avg_pool2d(fmap, 1)
+        out[name] = torch.flatten(pooled, 1)
+        if name == "head":
+            out[name] = trunk.eval_head(out[name])
+    return out
+
+
+def save_features(path, layers, train, test, meta):
+    """Write the cache file described in the module docstring; train/test are (features dict, labels)."""
+    payload = {"format": FORMAT, "layers": list(layers), "train_features": train[0], "train_labels": train[1],
+               "test_features": test[0], "test_labels": test[1], "meta": meta}
+    checkpoint.save_atomic(payload, path)
+
+
+def load_features(path, layers=None):
+    """Read a cache file; checks its format and that the requested layers are in it."""
+    payload = checkpoint.load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a features file of this project (written by --save-features).")
+    missing = [name for name in (layers or ()) if name not in payload["layers"]]
+    if missing:
+        raise ValueError(f"{path} has no features for layer(s) {missing}; it holds {payload['layers']}.")
+    return payload
+
+
+def compute_or_load(args, runtime, train_set=None, test_set=None):
+    """The features an eval script works on: from `args.features`, else extracted (and saved if asked).
+
+    Returns the cache dict. `args` needs weights, arch, cifar_stem, state_dict_key, remove_prefix,
+    append_prefix, layers, image_size, resize_size, batch_size, workers, seed, features, save_features.
+    """
+    if args.features:
+        return load_features(args.features, args.layers)
+    from common import data
+
+    if not args.weights:
+        raise ValueError("--weights is required (a checkpoint path, or 'random'), unless --features is given.")
+    if train_set is None:
+        if not args.train_data:
+            raise ValueError("--train-data is required, unless --features is given.")
+        train_set = data.build_split(args.train_data, "train")
+        test_set = data.build_split(args.test_data or args.train_data, "test")
+    torch.manual_seed(args.seed)
+    trunk, info = load_trunk(args.weights, args.arch or None, args.cifar_stem, args.state_dict_key or None,
+                             args.remove_prefix or None, args.append_prefix or None, "head" in args.layers)
+    image_size = args.image_size or info.get("train_crop_size", 224)
+    transform = eval_transform(image_size, args.resize_size or None)
+    kw = dict(batch_size=args.batch_size, workers=args.workers, device=runtime.device,
+              precision=getattr(args, "precision", "auto"))
+    train = extract(trunk, train_set, args.layers, transform, **kw)
+    test = extract(trunk, test_set, args.layers, transform, **kw)
+    meta = {"weights": args.weights, "arch": trunk.arch, "cifar_stem": trunk.cifar_stem, "image_size": image_size,
+            "train_data": args.train_data, "test_data": args.test_data or args.train_data,
+            "missing_keys": info.get("missing_keys", []), "unexpected_keys": info.get("unexpected_keys", [])}
+    if args.save_features and runtime.is_main:
+        save_features(args.save_features, args.layers, train, test, meta)
+    return {"format": FORMAT, "layers": list(args.layers), "train_features": train[0], "train_labels": train[1],
+            "test_features": test[0], "test_labels": test[1], "meta": meta}
 
 
 class _Images(torch.utils.data.Dataset):
@@ -58,21 +215,24 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, label = self.dataset[index]
-        return self.transform(image), label, index
+        return self.transform(image), torch.as_tensor(label), index
 
 
 @torch.no_grad()
-def extract(trunk, dataset, layers, transform, batch_size=256, workers=4, device="cpu"):
-    """{layer: [N, dim] float32 features}, labels [N]: the whole dataset, in order, on every rank."""
+def extract(trunk, dataset, layers, transform, batch_size=256, workers=4, device="cpu", precision="auto"):
+    """{layer: [N, dim] float32 features}, labels [N] (or [N, C]): the whole dataset, in order, on every rank."""
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_Images(dataset, transform), shard),
                                          batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch.device(device).type == "cuda")
+    if precision == "auto":  # bf16 on GPU (the project's default), exact fp32 on CPU
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     trunk = trunk.to(device).eval()
     feats = {name: [] for name in layers}
     labels, indices = [], []
     for images, y, idx in loader:
-        out = models.features(trunk, images.to(device, non_blocking=True), layers)
+        with dist.autocast(torch.device(device), precision):
+            out = taps(trunk, images.to(device, non_blocking=True), layers)
         for name in layers:
             feats[name].append(out[name].float())
         labels.append(y.to(device))

@@ -1,0 +1,341 @@
+"""Linear SVM evaluation of a frozen trunk: VISSL's VOC07 / Places205 low-shot SVM benchmark, batched.
+
+Goyal et al., "Scaling and Benchmarking Self-Supervised Visual Representation Learning",
+ICCV 2019, as VISSL runs it (svm_trainer / svm_low_shot_trainer): features L2-normalised,
+one-vs-rest linear SVMs with squared hinge loss and L2 penalty (liblinear's primal,
+bias as a regularised feature), positives weighted 2:1, the cost of each class chosen by
+3-fold cross-validated average precision over C in {0.01, ..., 1000}, then the model
+refit on all of train. Multi-label targets are N x C in {1, 0, -1}: -1 (difficult) is
+left out at test and is a negative in training unless --difficult ignore. Metrics: mean AP
+(VOC all-point interpolated, as VISSL) and, for single-label data, top-1 of the argmax.
+
+Unlike VISSL's one liblinear call per (class, cost, fold), every SVM of the sweep is one
+column of one batched problem: min_W 0.5 |w_p|^2 + C_p sum_i s_ip max(0, 1 - y_ip x_i.w_p)^2,
+solved by Newton's method with preconditioned conjugate gradients (Chapelle 2007; the
+primal solver of liblinear) using only matrix products, on GPU when present.
+
+    python eval_svm.py --weights ckpt.pth --train-data voc07.train.txt --test-data voc07.test.txt --image-size 224
+    python eval_svm.py --weights random --arch resnet18 --train-data cifar10-mini --image-size 32 --save-features f.pth
+    python eval_svm.py --features f.pth --low-shot          # k = 1..96 positives per class, 5 draws
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import cli, dist, features
+
+VOC07_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
+LOW_SHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
+
+
+@dataclass
+class Args:
+    weights: str = field(default="", metadata={"help": "checkpoint (any format) or 'random'; not needed with --features"})
+    arch: str = field(default="", metadata={"help": "trunk architecture (default: the checkpoint's / inferred)"})
+    cifar_stem: bool = field(default=None, metadata={"help": "3x3 stem (default: the checkpoint's)"})
+    state_dict_key: str = field(default="", metadata={"help": "dotted path of the weights inside the checkpoint"})
+    remove_prefix: str = ""
+    append_prefix: str = ""
+    train_data: str = field(default="", metadata={"help": "dataset (SPEC or SPEC@SPLIT); default split train"})
+    test_data: str = field(default="", metadata={"help": "default: the test split of --train-data"})
+    train_labels: str = field(default="", metadata={"help": "N x C label file (.npy or text) replacing the dataset's"})
+    test_labels: str = ""
+    features: str = field(default="", metadata={"help": "cached features file (from --save-features): skip the trunk"})
+    save_features: str = ""
+    layers: tuple[str, ...] = ("pooled",)
+    costs: tuple[float, ...] = VOC07_COSTS
+    cv_folds: int = 3
+    positive_weight: float = 2.0  # VISSL's cls_weight {1: 2, -1: 1}
+    difficult: str = field(default="negative", metadata={"choices": ["negative", "ignore"],
+                                                           "help": "how -1 (difficult) labels are trained"})
+    normalize: bool = True
+    low_shot: bool = False
+    low_shot_k: tuple[int, ...] = LOW_SHOT_K
+    low_shot_samples: int = 5
+    one_shot_cost: float = field(default=1.0, metadata={"help": "the cost at k=1, where no fold can be held out"})
+    newton_iters: int = 40
+    tol: float = 1e-4
+    image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
+    resize_size: int = 0
+    batch_size: int = 256
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    output: str = ""
+
+
+# ---------------------------------------------------------------- the batched squared-hinge SVM solver
+def _pcg(hvp, rhs, precondition, max_iters, rel_tol):
+    """Solve H x = rhs column by column (all columns at once) by preconditioned conjugate gradients."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = precondition(r)
+    p, rz = z, (r * z).sum(0)
+    target = rel_tol * rhs.norm(dim=0)
+    for _ in range(max_iters):
+        hp = hvp(p)
+        alpha = rz / (p * hp).sum(0).clamp_min(1e-30)
+        x += alpha * p
+        r -= alpha * hp
+        if (r.norm(dim=0) <= target).all():
+            break
+        z = precondition(r)
+        rz_new = (r * z).sum(0)
+        p = z + (rz_new / rz.clamp_min(1e-30)) * p
+        rz = rz_new
+    return x
+
+
+@torch.no_grad()
+def train_svms(x, signs, weights, costs, newton_iters=40, tol=1e-4, cg_iters=50):
+    """Weights [D+1, P] (bias last) of P linear squared-hinge SVMs sharing the inputs `x` [N, D].
+
+    Column p minimises 0.5 |w|^2 + costs[p] * sum_i weights[i, p] * max(0, 1 - signs[i, p] * [x_i, 1].w)^2,
+    i.e. liblinear's L2-regularised L2-loss SVC (sklearn LinearSVC, intercept_scaling=1) with
+    per-sample weights (class weights; 0 leaves a row out of that SVM: other folds, ignored labels).
+    Newton-CG with an exact line search; the preconditioner is I + a_p X^T X in X^T X's eigenbasis,
+    a_p the mean curvature weight of column p.
+    """
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    gram_values, gram_vectors = torch.linalg.eigh(x.t() @ x / len(x))
+    c = torch.as_tensor(costs, dtype=x.dtype, device=x.device)
+    result = torch.zeros(x.shape[1], signs.shape[1], dtype=x.dtype, device=x.device)
+    columns = torch.arange(signs.shape[1], device=x.device)  # the columns still being optimised
+    w, scores = result.clone(), torch.zeros_like(signs)
+    c_weights = 2 * c * weights  # the loss's curvature weight of each (row, column)
+    first_norm = None
+    for _ in range(newton_iters):
+        slack = (1 - signs * scores).clamp_min_(0)
+        curvature = c_weights * (slack > 0)  # generalised Hessian: I + X^T diag(curvature) X
+        grad = w - x.t() @ (curvature * signs * slack)
+        grad_norm = grad.norm(dim=0)
+        first_norm = grad_norm if first_norm is None else first_norm
+        done = grad_norm <= tol * first_norm
+        if done.any():  # retire converged columns so later iterations only pay for the rest
+            result[:, columns[done]] = w[:, done]
+            keep = ~done
+            if not keep.any():
+                return result
+            columns, w, scores, signs, c_weights, curvature, grad, first_norm = (
+                columns[keep], w[:, keep], scores[:, keep], signs[:, keep], c_weights[:, keep], curvature[:, keep],
+                grad[:, keep], first_norm[keep])
+        scale = curvature.mean(0) * len(x)
+
+        def precondition(r):
+            return gram_vectors @ ((gram_vectors.t() @ r) / (1 + scale * gram_values[:, None]))
+
+        step = _pcg(lambda v: v + x.t() @ (curvature * (x @ v)), -grad, precondition, cg_iters, 0.1)
+        # Exact line search on the piecewise-quadratic objective along `step` (1-D Newton from t = 1).
+        step_scores = x @ step
+        margin_step = signs * step_scores
+        t = torch.ones(len(columns), dtype=x.dtype, device=x.device)
+        wd, dd = (w * step).sum(0), (step * step).sum(0)
+        for _ in range(10):
+            slack_t = (1 - signs * scores - t * margin_step).clamp_min_(0)
+            on = c_weights * (slack_t > 0)
+            d1 = wd + t * dd - (on * margin_step * slack_t).sum(0)
+            d2 = dd + (on * margin_step * margin_step).sum(0)
+            new_t = (t - d1 / d2.clamp_min(1e-30)).clamp_min(0)
+            moved = (new_t - t).abs().max()
+            t = new_t
+            if moved < 1e-6:
+                break
+        w += t * step
+        scores += t * step_scores
+    result[:, columns] = w
+    return result
+
+
+def average_precision(scores, positive, include):
+    """VOC all-point interpolated AP of every column: scores, positive, include are [N, P].
+
+    Rows with include=False are left out (difficult at test, training rows in cross-validation).
+    Columns without a positive get NaN.
+    """
+    order = scores.masked_fill(~include, -float("inf")).argsort(dim=0, descending=True)
+    pos = (positive & include).gather(0, order).to(scores.dtype)
+    neg = (~positive & include).gather(0, order).to(scores.dtype)
+    tp, fp = pos.cumsum(0), neg.cumsum(0)
+    precision = tp / (tp + fp).clamp_min(1)
+    envelope = precision.flip(0).cummax(0).values.flip(0)  # max precision at any higher recall
+    n_pos = pos.sum(0)
+    return (envelope * pos).sum(0) / n_pos.where(n_pos > 0, torch.full_like(n_pos, float("nan")))
+
+
+def stratified_folds(positive, n_folds):
+    """Fold id of every row, as sklearn's StratifiedKFold(n_folds) without shuffling: [N] int64."""
+    folds = torch.empty(len(positive), dtype=torch.long)
+    y = positive.long().cpu()
+    ordered = torch.sort(y).values
+    for value in (0, 1):
+        members = torch.nonzero(y == value).flatten()
+        allocation = torch.tensor([int((ordered[i::n_folds] == value).sum()) for i in range(n_folds)])
+        folds[members] = torch.arange(n_folds).repeat_interleave(allocation)
+    return folds
+
+
+def sweep(x, targets, train_rows, costs, n_folds, positive_weight, newton_iters=40, tol=1e-4, max_columns=None):
+    """Cross-validate the cost of every class and refit: VISSL's SVM trainer for all classes at once.
+
+    targets: [N, C] bool (positive); train_rows: [N, C] bool (the rows each class's SVM trains on).
+    Returns (W [D+1, C] refit with each class's chosen cost, chosen costs [C], cv AP [C, len(costs)]).
+    The columns (fold or refit) x class x cost are solved in one batched problem (chunked by class
+    so that N x columns stays under `max_columns` x N).
+    """
+    n, n_classes = targets.shape
+    k = len(costs)
+    max_columns = max_columns or max(1, (1 << 27) // max(n, 1))
+    classes_per_chunk = max(1, max_columns // ((n_folds + 1) * k))
+    weights_out, chosen, cv_ap = [], [], []
+    for c0 in range(0, n_classes, classes_per_chunk):
+        cls = torch.arange(c0, min(n_classes, c0 + classes_per_chunk))
+        fold_of = torch.full((n, len(cls)), -1, dtype=torch.long, device=x.device)
+        for j, c in enumerate(cls.tolist()):
+            rows = torch.nonzero(train_rows[:, c]).flatten()
+            if n_folds > 1:
+                fold_of[rows, j] = stratified_folds(targets[rows, c], n_folds).to(x.device)
+        # Columns ordered (split, class, cost); split n_folds is the refit on all training rows.
+        pos = targets[:, cls].to(x.device)
+        signs = (pos.float() * 2 - 1).to(x.dtype)
+        class_weight = torch.where(pos, positive_weight, 1.0).to(x.dtype) * train_rows[:, cls].to(x.device)
+        splits = range(n_folds + 1) if n_folds > 1 else [n_folds]
+        col_signs, col_weights, col_costs = [], [], []
+        for split in splits:
+            keep = (fold_of != split).to(x.dtype) if split < n_folds else torch.ones_like(class_weight)
+            col_signs.append(signs.repeat_interleave(k, 1))
+            col_weights.append((class_weight * keep).repeat_interleave(k, 1))
+            col_costs.append(torch.tensor(costs, dtype=x.dtype).repeat(len(cls)))
+        w = train_svms(x, torch.cat(col_signs, 1), torch.cat(col_weights, 1), torch.cat(col_costs).to(x.device),
+                       newton_iters, tol)
+        w = w.view(w.shape[0], len(splits), len(cls), k)
+        if n_folds > 1:
+            scores = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], 1) @ w[:, :n_folds].flatten(1)
+            scores = scores.view(n, n_folds, len(cls), k)
+            held_out = fold_of[:, None, :, None] == torch.arange(n_folds, device=x.device)[None, :, None, None]
+            ap = average_precision(scores.flatten(1), pos[:, None, :, None].expand_as(scores).flatten(1),
+                                   held_out.expand_as(scores).flatten(1)).view(n_folds, len(cls), k)
+            mean_ap = ap.nan_to_num(0).mean(0)  # a fold without positives scores 0, as sklearn's scorer
+            best = mean_ap.argmax(1)  # ties: the smallest cost
+        else:
+            mean_ap = torch.full((len(cls), k), float("nan"))
+            best = torch.zeros(len(cls), dtype=torch.long)
+        weights_out.append(w[:, -1, torch.arange(len(cls)), best.to(w.device)])
+        chosen.append(torch.tensor(costs, dtype=torch.float64)[best.cpu()])
+        cv_ap.append(mean_ap.cpu())
+    return torch.cat(weights_out, 1), torch.cat(chosen), torch.cat(cv_ap)
+
+
+def evaluate(w, x_test, test_targets, test_include, single_label):
+    """{"mAP": ..., "top1": ...} (%) of the one-vs-rest scores on test."""
+    scores = torch.cat([x_test, torch.ones(len(x_test), 1, dtype=x_test.dtype, device=x_test.device)], 1) @ w
+    ap = average_precision(scores, test_targets, test_include)
+    result = {"mAP": 100 * ap.nanmean().item(), "ap_per_class": [round(100 * a, 3) for a in ap.tolist()]}
+    if single_label:
+        result["top1"] = 100 * (scores.argmax(1) == test_targets.float().argmax(1)).float().mean().item()
+    return result
+
+
+# ---------------------------------------------------------------- labels and protocols
+def _load_label_file(path):
+    return torch.from_numpy(np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)).long()
+
+
+def as_targets(labels, classes=None):
+    """(targets [N, C] in {1, 0, -1}, single_label) from class ids [N] or an N x C label matrix."""
+    if labels.dim() == 2:
+        return labels.long(), False
+    classes = classes if classes is not None else torch.unique(labels)
+    return (labels[:, None] == classes[None, :]).long(), True
+
+
+def low_shot_rows(targets, k, generator):
+    """Training rows per class for k-shot: k random positives of the class, all of its negatives."""
+    rows = targets == 0
+    for c in range(targets.shape[1]):
+        positives = torch.nonzero(targets[:, c] == 1).flatten()
+        rows[positives[torch.randperm(len(positives), generator=generator)[:k]], c] = True
+    return rows
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, None, argv, description=__doc__.split("\n")[0])
+    if not args.costs or any(c <= 0 for c in args.costs):
+        raise ValueError(f"--costs must be positive, got {list(args.costs)}.")
+    if args.cv_folds < 1:
+        raise ValueError(f"--cv-folds must be at least 1, got {args.cv_folds}.")
+    runtime = dist.setup(args.device)
+    started = time.time()
+    try:
+        cache = features.compute_or_load(args, runtime)
+        if not runtime.is_main:
+            return None
+        train_labels = _load_label_file(args.train_labels) if args.train_labels else cache["train_labels"]
+        test_labels = _load_label_file(args.test_labels) if args.test_labels else cache["test_labels"]
+        if train_labels.dim() != test_labels.dim():
+            raise ValueError("train and test labels must both be class ids or both be N x C label matrices.")
+        classes = torch.unique(train_labels) if train_labels.dim() == 1 else None
+        train_targets, single_label = as_targets(train_labels, classes)
+        test_targets, _ = as_targets(test_labels, classes)
+        if train_targets.shape[1] != test_targets.shape[1]:
+            raise ValueError(f"train has {train_targets.shape[1]} classes/columns, test {test_targets.shape[1]}.")
+        device = runtime.device
+        train_rows = train_targets != -1 if args.difficult == "ignore" else torch.ones_like(train_targets, dtype=torch.bool)
+        results = {}
+        for layer in args.layers:
+            x, x_test = cache["train_features"][layer].to(device), cache["test_features"][layer].to(device)
+            if len(x) != len(train_targets) or len(x_test) != len(test_targets):
+                raise ValueError(f"{len(x)}/{len(x_test)} train/test features but {len(train_targets)}/"
+                                 f"{len(test_targets)} labels.")
+            if args.normalize:
+                x, x_test = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(x_test, dim=1)
+            test_pos, test_include = (test_targets == 1).to(device), (test_targets != -1).to(device)
+            if not args.low_shot:
+                w, chosen, cv_ap = sweep(x, (train_targets == 1).to(device), train_rows.to(device), args.costs,
+                                         args.cv_folds, args.positive_weight, args.newton_iters, args.tol)
+                res = evaluate(w, x_test, test_pos, test_include, single_label)
+                res["chosen_costs"] = chosen.tolist()
+                results[layer] = res
+                continue
+            per_k = {}
+            for k in args.low_shot_k:
+                runs = []
+                for sample in range(args.low_shot_samples):
+                    g = torch.Generator().manual_seed(args.seed * 1000 + sample)
+                    rows = low_shot_rows(train_targets, k, g) & train_rows
+                    folds = min(args.cv_folds, k)
+                    costs = args.costs if folds > 1 else (args.one_shot_cost,)
+                    w, chosen, _ = sweep(x, (train_targets == 1).to(device), rows.to(device), costs, folds,
+                                         args.positive_weight, args.newton_iters, args.tol)
+                    runs.append(evaluate(w, x_test, test_pos, test_include, single_label))
+                metric = "top1" if single_label else "mAP"
+                values = torch.tensor([r[metric] for r in runs])
+                per_k[str(k)] = {"metric": metric, "mean": round(values.mean().item(), 3),
+                                 "std": round(values.std().item() if len(values) > 1 else 0.0, 3),
+                                 "runs": [round(v, 3) for v in values.tolist()]}
+            results[layer] = per_k
+        head = results[args.layers[0]]
+        summary = {"layer": args.layers[0], "weights": cache["meta"].get("weights"),
+                   "n_train": len(train_targets), "n_test": len(test_targets), "classes": train_targets.shape[1]}
+        if args.low_shot:
+            summary["low_shot"] = {layer: r for layer, r in results.items()}
+        else:
+            summary.update({m: round(head[m], 3) for m in ("top1", "mAP") if m in head})
+            summary["per_layer"] = {layer: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()}
+                                    for layer, r in results.items()}
+        summary["seconds"] = round(time.time() - started, 1)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(summary) + "\n")
+        print(json.dumps(summary), flush=True)
+        return summary
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)
