@@ -157,11 +157,11 @@ class MoCo(nn.Module):
             p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
 
     @torch.no_grad()
-    def encode_keys(self, images, splits):
+    def encode_keys(self, images, splits, generator=None):
         """Keys of `images` with Shuffling BN: shuffle the global key batch, encode in chunks, un-shuffle."""
         world = dist.world_size()
         everyone = dist.gather(images)  # [world * n, ...], rank-major
-        permutation = torch.randperm(len(everyone)).to(images.device)
+        permutation = torch.randperm(len(everyone), generator=generator).to(images.device)
         dist.broadcast(permutation, 0)  # every process uses rank 0's permutation
         mine = permutation.view(world, -1)[dist.rank()]
         keys = torch.cat([self.key_encoder(chunk) for chunk in everyone[mine].chunk(splits)])
@@ -170,11 +170,11 @@ class MoCo(nn.Module):
         unshuffled[permutation] = shuffled
         return unshuffled.view(world, -1, unshuffled.shape[1])[dist.rank()]
 
-    def forward(self, query_images, key_images, key_momentum, splits):
+    def forward(self, query_images, key_images, key_momentum, splits, generator=None):
         """q of the query views (with gradient) and k of the key views (without), both [n, d]."""
         q = self.query_encoder(query_images)
         self.momentum_update(key_momentum)
-        k = self.encode_keys(key_images, splits)
+        k = self.encode_keys(key_images, splits, generator)
         return q, k.to(q.dtype)
 
     @torch.no_grad()
@@ -285,7 +285,9 @@ def train(args, runtime):
             query_images = query_images.to(device, non_blocking=True)
             key_images = key_images.to(device, non_blocking=True)
             with dist.autocast(device, precision):
-                q, k = model(query_images, key_images, args.key_momentum, splits)
+                # the shuffle depends on (seed, step) only, so a resumed run draws the same one
+                shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                q, k = model(query_images, key_images, args.key_momentum, splits, shuffle)
             loss = moco_loss(q, k, core.queue.clone(), args.temperature)
             if not torch.isfinite(loss):
                 raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
