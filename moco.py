@@ -10,7 +10,8 @@ Eq. 1). Keys come from a key encoder, the exponential moving average of the quer
 Defaults follow VISSL's moco_loss / the MoCo v2 recipe: ResNet-50, MLP head 2048-2048-128,
 65536 keys, momentum 0.999, T=0.2, SGD 0.03 x batch/256, wd 1e-4, cosine, 200 epochs, MoCo v2
 augmentations (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5).
-`--v1` is MoCo v1: linear head, jitter 0.4/0.4/0.4/0.4 always, no blur, T=0.07.
+`--v1` is MoCo v1: linear head, jitter 0.4/0.4/0.4/0.4 always, no blur, T=0.07 (its step
+schedule is replaced by the cosine one; pass --lr and --epochs as wanted).
 
 Shuffling BN (paper Sec. 3.3): with several processes the key batch is gathered, permuted,
 and each process encodes its slice of the permuted batch (own BatchNorm statistics), then
