@@ -1,0 +1,349 @@
+"""DeepCluster-v2, from "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments".
+
+Caron, Misra, Mairal, Goyal, Bojanowski, Joulin, NeurIPS 2020 (https://arxiv.org/abs/2006.09882,
+Appendix A.2); DeepCluster: Caron et al., ECCV 2018.
+
+A memory bank keeps every training image's embedding (of crop 0) from the previous epoch.
+At the start of each epoch, spherical k-means clusters the bank several times; the
+centroids become the weights of the prototype heads (not trained) and each image's cluster
+ids become its pseudo-labels. During the epoch every crop of an image is classified into
+its image's clusters (cross-entropy of scores / T), and the bank is refilled with the new
+embeddings. Defaults follow VISSL's deepclusterv2_loss: 3 clusterings of 3000 centroids, T=0.1,
+10 k-means iterations, crops_for_mb [0], head 2048-2048-128; multi-crop and optimisation as in
+swav.py (2x224 + 6x96, LARS, wd 1e-6, global batch 4096: 0.6 -> 4.8 -> 0.0048, quoted per 256
+and scaled linearly). Distributed: each process keeps the bank rows of the images it saw,
+ops.kmeans all-reduces centroid sums and counts (identical centroids everywhere), and the
+pseudo-labels of all images are gathered onto every process. Epoch 0's bank comes from one
+forward pass over the data before training (as the swav repository's init_memory).
+
+    torchrun --nproc_per_node=8 --nnodes=8 ... deepcluster_v2.py --data /datasets/imagenet/train
+    python deepcluster_v2.py --preset cifar --data cifar10 --epochs 800
+    python deepcluster_v2.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+IGNORE = -100  # pseudo-label of an image that is not in the memory bank (cross_entropy's ignore_index)
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 400
+    batch_size: int = 64  # per process: 64 x 64 GPUs = 4096
+    lr: float = 0.3  # peak, for a global batch of 256, scaled linearly (4096 -> 4.8)
+    start_lr: float = 0.0375  # warmup start per 256 images (4096 -> 0.6)
+    final_lr: float = 0.0003  # cosine end per 256 images (4096 -> 0.0048)
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    temperature: float = 0.1
+    num_clusters: tuple[int, ...] = (3000, 3000, 3000)  # one k-means (and one prototype head) per entry
+    kmeans_iters: int = 10
+    crops_for_mb: tuple[int, ...] = (0,)  # crops whose embeddings fill the memory bank; head h clusters mb[h % len]
+    hidden_dim: int = 2048
+    embedding_dim: int = 128
+    crops: str = field(default="2x224,6x96", metadata={"help": "crops as NxSIZE groups: large crops first"})
+    crop_scale: tuple[float, ...] = (0.14, 1.0)
+    small_crop_scale: tuple[float, ...] = (0.05, 0.14)  # for crop groups after the first
+    jitter_strength: float = 1.0  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s) ...
+    jitter_p: float = 0.8  # ... applied with probability 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    sync_bn: bool = True
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/deepcluster_v2"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, crops 2x32 (0.14-1) + 4x16 (0.05-0.4), no blur, jitter 0.5, "
+                       "batch 256, lr 0.6 -> 0.0006, 3 x 3000 clusters, head 512-512-128",
+                  arch="resnet18", cifar_stem=True, crops="2x32,4x16", small_crop_scale=(0.05, 0.4), batch_size=256,
+                  lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=10.0, hidden_dim=512, jitter_strength=0.5,
+                  blur_p=0.0, epochs=800, workers=4, output_dir="runs/deepcluster_v2-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def parse_crops(spec):
+    """'2x224,6x96' -> [(2, 224), (6, 96)]."""
+    try:
+        groups = [tuple(int(n) for n in part.split("x")) for part in spec.split(",")]
+        assert groups and all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in groups)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--crops must look like 2x224 or 2x224,6x96, got {spec!r}.") from None
+    return groups
+
+
+def view_transform(size, scale, args):
+    """One crop, as SwAV's: crop, flip, colour distortion, blur."""
+    s = args.jitter_strength
+    steps = [
+        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
+        T.RandomGrayscale(p=args.grayscale_p),
+    ]
+    if args.blur_p > 0:  # sigma in [0.1, 2.0]
+        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
+    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    return T.Compose(steps)
+
+
+class MultiCrop:
+    """Image -> list of crops (the first group at `crop_scale`, later ones at `small_crop_scale`).
+
+    `only` keeps a subset of the crops (the memory-bank crops for the initial pass).
+    """
+
+    def __init__(self, args, only=None):
+        self.transforms = []
+        for group, (count, size) in enumerate(parse_crops(args.crops)):
+            scale = args.crop_scale if group == 0 else args.small_crop_scale
+            self.transforms += [view_transform(size, scale, args)] * count
+        if only is not None:
+            self.transforms = [self.transforms[c] for c in only]
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------- model
+
+class DeepClusterV2(nn.Module):
+    """ResNet trunk + MLP head (L2-normalised z) + one bias-free prototype head per clustering.
+
+    The prototype weights are the k-means centroids, set at every epoch's start, never trained.
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = models.mlp([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim])
+        self.prototypes = nn.ModuleList(nn.Linear(args.embedding_dim, k, bias=False) for k in args.num_clusters)
+        for p in self.prototypes.parameters():
+            p.requires_grad = False
+
+    def forward(self, crops):
+        """crops: list of [n, 3, H, W]; same-size crops share a forward pass. Returns z [V*n, d], [scores [V*n, k]]."""
+        embeddings, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            embeddings.append(self.head(self.trunk(torch.cat(crops[start:end]))))
+            start = end
+        z = torch.cat(embeddings)
+        z = nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
+        with torch.autocast(z.device.type, enabled=False):
+            scores = [prototypes(z) for prototypes in self.prototypes]
+        return z, scores
+
+
+# ----------------------------------------------------------------------------- clustering and loss
+
+@torch.no_grad()
+def cluster_memory(model, bank, bank_indices, n_images, n_iters, seed):
+    """Spherical k-means of the memory bank, once per prototype head (Appendix A.2).
+
+    bank: [len(crops_for_mb), rows, d], this process's rows; bank_indices: [rows] dataset indices.
+    Sets head h's weights to the centroids of k-means on bank[h % len(bank)] and returns the
+    pseudo-labels [heads, n_images] of every image (IGNORE for images no process holds),
+    identical on every process.
+    """
+    labels = torch.full((len(model.prototypes), n_images), IGNORE, dtype=torch.long, device=bank.device)
+    all_indices = dist.gather(bank_indices)
+    for h, head in enumerate(model.prototypes):
+        centroids, assignments = ops.kmeans(bank[h % len(bank)], head.out_features, n_iters, spherical=True,
+                                            init="random", seed=seed + h)
+        head.weight.copy_(centroids.to(head.weight.dtype))
+        labels[h, all_indices] = dist.gather(assignments)
+    return labels
+
+
+def deepcluster_loss(scores, targets, n_crops, temperature):
+    """Cross-entropy of every crop's scores / T against its image's cluster id, averaged over the heads.
+
+    scores: per head [n_crops * n, k], crop-major; targets: [heads, n] (IGNORE rows are left out).
+    """
+    loss = 0.0
+    for head_scores, head_targets in zip(scores, targets):
+        per_crop = head_targets.repeat(n_crops)
+        total = nn.functional.cross_entropy(head_scores / temperature, per_crop, ignore_index=IGNORE, reduction="sum")
+        loss = loss + total / (per_crop != IGNORE).sum().clamp(min=1)
+    return loss / len(scores)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    n_crops = sum(count for count, _ in parse_crops(args.crops))
+    if not args.crops_for_mb or any(not 0 <= c < n_crops for c in args.crops_for_mb):
+        raise ValueError(f"--crops-for-mb {list(args.crops_for_mb)} must name crops in [0, {n_crops}).")
+    if not args.num_clusters or min(args.num_clusters) < 1:
+        raise ValueError(f"--num-clusters must be positive integers, got {list(args.num_clusters)}.")
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    bank_rows = steps_per_epoch * args.batch_size  # per process: the images it trains on in one epoch
+    if max(args.num_clusters) > bank_rows * runtime.world_size:
+        raise ValueError(f"--num-clusters {max(args.num_clusters)} exceeds the {bank_rows * runtime.world_size} "
+                         f"images of the memory bank; use fewer clusters or more data.")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+
+    model = DeepClusterV2(args).to(device)
+    if runtime.distributed and args.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # as the swav repository's LARC(SGD): every trained parameter is decayed and LARS-adapted
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, exclude_bias_and_norm=False), lr=0.0,
+                           momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    start_lr = optim.scaled_lr(args.start_lr, global_batch)
+    final_lr = optim.scaled_lr(args.final_lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # the memory bank: this process's embeddings of crops_for_mb, and the dataset index of each row
+    bank = torch.zeros(len(args.crops_for_mb), bank_rows, args.embedding_dim, device=device)
+    bank_indices = torch.zeros(bank_rows, dtype=torch.long, device=device)
+    labels = None  # [heads, len(dataset)] pseudo-labels of the current epoch
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "deepcluster_v2")
+        checkpoint.load_model(core, state["model"], last)  # includes the prototypes (this epoch's centroids)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if state["bank"].shape[1] != bank_rows * runtime.world_size:
+            raise ValueError(f"{last} holds a memory bank of {state['bank'].shape[1]} rows, this run needs "
+                             f"{bank_rows * runtime.world_size}; resume with the same data, batch and processes.")
+        mine = slice(runtime.rank * bank_rows, (runtime.rank + 1) * bank_rows)
+        bank.copy_(state["bank"][:, mine])
+        bank_indices.copy_(state["bank_indices"][mine])
+        labels = state["labels"].to(device)
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+    else:  # epoch 0 clusters the embeddings of an initial forward pass (swav repo's init_memory)
+        bank_views = data.ViewDataset(dataset, MultiCrop(args, only=args.crops_for_mb), seed=args.seed + 1)
+        bank_loader = data.build_loader(bank_views, sampler, args.batch_size, args.workers, device)
+        sampler.set_epoch(0)
+        with torch.no_grad():
+            for i, (crops, _, indices, _) in enumerate(bank_loader):
+                with dist.autocast(device, precision):
+                    z = torch.stack([core([crop.to(device, non_blocking=True)])[0] for crop in crops])
+                bank[:, i * args.batch_size:(i + 1) * args.batch_size] = z
+                bank_indices[i * args.batch_size:(i + 1) * args.batch_size] = indices.to(device)
+        del bank_loader  # stops its worker processes
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        # every process's bank rows, process-major, so a resumed run gives each its own back
+        everyone = dist.gather(bank.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
+        everyone_indices = dist.gather(bank_indices).cpu()
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "deepcluster_v2", "args": cli.as_dict(args), "epoch": step // steps_per_epoch,
+                "step": step, "world_size": runtime.world_size, "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "bank": everyone, "bank_indices": everyone_indices, "labels": labels.cpu(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"deepcluster_v2: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
+                f"crops {args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
+                f"{peak_lr:.4g} -> {final_lr:.4g}, clusters {list(args.num_clusters)}, {precision}, "
+                f"ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step % steps_per_epoch == 0:  # a new epoch (not a resume in its middle): cluster last epoch's bank
+            labels = cluster_memory(core, bank, bank_indices, len(views), args.kmeans_iters,
+                                    seed=args.seed * 1_000_003 + epoch * 1_000)
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for crops, _, indices, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+            optim.set_lr(optimizer, lr)
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            indices = indices.to(device, non_blocking=True)
+            with dist.autocast(device, precision):
+                z, scores = model(crops)
+            loss = deepcluster_loss(scores, labels[:, indices], n_crops, args.temperature)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            row = (step % steps_per_epoch) * args.batch_size  # refill the bank for the next epoch's k-means
+            n = args.batch_size
+            bank[:, row:row + n] = torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_mb])
+            bank_indices[row:row + n] = indices
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

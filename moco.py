@@ -1,0 +1,329 @@
+"""MoCo v2: Momentum Contrast for Unsupervised Visual Representation Learning.
+
+He, Fan, Wu, Xie, Girshick, CVPR 2020 (https://arxiv.org/abs/1911.05722); v2: Chen, Fan,
+Girshick, He, "Improved Baselines with Momentum Contrastive Learning" (arXiv:2003.04297).
+
+A query encoder (ResNet + head) is trained so that the query q of one view picks out the
+key k of another view of the same image among a queue of keys of earlier batches (InfoNCE,
+Eq. 1). Keys come from a key encoder, the exponential moving average of the query encoder
+(Eq. 2), and every step's keys, gathered from all processes, replace the oldest in the queue.
+Defaults follow VISSL's moco_loss / the MoCo v2 recipe: ResNet-50, MLP head 2048-2048-128,
+65536 keys, momentum 0.999, T=0.2, SGD 0.03 x batch/256, wd 1e-4, cosine, 200 epochs, MoCo v2
+augmentations (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5).
+`--v1` is MoCo v1: linear head, jitter 0.4/0.4/0.4/0.4 always, no blur, T=0.07 (its step
+schedule is replaced by the cosine one; pass --lr and --epochs as wanted).
+
+Shuffling BN (paper Sec. 3.3): with several processes the key batch is gathered, permuted,
+and each process encodes its slice of the permuted batch (own BatchNorm statistics), then
+the keys are un-shuffled. On one process the permuted key batch is split into
+`--shuffle-bn-splits` chunks (8: the paper's 8 GPUs) and the key encoder runs once per chunk,
+the "split/ghost BatchNorm" of MoCo's single-GPU CIFAR demo: a key never shares BatchNorm
+statistics with exactly the images its query saw. With P processes and S splits, the key
+encoder sees P x S chunks; P processes x S splits equal one process with P x S splits.
+
+    torchrun --nproc_per_node=8 moco.py --data /datasets/imagenet/train --epochs 200
+    python moco.py --preset cifar --data cifar10 --epochs 800
+    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    v1: bool = field(default=False, metadata={"help": "MoCo v1: linear head, no blur, stronger hue jitter, T=0.07"})
+    epochs: int = 200
+    batch_size: int = 32  # per process: 32 x 8 GPUs = 256
+    lr: float = 0.03  # for a global batch of 256, scaled linearly
+    final_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    temperature: Optional[float] = field(default=None, metadata={"help": "default: 0.2 (v2), 0.07 (v1)"})
+    queue_size: int = 65536  # K, a multiple of the global batch
+    key_momentum: float = 0.999  # m of Eq. 2
+    hidden_dim: int = 2048
+    embedding_dim: int = 128
+    image_size: int = 224
+    crop_scale: tuple[float, ...] = (0.2, 1.0)
+    grayscale_p: float = 0.2
+    blur_p: Optional[float] = field(default=None, metadata={"help": "default: 0.5 (v2), 0 (v1)"})
+    shuffle_bn_splits: int = field(default=0, metadata={
+        "help": "key-encoder BatchNorm chunks per process after shuffling (0: 8 on one process, 1 with several)"})
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/moco"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, K=4096, m=0.99, T=0.1, wd 5e-4 "
+                       "(MoCo's official CIFAR-10 demo; MLP head 512-512-128)",
+                  arch="resnet18", cifar_stem=True, image_size=32, batch_size=512, lr=0.03, temperature=0.1,
+                  queue_size=4096, key_momentum=0.99, weight_decay=5e-4, hidden_dim=512, blur_p=0.0, epochs=800,
+                  workers=4, output_dir="runs/moco-cifar"),
+}
+
+
+def resolve_version_defaults(args):
+    """Fill the defaults that differ between MoCo v1 and v2 (explicit flags win)."""
+    if args.temperature is None:
+        args.temperature = 0.07 if args.v1 else 0.2
+    if args.blur_p is None:
+        args.blur_p = 0.0 if args.v1 else 0.5
+    return args
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def view_transform(args):
+    """One MoCo view: v2 (paper's Appendix / official main_moco.py --aug-plus) or v1."""
+    size = args.image_size
+    if args.v1:
+        colour = [T.RandomGrayscale(p=args.grayscale_p), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
+    else:
+        colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=args.grayscale_p)]
+    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+             *colour]
+    if args.blur_p > 0:  # SimCLR's blur: kernel 10% of the image side, sigma in [0.1, 2.0]
+        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    return T.Compose(steps)
+
+
+class TwoViews:
+    """Image -> [query view, key view], two independent draws of the same augmentation."""
+
+    def __init__(self, args):
+        self.transform = view_transform(args)
+
+    def __call__(self, image):
+        return [self.transform(image), self.transform(image)]
+
+
+# ----------------------------------------------------------------------------- model
+
+class Encoder(nn.Module):
+    """ResNet trunk + head (v2: MLP 2048-2048-128 without BN; v1: linear), L2-normalised output."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        dims = [self.trunk.feature_dim] + ([] if args.v1 else [args.hidden_dim]) + [args.embedding_dim]
+        self.head = models.mlp(dims, batch_norm=False)
+
+    def forward(self, images):
+        z = self.head(self.trunk(images))
+        return nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
+
+
+class MoCo(nn.Module):
+    """Query encoder f_q, its momentum copy f_k, and the queue of keys (a buffer, so it is checkpointed)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.query_encoder = Encoder(args)
+        self.key_encoder = copy.deepcopy(self.query_encoder)
+        for p in self.key_encoder.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(args.queue_size, args.embedding_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def trunk(self):
+        return self.query_encoder.trunk
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta_k <- m theta_k + (1 - m) theta_q (Eq. 2); BatchNorm running statistics stay the key encoder's own."""
+        for p_k, p_q in zip(self.key_encoder.parameters(), self.query_encoder.parameters()):
+            p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def encode_keys(self, images, splits, generator=None):
+        """Keys of `images` with Shuffling BN: shuffle the global key batch, encode in chunks, un-shuffle."""
+        world = dist.world_size()
+        everyone = dist.gather(images)  # [world * n, ...], rank-major
+        permutation = torch.randperm(len(everyone), generator=generator).to(images.device)
+        dist.broadcast(permutation, 0)  # every process uses rank 0's permutation
+        mine = permutation.view(world, -1)[dist.rank()]
+        keys = torch.cat([self.key_encoder(chunk) for chunk in everyone[mine].chunk(splits)])
+        shuffled = dist.gather(keys)  # row j is the key of image permutation[j]
+        unshuffled = torch.empty_like(shuffled)
+        unshuffled[permutation] = shuffled
+        return unshuffled.view(world, -1, unshuffled.shape[1])[dist.rank()]
+
+    def forward(self, query_images, key_images, key_momentum, splits, generator=None):
+        """q of the query views (with gradient) and k of the key views (without), both [n, d]."""
+        q = self.query_encoder(query_images)
+        self.momentum_update(key_momentum)
+        k = self.encode_keys(key_images, splits, generator)
+        return q, k.to(q.dtype)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Replace the oldest len(keys) queue entries by `keys` (every process's keys, gathered)."""
+        ptr = int(self.queue_ptr)
+        self.queue[ptr:ptr + len(keys)] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + len(keys)) % len(self.queue))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def moco_loss(q, k, queue, temperature):
+    """InfoNCE (Eq. 1): -log exp(q.k+/T) / (exp(q.k+/T) + sum_queue exp(q.k/T)), averaged over queries.
+
+    Exactly the paper's logits [l_pos, l_neg] (VISSL's moco_loss): the other keys of the batch
+    are not negatives, so the loss does not depend on how the batch is split over processes.
+    The fused ops.contrastive_loss supplies the log-sum-exp over the queue (the N x K part): with
+    every target at column 0 its per-row value is lse_j(q.queue_j/T) - q.queue_0/T.
+    """
+    queue = queue.to(q.dtype)
+    first = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    negatives_lse = ops.contrastive_loss(q, queue, first, temperature, reduction="none") + q @ queue[0] / temperature
+    positive = (q * k).sum(dim=1) / temperature
+    return (torch.logaddexp(positive, negatives_lse) - positive).mean()
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    global_batch = args.batch_size * runtime.world_size
+    splits = args.shuffle_bn_splits or (8 if runtime.world_size == 1 else 1)
+    if args.queue_size < global_batch or args.queue_size % global_batch:
+        raise ValueError(f"--queue-size {args.queue_size} must be a multiple of the global batch {global_batch} "
+                         f"({runtime.world_size} process(es) x --batch-size {args.batch_size}).")
+    if args.batch_size % splits:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {splits} Shuffling-BN splits "
+                         f"(--shuffle-bn-splits).")
+    if not 0 <= args.key_momentum < 1:
+        raise ValueError(f"--key-momentum must be in [0, 1), got {args.key_momentum}.")
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, TwoViews(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+
+    model = MoCo(args).to(device)  # no SyncBN: Shuffling BN is what MoCo uses instead
+    core = model
+    if runtime.distributed:
+        # the queue is identical on every process by construction: no need to broadcast 32 MB of buffers each step
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    # the official recipe decays every parameter (biases and BN too)
+    optimizer = torch.optim.SGD([p for p in core.parameters() if p.requires_grad], lr=0.0, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "moco")
+        checkpoint.load_model(core, state["model"], last)  # includes key_encoder.*, queue, queue_ptr
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "moco", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "queue_ptr": int(core.queue_ptr),  # the queue itself and the key encoder are in `model`
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"moco{' v1' if args.v1 else ' v2'}: {len(views)} images, {runtime.world_size} process(es) x batch "
+                f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
+                f"queue {args.queue_size}, Shuffling BN {runtime.world_size} x {splits} chunk(s), {precision}, "
+                f"ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for (query_images, key_images), _, _, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
+            optim.set_lr(optimizer, lr)
+            query_images = query_images.to(device, non_blocking=True)
+            key_images = key_images.to(device, non_blocking=True)
+            with dist.autocast(device, precision):
+                # the shuffle depends on (seed, step) only, so a resumed run draws the same one
+                shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                q, k = model(query_images, key_images, args.key_momentum, splits, shuffle)
+            loss = moco_loss(q, k, core.queue.clone(), args.temperature)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            core.enqueue(dist.gather(k))
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = resolve_version_defaults(cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0]))
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

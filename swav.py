@@ -1,0 +1,337 @@
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments.
+
+Caron, Misra, Mairal, Goyal, Bojanowski, Joulin, NeurIPS 2020 (https://arxiv.org/abs/2006.09882).
+
+Every crop of an image is embedded (ResNet + MLP head, L2-normalised) and scored against K
+learnable prototypes. The codes of the large crops are equal-partition soft assignments of
+the global batch to the prototypes, computed by Sinkhorn-Knopp (Eq. 3); every other crop
+predicts them ("swapped prediction", Eq. 1-2). Multi-crop: 2 large + V small crops, crops of
+one size share a forward pass. Defaults follow VISSL's swav_loss / swav_8node_resnet:
+ResNet-50, head 2048-2048-128, 3000 prototypes (re-normalised every step, frozen for the first
+epoch), T=0.1, epsilon=0.05, 3 Sinkhorn iterations, crops_for_assign [0, 1], crops 2x224
+(scale 0.14-1) + 6x96 (0.05-0.14), LARS (every parameter, as the swav repo's LARC), wd 1e-6,
+global batch 4096 with a linear warmup 0.6 -> 4.8 over 10 epochs then cosine to 0.0048, all
+three quoted per 256 images (0.0375, 0.3, 0.0003) and scaled linearly, SyncBN on GPUs.
+`--preset small-batch` is the swav repository's 256-image recipe (lr 0.6 -> 0.0006, no warmup,
+a queue of 3840 embeddings from epoch 15, 200 epochs). Sinkhorn runs in fp32 over the global
+batch (plus the queue) with ops.sinkhorn, which all-reduces its sums: no scores are gathered.
+
+    torchrun --nproc_per_node=8 --nnodes=8 ... swav.py --data /datasets/imagenet/train
+    torchrun --nproc_per_node=8 swav.py --preset small-batch --data /datasets/imagenet/train
+    python swav.py --preset cifar --data cifar10 --epochs 800
+    python swav.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 100
+    batch_size: int = 64  # per process: VISSL uses 64 x 64 GPUs = 4096
+    lr: float = 0.3  # peak, for a global batch of 256, scaled linearly (4096 -> 4.8)
+    start_lr: float = 0.0375  # warmup start per 256 images (4096 -> 0.6)
+    final_lr: float = 0.0003  # cosine end per 256 images (4096 -> 0.0048)
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    n_prototypes: int = 3000
+    crops_for_assign: tuple[int, ...] = (0, 1)
+    freeze_prototypes_epochs: float = 1.0
+    queue_length: int = 0  # embeddings kept per assigned crop over all processes (0: no queue)
+    epoch_queue_starts: int = 15
+    hidden_dim: int = 2048
+    embedding_dim: int = 128
+    crops: str = field(default="2x224,6x96", metadata={"help": "crops as NxSIZE groups: large crops first"})
+    crop_scale: tuple[float, ...] = (0.14, 1.0)
+    small_crop_scale: tuple[float, ...] = (0.05, 0.14)  # for crop groups after the first
+    jitter_strength: float = 1.0  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s) ...
+    jitter_p: float = 0.8  # ... applied with probability 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    sync_bn: bool = True
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/swav"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "small-batch": dict(_doc="the swav repository's 256-image recipe: 8 x 32, lr 0.6 -> 0.0006 without warmup, "
+                             "queue 3840 from epoch 15, 200 epochs",
+                        batch_size=32, lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=0.0, queue_length=3840,
+                        epoch_queue_starts=15, epochs=200, output_dir="runs/swav-small-batch"),
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, crops 2x32 (0.14-1) + 4x16 (0.05-0.4: 16 px of a 32-px image "
+                       "needs larger small crops), no blur, jitter 0.5, batch 256, lr 0.6 -> 0.0006, queue 3840 from "
+                       "epoch 30, head 512-512-128",
+                  arch="resnet18", cifar_stem=True, crops="2x32,4x16", small_crop_scale=(0.05, 0.4), batch_size=256,
+                  lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=10.0, queue_length=3840, epoch_queue_starts=30,
+                  hidden_dim=512, jitter_strength=0.5, blur_p=0.0, epochs=800, workers=4, output_dir="runs/swav-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def parse_crops(spec):
+    """'2x224,6x96' -> [(2, 224), (6, 96)]."""
+    try:
+        groups = [tuple(int(n) for n in part.split("x")) for part in spec.split(",")]
+        assert groups and all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in groups)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--crops must look like 2x224 or 2x224,6x96, got {spec!r}.") from None
+    return groups
+
+
+def view_transform(size, scale, args):
+    """One SwAV crop (swav repo's MultiCropDataset): crop, flip, colour distortion, blur."""
+    s = args.jitter_strength
+    steps = [
+        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
+        T.RandomGrayscale(p=args.grayscale_p),
+    ]
+    if args.blur_p > 0:  # PILRandomGaussianBlur: sigma in [0.1, 2.0]
+        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
+    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    return T.Compose(steps)
+
+
+class MultiCrop:
+    """Image -> list of crops: the first group at `crop_scale`, later ones at `small_crop_scale`."""
+
+    def __init__(self, args):
+        self.transforms = []
+        for group, (count, size) in enumerate(parse_crops(args.crops)):
+            scale = args.crop_scale if group == 0 else args.small_crop_scale
+            self.transforms += [view_transform(size, scale, args)] * count
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+# ----------------------------------------------------------------------------- model
+
+class SwAV(nn.Module):
+    """ResNet trunk + MLP head (2048-2048-128, BN) + prototypes C (a bias-free linear layer)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = models.mlp([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim])
+        self.prototypes = nn.Linear(args.embedding_dim, args.n_prototypes, bias=False)
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """Keep every prototype on the unit sphere (done before every step, Sec. 4 / swav repo)."""
+        self.prototypes.weight.copy_(nn.functional.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, crops):
+        """crops: list of [n, 3, H, W]; same-size crops share one forward pass. Returns z [V*n, d], scores [V*n, K]."""
+        embeddings, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            embeddings.append(self.head(self.trunk(torch.cat(crops[start:end]))))
+            start = end
+        z = torch.cat(embeddings)
+        z = nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
+        with torch.autocast(z.device.type, enabled=False):  # scores in fp32: Sinkhorn divides them by epsilon
+            scores = self.prototypes(z)
+        return z, scores
+
+
+# ----------------------------------------------------------------------------- loss
+
+def swav_loss(scores, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_iters, queue_scores=None):
+    """Swapped prediction (Eq. 1-2), averaged over the assigned crops and their n_crops - 1 predictors.
+
+    scores: [n_crops * n, K], crop-major (row c*n + i is crop c of image i). Codes q come from
+    Sinkhorn on the crop's detached scores, preceded by the queue's scores when given
+    (queue_scores[j] for crops_for_assign[j]); only the batch's rows are kept. ops.sinkhorn
+    normalises over every process's rows, so codes are those of the global batch.
+    """
+    n = len(scores) // n_crops
+    log_p = nn.functional.log_softmax(scores / temperature, dim=1)
+    loss = 0.0
+    for j, crop in enumerate(crops_for_assign):
+        with torch.no_grad():
+            crop_scores = scores[crop * n:(crop + 1) * n].detach()
+            if queue_scores is not None:
+                crop_scores = torch.cat([queue_scores[j], crop_scores])
+            q = ops.sinkhorn(crop_scores, epsilon, sinkhorn_iters)[-n:]
+        others = [v for v in range(n_crops) if v != crop]
+        loss = loss + sum(-(q * log_p[v * n:(v + 1) * n]).sum(dim=1).mean() for v in others) / len(others)
+    return loss / len(crops_for_assign)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    n_crops = sum(count for count, _ in parse_crops(args.crops))
+    if n_crops < 2:
+        raise ValueError(f"SwAV needs at least two crops per image, --crops {args.crops} gives {n_crops}.")
+    if not args.crops_for_assign or any(not 0 <= c < n_crops for c in args.crops_for_assign):
+        raise ValueError(f"--crops-for-assign {list(args.crops_for_assign)} must name crops in [0, {n_crops}).")
+    global_batch = args.batch_size * runtime.world_size
+    # as the swav repository: the queue holds whole global batches, split evenly over the processes
+    queue_length = args.queue_length - args.queue_length % global_batch
+    if args.queue_length and not queue_length:
+        raise ValueError(f"--queue-length {args.queue_length} is shorter than the global batch {global_batch}; "
+                         f"use a multiple of it, or 0 for no queue.")
+    local_queue_length = queue_length // runtime.world_size
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+
+    model = SwAV(args).to(device)
+    if runtime.distributed and args.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, exclude_bias_and_norm=False), lr=0.0,
+                           momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    start_lr = optim.scaled_lr(args.start_lr, global_batch)
+    final_lr = optim.scaled_lr(args.final_lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
+    # queue[j]: this process's last local_queue_length embeddings of crops_for_assign[j], newest first
+    queue, queue_rows = None, 0
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "swav")
+        checkpoint.load_model(core, state["model"], last)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if state["queue"] is not None:
+            if state["queue"].shape[1] != queue_length:
+                raise ValueError(f"{last} holds a queue of {state['queue'].shape[1]} embeddings, this run asks for "
+                                 f"{queue_length}; resume with the same --queue-length and global batch.")
+            local = state["queue"].view(len(args.crops_for_assign), runtime.world_size, local_queue_length, -1)
+            queue, queue_rows = local[:, runtime.rank].to(device).contiguous(), state["queue_rows"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        # every process's queue, process-major along dim 1, so a run resumes with each its own
+        everyone = None if queue is None else dist.gather(queue.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "swav", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "queue": everyone,
+                "queue_rows": queue_rows, "prototypes": core.prototypes.weight.detach().cpu().clone(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"swav: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, crops "
+                f"{args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
+                f"{peak_lr:.4g} -> {final_lr:.4g}, queue {queue_length} from epoch {args.epoch_queue_starts}, "
+                f"{precision}, ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if queue_length and epoch >= args.epoch_queue_starts and queue is None:
+            queue = torch.zeros(len(args.crops_for_assign), local_queue_length, args.embedding_dim, device=device)
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for crops, _, _, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+            optim.set_lr(optimizer, lr)
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            core.normalize_prototypes()
+            with dist.autocast(device, precision):
+                z, scores = model(crops)
+            n = args.batch_size
+            queue_scores = None
+            if queue is not None and queue_rows >= local_queue_length:  # used once full, as the swav repo
+                with torch.no_grad():
+                    queue_scores = queue @ core.prototypes.weight.t()
+            loss = swav_loss(scores, n_crops, args.crops_for_assign, args.temperature, args.epsilon,
+                             args.sinkhorn_iters, queue_scores)
+            if queue is not None:  # newest first: shift by one batch, insert this batch's embeddings
+                queue = torch.cat([torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_assign]),
+                                   queue[:, :-n]], dim=1)
+                queue_rows += n
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if step < freeze_steps:  # the prototypes stay fixed while the codes are still random
+                core.prototypes.weight.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)
