@@ -301,10 +301,15 @@ def train(args, runtime):
     return step
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """cli.parse_args, with `--npid++` as a short form of `--preset npid++`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [a for arg in argv for a in (["--preset", "npid++"] if arg == "--npid++" else [arg])]
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    return cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     runtime = dist.setup(args.device)
     try:
