@@ -6,7 +6,7 @@ import torch
 
 import npid
 from common import data, optim
-from tests.conftest import metrics, run_script
+from tests.conftest import metrics, run_script, run_torchrun
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--image-size", "32",
          "--batch-size", "16", "--num-negatives", "64", "--workers", "0", "--epochs", "2", "--print-every", "1"]
@@ -151,3 +151,18 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
     run_script("npid.py", *SMALL, "--output-dir", tmp_path / "r", "--max-steps", "1")
     proc = run_script("npid.py", *SMALL, "--data-fraction", "0.05", "--output-dir", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "memory bank" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_two_ranks_keep_identical_memory_banks(tmp_path):
+    """torchrun --nproc_per_node=2: every rank applies every rank's updates, and shares one Z."""
+    run_torchrun(2, "tests/dist_npid_worker.py", tmp_path, "npid", "--data", "cifar10-mini", "--data-fraction",
+                 "0.03", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--num-negatives", "64",
+                 "--workers", "0", "--max-steps", "2")
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["world_size"] == 2
+    assert torch.equal(rank0["initial"], rank1["initial"])
+    assert torch.equal(rank0["bank"], rank1["bank"])
+    assert float(rank0["z"]) > 0 and float(rank0["z"]) == float(rank1["z"])
+    changed = (rank0["bank"] != rank0["initial"]).any(dim=1)
+    assert int(changed.sum()) == 2 * 2 * 8  # 2 steps x 2 ranks x 8 distinct images, all gathered
+    torch.testing.assert_close(rank0["bank"].norm(dim=1), torch.ones(len(changed)))
