@@ -3,6 +3,7 @@ import math
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -139,8 +140,6 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
     cases = [
         (["--data", "/no/such/dir"], "does not exist"),
         (["--patch-size", "20"], "--patch-size"),
-        (["--jigsaw-weight", "1.5"], "--jigsaw-weight"),
-        (["--num-negatives", "0"], "--num-negatives"),
         (["--batch-size", "100000"], "larger than this process's share"),
     ]
     for extra, message in cases:
@@ -148,3 +147,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    for extra, message in ((["--jigsaw-weight", "1.5"], "--jigsaw-weight"), (["--num-negatives", "0"], "--num-negatives"),
+                           (["--memory-momentum", "1"], "--memory-momentum")):
+        with pytest.raises(ValueError, match=message):
+            pirl.check_args(parse(*extra))
