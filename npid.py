@@ -173,15 +173,6 @@ def info_nce_loss(embeddings, positives, noise, temperature):
     return ops.contrastive_loss(embeddings, keys.to(embeddings.dtype), target, temperature)
 
 
-def memory_loss(args, embeddings, indices, memory, step, rank, n_data):
-    """The loss of one step against the memory bank (before this step's update)."""
-    noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, rank, memory.bank.device)]
-    positives = memory.bank[indices]
-    if args.loss_type == "cross_entropy":
-        return info_nce_loss(embeddings, positives, noise, args.temperature)
-    return nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
-
-
 # ----------------------------------------------------------------------------- training
 
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, final_lr, args):
@@ -270,12 +261,17 @@ def train(args, runtime):
             indices = indices.to(device, non_blocking=True)
             with dist.autocast(device, precision):
                 embeddings = model(images)
+            # memory entries as they were before this step: the positives m_i and m noise samples
+            positives = memory.bank[indices]
+            noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
             if not z_estimated:  # once, from the first batch of the run (not after a resume)
-                noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
                 memory.z.fill_(estimate_z(embeddings.detach(), noise, args.temperature, n_data))
                 z_estimated = True
                 logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
-            loss = memory_loss(args, embeddings, indices, memory, step, runtime.rank, n_data)
+            if args.loss_type == "cross_entropy":
+                loss = info_nce_loss(embeddings, positives, noise, args.temperature)
+            else:
+                loss = nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
             if not torch.isfinite(loss):
                 raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
                                  f"fp32 and resume from the last checkpoint in {args.output_dir}.")
