@@ -1,0 +1,318 @@
+"""NPID: Unsupervised Feature Learning via Non-Parametric Instance Discrimination.
+
+Wu, Xiong, Yu, Lin, CVPR 2018 (https://arxiv.org/abs/1805.01978); NPID++ from Misra &
+van der Maaten, CVPR 2020 (https://arxiv.org/abs/1912.01991).
+
+Every training image is its own class. A memory bank keeps one L2-normalised 128-d
+embedding per image (momentum 0.5 updates, random unit init); the network learns to
+recognise image i's memory entry among m noise entries drawn uniformly from the bank,
+with the binary NCE objective of Eq. 3-4 and a normalisation constant Z estimated once
+from the first batch (Sec. 3.2); `--loss-type cross_entropy` is InfoNCE over the same
+entries. Defaults follow VISSL's npid_8gpu_resnet (ResNet-50, linear head 2048-128,
+T 0.07, 4096 negatives, SGD 0.03 x batch/256, wd 1e-4, 200 epochs, lr / 10 at 120, 160);
+`--npid++` is npid++_4nodes_resnet (32000 negatives, 800 epochs, cosine).
+
+    torchrun --nproc_per_node=8 npid.py --data /datasets/imagenet/train
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 npid.py --npid++ --data /datasets/imagenet/train
+    python npid.py --preset cifar --data cifar10
+    python npid.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 200
+    batch_size: int = 32  # per process: VISSL uses 32 x 8 GPUs = 256
+    lr: float = 0.03  # for a global batch of 256, scaled linearly
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_milestones: tuple[float, ...] = (120, 160)  # epochs at which the step schedule divides the lr by 10
+    final_lr: float = 0.0  # end of the cosine schedule, also per 256 images
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})
+    temperature: float = 0.07
+    embedding_dim: int = 128
+    num_negatives: int = 4096  # noise samples m per step, drawn uniformly from the memory bank
+    memory_momentum: float = 0.5
+    image_size: int = 224
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.4)  # brightness, contrast, saturation, hue
+    grayscale_p: float = 0.0
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/npid"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "npid++": dict(_doc="NPID++ (PIRL paper, VISSL npid++_4nodes_resnet): 32000 negatives, 800 epochs, cosine "
+                        "from 0.03 x batch/256 to 1/1000 of it; run it on 32 GPUs (batch 32 each)",
+                   num_negatives=32000, epochs=800, lr_schedule="cosine", final_lr=3e-5, output_dir="runs/npid++"),
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, batch 128, lr 0.03 at 128, T 0.1, grayscale 0.2 "
+                       "(the NPID authors' CIFAR recipe, lemniscate.pytorch)",
+                  arch="resnet18", cifar_stem=True, image_size=32, crop_scale=(0.2, 1.0), grayscale_p=0.2,
+                  batch_size=128, lr=0.06, temperature=0.1, workers=4, output_dir="runs/npid-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def view_transform(args):
+    """VISSL's NPID view: random resized crop, flip, colour jitter (+ grayscale in the CIFAR recipe)."""
+    steps = [
+        T.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale)),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(*args.jitter),
+    ]
+    if args.grayscale_p > 0:
+        steps.append(T.RandomGrayscale(p=args.grayscale_p))
+    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    return T.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- model
+
+class NPID(nn.Module):
+    """ResNet trunk + linear projection to 128-d, L2-normalised (paper Sec. 3.1, Fig. 2)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = nn.Linear(self.trunk.feature_dim, args.embedding_dim)
+
+    def forward(self, images):
+        v = self.head(self.trunk(images))
+        return nn.functional.normalize(v if v.dtype == torch.float64 else v.float(), dim=1)
+
+
+class MemoryBank(nn.Module):
+    """One embedding per training image (paper Sec. 3.1), plus the NCE normalisation constant Z.
+
+    Initialised with uniform noise projected to the unit sphere (VISSL's norm_init), from
+    `seed` alone, so every rank starts from the same bank; `update` gathers every rank's
+    embeddings so the banks stay identical. Not part of the DDP model: DDP would broadcast
+    this large buffer from rank 0 at every forward pass.
+    """
+
+    def __init__(self, size, dim, momentum, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        std = 1.0 / math.sqrt(dim / 3)
+        bank = (torch.rand(size, dim, generator=generator) * 2 - 1) * std
+        self.register_buffer("bank", nn.functional.normalize(bank, dim=1))
+        self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))  # < 0: not estimated yet
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, embeddings, indices):
+        """m_i <- normalise(momentum * m_i + (1 - momentum) * v_i) for every rank's batch."""
+        embeddings, indices = dist.gather(embeddings.detach().to(self.bank.dtype)), dist.gather(indices)
+        mixed = self.bank[indices] * self.momentum + embeddings * (1 - self.momentum)
+        self.bank.index_copy_(0, indices, nn.functional.normalize(mixed, dim=1))
+
+
+def noise_indices(n_data, count, seed, step, rank, device):
+    """m noise samples from Pn = 1/n, seeded by (seed, step, rank): exact resume needs no RNG state."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729 + 1) % (2**63 - 1))
+    return torch.randint(n_data, (count,), generator=generator).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- loss
+
+@torch.no_grad()
+def estimate_z(embeddings, noise, temperature, n_data):
+    """Z ~= n * E_j[exp(v . m_j / T)] over the noise samples of the first batch (Sec. 3.2), all ranks averaged."""
+    mean_exp = torch.exp(embeddings.double() @ noise.double().t() / temperature).mean()
+    return n_data * dist.all_reduce_mean(mean_exp)
+
+
+def nce_loss(embeddings, positives, noise, z, temperature, n_data):
+    """The binary NCE loss of Eq. 3-4 (VISSL's NCECriterion), in log space.
+
+    embeddings v [B, D] and memory entries (positives m_i [B, D], noise [m, D]) are
+    normalised. P(i|v) = exp(v . m_i / T) / Z (Eq. 2); the posterior that a sample came
+    from the data rather than the noise distribution Pn = 1/n is h = P / (P + m Pn)
+    (Eq. 3); the loss is -mean over the batch of [log h(i, v_i) + sum_noise log(1 - h(j, v_i))]
+    (Eq. 4). The m noise entries are shared by the batch (an unbiased estimate, like
+    VISSL's per-image draws, at the cost of one matmul instead of B x m gathers).
+    """
+    log_noise = math.log(len(noise) / n_data)  # log(m Pn)
+    log_z = torch.log(torch.as_tensor(z, dtype=embeddings.dtype, device=embeddings.device))
+    log_p_pos = (embeddings * positives).sum(1) / temperature - log_z
+    log_p_noise = embeddings @ noise.t() / temperature - log_z
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
+    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise))
+    return -(log_h_pos + log_not_h_noise.sum(1)).mean()
+
+
+def info_nce_loss(embeddings, positives, noise, temperature):
+    """`--loss-type cross_entropy` (VISSL's InfoNCE variant): softmax over [m_i; other images' m; noise]."""
+    keys = torch.cat([positives, noise])
+    target = torch.arange(len(embeddings), device=embeddings.device)
+    return ops.contrastive_loss(embeddings, keys.to(embeddings.dtype), target, temperature)
+
+
+# ----------------------------------------------------------------------------- training
+
+def learning_rate(step, steps_per_epoch, total_steps, peak_lr, final_lr, args):
+    """Linear warmup, then VISSL's multistep (/10 at each milestone epoch) or cosine to final_lr."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if args.lr_schedule == "cosine" or step < warmup_steps:
+        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
+    return peak_lr * 0.1 ** sum(step >= round(m * steps_per_epoch) for m in args.lr_milestones)
+
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    if args.num_negatives < 1:
+        raise ValueError(f"--num-negatives must be at least 1, got {args.num_negatives}.")
+    if not 0 <= args.memory_momentum < 1:
+        raise ValueError(f"--memory-momentum must be in [0, 1), got {args.memory_momentum}.")
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, view_transform(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    n_data = len(views)
+
+    model = NPID(args).to(device)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
+    optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr, final_lr = optim.scaled_lr(args.lr, global_batch), optim.scaled_lr(args.final_lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "npid")
+        checkpoint.load_model(core, state["model"], last)
+        if state["memory"]["bank"].shape != memory.bank.shape:
+            raise ValueError(f"{last} has a memory bank of {tuple(state['memory']['bank'].shape)} entries, this data "
+                             f"needs {tuple(memory.bank.shape)} (different --data or --data-fraction?).")
+        memory.load_state_dict(state["memory"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+    z_estimated = args.loss_type == "cross_entropy" or float(memory.z) > 0
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "npid", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "memory": memory.state_dict(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"npid: {n_data} images in the memory bank, {runtime.world_size} process(es) x batch "
+                f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
+                f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
+                f"ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for images, _, indices, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, final_lr, args)
+            optim.set_lr(optimizer, lr)
+            images = images.to(device, non_blocking=True)
+            indices = indices.to(device, non_blocking=True)
+            with dist.autocast(device, precision):
+                embeddings = model(images)
+            # memory entries as they were before this step: the positives m_i and m noise samples
+            positives = memory.bank[indices]
+            noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
+            if not z_estimated:  # once, from the first batch of the run (not after a resume)
+                memory.z.fill_(estimate_z(embeddings.detach(), noise, args.temperature, n_data))
+                z_estimated = True
+                logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
+            if args.loss_type == "cross_entropy":
+                loss = info_nce_loss(embeddings, positives, noise, args.temperature)
+            else:
+                loss = nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            memory.update(embeddings, indices)
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def parse_args(argv=None):
+    """cli.parse_args, with `--npid++` as a short form of `--preset npid++`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [a for arg in argv for a in (["--preset", "npid++"] if arg == "--npid++" else [arg])]
+    return cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,385 @@
+"""PIRL: Self-Supervised Learning of Pretext-Invariant Representations.
+
+Misra, van der Maaten, CVPR 2020 (https://arxiv.org/abs/1912.01991).
+
+An image I and its jigsaw transform I^t (9 patches cut from a 3x3 grid of another crop,
+shuffled) should have the same representation. The image branch f(v_I) is the trunk's
+pooled feature projected to 128-d; the jigsaw branch g(v_I^t) passes each patch through
+the same trunk, projects it to 128-d, and projects the 9 concatenated patch codes to
+128-d. A memory bank holds an exponential moving average (momentum 0.5) of f(v_I) for
+every image; the loss (Eq. 5) is the convex combination, lambda = 0.5, of the NCE losses
+of g(v_I^t) and of f(v_I) against the memory entry m_I and 32000 noise entries (NPID's
+NCE, temperature 0.07, Z estimated once). Defaults follow VISSL's
+pirl_jigsaw_4node_resnet50 (ResNet-50, batch 32 x 32 GPUs, SGD 0.03 x batch/256,
+wd 1e-4, 800 epochs, cosine to 1/1000); `--gblur` is its photo_gblur transforms and
+`--mlp-head` its resnet50_mlphead heads (which VISSL pairs with --loss-type
+cross_entropy --temperature 0.1).
+
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 pirl.py --data /datasets/imagenet/train
+    torchrun --nproc_per_node=8 pirl.py --data /datasets/imagenet/train --mlp-head --loss-type cross_entropy --temperature 0.1
+    python pirl.py --preset cifar --data cifar10
+    python pirl.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+from PIL import ImageFilter, ImageOps, ImageEnhance
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+GRID = 3  # 3 x 3 jigsaw patches
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 800
+    batch_size: int = 32  # per process: VISSL uses 32 x 32 GPUs = 1024
+    lr: float = 0.03  # for a global batch of 256, scaled linearly (1024 -> 0.12)
+    final_lr: float = 3e-5  # end of the cosine schedule, per 256 images (0.00012 at 1024)
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})
+    temperature: float = 0.07
+    jigsaw_weight: float = 0.5  # lambda of Eq. 5: weight of the patches-to-memory term
+    embedding_dim: int = 128
+    mlp_head: bool = False  # VISSL's resnet50_mlphead: 2048-2048-128 heads with ReLU
+    num_negatives: int = 32000
+    memory_momentum: float = 0.5
+    image_size: int = 224
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    patch_crop_size: int = 255  # the jigsaw crop, cut into a 3 x 3 grid of cells ...
+    patch_crop_scale: tuple[float, ...] = (0.6, 1.0)
+    patch_size: int = 64  # ... each patch a random patch_size square inside its cell (85 px)
+    gblur: bool = False  # VISSL's photo_gblur: SimCLR colour distortion + Gaussian blur instead of photometric
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/pirl"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px images, 14 px patches jittered in the 16 px cells of a 48 px "
+                       "jigsaw crop, batch 128, 4096 negatives, 400 epochs",
+                  arch="resnet18", cifar_stem=True, image_size=32, patch_crop_size=48, patch_size=14,
+                  batch_size=128, num_negatives=4096, epochs=400, workers=4, output_dir="runs/pirl-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+class RandomPhotometric:
+    """VISSL's ImgPilRandomPhotometric (p = 0.66): posterize, sharpness, solarize, autocontrast, all or none."""
+
+    def __init__(self, p=0.66):
+        self.p = p
+
+    def __call__(self, image):
+        if random.random() >= self.p:
+            return image
+        image = ImageOps.posterize(image, random.randint(4, 8))
+        image = ImageEnhance.Sharpness(image).enhance(random.uniform(0.1, 1.9))
+        image = ImageOps.solarize(image, random.randint(0, 256))
+        return ImageOps.autocontrast(image)
+
+
+class RandomGaussianBlur:
+    """VISSL's ImgPilGaussianBlur: PIL blur with a radius in [0.1, 2.0], with probability p."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image):
+        if random.random() >= self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def photometric_transform(args):
+    """Applied to the image and to every patch independently (VISSL's pirl transforms)."""
+    if args.gblur:  # photo_gblur.yaml
+        steps = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+                 T.RandomGrayscale(p=0.2), RandomGaussianBlur(p=0.5)]
+    else:  # pirl_jigsaw_4node_resnet50.yaml
+        steps = [T.ColorJitter(0.4, 0.4, 0.4, 0.2), RandomPhotometric(0.66), T.RandomGrayscale(p=0.2),
+                 T.RandomHorizontalFlip()]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+def jigsaw_patches(image, patch_size):
+    """The 9 patches of I^t (paper Sec. 3.3): a random patch_size square inside each cell of a
+    3 x 3 grid over `image`, in a random order (VISSL's permute_patches)."""
+    cell = image.width // GRID
+    patches = []
+    for row in range(GRID):
+        for col in range(GRID):
+            left = col * cell + random.randint(0, cell - patch_size)
+            top = row * cell + random.randint(0, cell - patch_size)
+            patches.append(image.crop((left, top, left + patch_size, top + patch_size)))
+    random.shuffle(patches)
+    return patches
+
+
+class ImageAndPatches:
+    """Image -> [image view [3, S, S], patches [9, 3, P, P]] (VISSL's ImgPilToPatchesAndImage)."""
+
+    def __init__(self, args):
+        self.crop_image = T.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale))
+        self.crop_patches = T.RandomResizedCrop(args.patch_crop_size, scale=tuple(args.patch_crop_scale))
+        self.patch_size = args.patch_size
+        self.photometric = photometric_transform(args)
+
+    def __call__(self, image):
+        view = self.photometric(self.crop_image(image))
+        patches = jigsaw_patches(self.crop_patches(image), self.patch_size)
+        return [view, torch.stack([self.photometric(p) for p in patches])]
+
+
+# ----------------------------------------------------------------------------- model
+
+def projection(d_in, args):
+    """Linear to 128-d, or VISSL's MLP head variant d_in-2048-128 with ReLU, no BN."""
+    if args.mlp_head:
+        return models.mlp([d_in, 2048, args.embedding_dim], batch_norm=False)
+    return nn.Linear(d_in, args.embedding_dim)
+
+
+class PIRL(nn.Module):
+    """Shared trunk phi; f = image head; g = per-patch head, concatenation, joint projection (Sec. 3.3)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.image_head = projection(self.trunk.feature_dim, args)
+        self.patch_head = projection(self.trunk.feature_dim, args)
+        self.jigsaw_head = nn.Linear(GRID * GRID * args.embedding_dim, args.embedding_dim)
+
+    def forward(self, images, patches):
+        """images [B, 3, S, S], patches [B, 9, 3, P, P] -> normalised f(v_I), g(v_I^t), each [B, 128]."""
+        f = self.image_head(self.trunk(images))
+        patch_codes = self.patch_head(self.trunk(patches.flatten(0, 1)))
+        g = self.jigsaw_head(patch_codes.reshape(len(images), -1))
+        return [nn.functional.normalize(x if x.dtype == torch.float64 else x.float(), dim=1) for x in (f, g)]
+
+
+class MemoryBank(nn.Module):
+    """m_I for every training image (Sec. 3.2) and the NCE normalisation constant Z.
+
+    Uniform noise on the unit sphere from `seed` alone (identical on every rank); `update`
+    gathers every rank's f(v_I) so the banks stay identical. Kept out of the DDP model so
+    DDP does not broadcast it at every forward pass.
+    """
+
+    def __init__(self, size, dim, momentum, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        std = 1.0 / math.sqrt(dim / 3)
+        bank = (torch.rand(size, dim, generator=generator) * 2 - 1) * std
+        self.register_buffer("bank", nn.functional.normalize(bank, dim=1))
+        self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))  # < 0: not estimated yet
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, embeddings, indices):
+        """m_I <- normalise(momentum * m_I + (1 - momentum) * f(v_I)) for every rank's batch."""
+        embeddings, indices = dist.gather(embeddings.detach().to(self.bank.dtype)), dist.gather(indices)
+        mixed = self.bank[indices] * self.momentum + embeddings * (1 - self.momentum)
+        self.bank.index_copy_(0, indices, nn.functional.normalize(mixed, dim=1))
+
+
+def noise_indices(n_data, count, seed, step, rank, device):
+    """Noise samples from Pn = 1/n, seeded by (seed, step, rank): exact resume needs no RNG state."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729 + 1) % (2**63 - 1))
+    return torch.randint(n_data, (count,), generator=generator).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- loss
+
+@torch.no_grad()
+def estimate_z(embeddings, noise, temperature, n_data):
+    """Z ~= n * E_j[exp(v . m_j / T)] over the first batch's noise samples (NPID Sec. 3.2), all ranks averaged."""
+    mean_exp = torch.exp(embeddings.double() @ noise.double().t() / temperature).mean()
+    return n_data * dist.all_reduce_mean(mean_exp)
+
+
+def nce_loss(embeddings, positives, noise, z, temperature, n_data):
+    """NPID's binary NCE (Eq. 2-4 of Wu et al.; PIRL Eq. 3-4), in log space.
+
+    P = exp(v . m / T) / Z, h = P / (P + m Pn) with Pn = 1/n; loss = -mean over the batch of
+    [log h(m_I, v) + sum over the shared noise entries of log(1 - h(m_j, v))].
+    """
+    log_noise = math.log(len(noise) / n_data)
+    log_z = torch.log(torch.as_tensor(z, dtype=embeddings.dtype, device=embeddings.device))
+    log_p_pos = (embeddings * positives).sum(1) / temperature - log_z
+    log_p_noise = embeddings @ noise.t() / temperature - log_z
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
+    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise))
+    return -(log_h_pos + log_not_h_noise.sum(1)).mean()
+
+
+def info_nce_loss(embeddings, positives, noise, temperature):
+    """`--loss-type cross_entropy`: softmax over [m_I; the batch's other memory entries; noise]."""
+    keys = torch.cat([positives, noise])
+    target = torch.arange(len(embeddings), device=embeddings.device)
+    return ops.contrastive_loss(embeddings, keys.to(embeddings.dtype), target, temperature)
+
+
+def pirl_loss(image_embeddings, jigsaw_embeddings, positives, noise, z, args, n_data):
+    """Eq. 5: lambda L(m_I, g(v_I^t)) + (1 - lambda) L(m_I, f(v_I)), both against the same memory entries."""
+    def term(embeddings):
+        if args.loss_type == "cross_entropy":
+            return info_nce_loss(embeddings, positives, noise, args.temperature)
+        return nce_loss(embeddings, positives, noise, z, args.temperature, n_data)
+
+    return args.jigsaw_weight * term(jigsaw_embeddings) + (1 - args.jigsaw_weight) * term(image_embeddings)
+
+
+# ----------------------------------------------------------------------------- training
+
+def check_args(args):
+    if args.num_negatives < 1:
+        raise ValueError(f"--num-negatives must be at least 1, got {args.num_negatives}.")
+    if not 0 <= args.memory_momentum < 1:
+        raise ValueError(f"--memory-momentum must be in [0, 1), got {args.memory_momentum}.")
+    if not 0 <= args.jigsaw_weight <= 1:
+        raise ValueError(f"--jigsaw-weight is the convex weight lambda, in [0, 1]; got {args.jigsaw_weight}.")
+    if not 0 < args.patch_size <= args.patch_crop_size // GRID:
+        raise ValueError(f"--patch-size {args.patch_size} must fit in a cell of the 3 x 3 grid over "
+                         f"--patch-crop-size {args.patch_crop_size} ({args.patch_crop_size // GRID} px).")
+
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    check_args(args)
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    views = data.ViewDataset(dataset, ImageAndPatches(args), seed=args.seed)
+    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    n_data = len(views)
+
+    model = PIRL(args).to(device)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
+    optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr, final_lr = optim.scaled_lr(args.lr, global_batch), optim.scaled_lr(args.final_lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "pirl")
+        checkpoint.load_model(core, state["model"], last)
+        if state["memory"]["bank"].shape != memory.bank.shape:
+            raise ValueError(f"{last} has a memory bank of {tuple(state['memory']['bank'].shape)} entries, this data "
+                             f"needs {tuple(memory.bank.shape)} (different --data or --data-fraction?).")
+        memory.load_state_dict(state["memory"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+    z_estimated = args.loss_type == "cross_entropy" or float(memory.z) > 0
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "pirl", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "memory": memory.state_dict(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"pirl: {n_data} images in the memory bank, {runtime.world_size} process(es) x batch "
+                f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
+                f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
+                f"ops backend {ops.backend(device)}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for (images, patches), _, indices, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
+            optim.set_lr(optimizer, lr)
+            images = images.to(device, non_blocking=True)
+            patches = patches.to(device, non_blocking=True)
+            indices = indices.to(device, non_blocking=True)
+            with dist.autocast(device, precision):
+                image_embeddings, jigsaw_embeddings = model(images, patches)
+            noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
+            if not z_estimated:  # once, from the first batch of the run (not after a resume)
+                memory.z.fill_(estimate_z(image_embeddings.detach(), noise, args.temperature, n_data))
+                z_estimated = True
+                logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
+            loss = pirl_loss(image_embeddings, jigsaw_embeddings, memory.bank[indices], noise, memory.z, args, n_data)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            memory.update(image_embeddings, indices)  # the memory tracks f(v_I) only (Sec. 3.2)
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)
