@@ -33,8 +33,8 @@ class Args:
     batch_size: int = 32  # images per process, each seen at 4 rotations: VISSL uses 32 x 8 GPUs
     lr: float = 0.1  # for a global batch of 256 images, scaled linearly
     warmup_epochs: float = 0.0
-    lr_milestones: tuple[int, ...] = field(default=(30, 60, 90, 100), metadata={
-        "help": "epochs at which the lr is multiplied by --lr-decay (none: cosine decay to 0)"})
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
     lr_decay: float = 0.1
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
@@ -126,11 +126,11 @@ def sgd_param_groups(model, weight_decay):
 
 
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
-    """Linear warmup from peak/4 (VISSL's composite schedule), then steps at `lr_milestones` or cosine to 0."""
+    """Linear warmup from peak/4 (VISSL's composite schedule), then x lr_decay at each milestone, or cosine to 0."""
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
         return peak_lr * (0.25 + 0.75 * step / warmup_steps)
-    if not args.lr_milestones:
+    if args.lr_schedule == "cosine":
         return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
     epoch = step // steps_per_epoch
     return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
