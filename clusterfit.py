@@ -160,7 +160,7 @@ class ClusterFitNet(nn.Module):
 
 def pseudo_label_loss(logits, pseudo_labels):
     """Cross-entropy against the cluster assignments (paper Sec. 3, 'we train N_cf ... to predict the clusters')."""
-    return nn.functional.cross_entropy(logits.float(), pseudo_labels)
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), pseudo_labels)
 
 
 def sgd_param_groups(model, weight_decay):

@@ -172,7 +172,7 @@ class JigsawNet(nn.Module):
 
 def permutation_loss(logits, labels):
     """Cross-entropy over the permutation set (the paper's classification of the permutation index)."""
-    return nn.functional.cross_entropy(logits.float(), labels)
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
 
 
 # ----------------------------------------------------------------------------- training

@@ -111,7 +111,7 @@ class RotNet(nn.Module):
 
 def rotation_loss(logits, labels):
     """Eq. 2: the mean over images and rotations of -log F^y(g(X, y)), i.e. cross-entropy."""
-    return nn.functional.cross_entropy(logits.float(), labels)
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
 
 
 # ----------------------------------------------------------------------------- training
