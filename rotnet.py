@@ -76,7 +76,7 @@ def image_transform(args):
     ])
 
 
-def rotate_batch(images, rotations=4):
+def rotate_batch(images, rotations=4, generator=None):
     """[B, 3, H, W] square images -> (rotated images, rotation labels in 0..3 = k x 90 degrees).
 
     rotations=4: all four copies, rotation-major ([B at 0], [B at 90], ...), labels
@@ -88,7 +88,7 @@ def rotate_batch(images, rotations=4):
         rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
         labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
         return rotated, labels
-    labels = torch.randint(4, (len(images),)).to(images.device)  # global RNG: part of the checkpoint
+    labels = torch.randint(4, (len(images),), generator=generator).to(images.device)
     rotated = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(images, labels.tolist())])
     return rotated, labels
 
@@ -202,7 +202,9 @@ def train(args, runtime):
                 break
             lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            rotated, labels = rotate_batch(batch.to(device, non_blocking=True), args.rotations)
+            # rotations drawn from (seed, step, rank) alone: a resumed run draws the same ones
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4_099 + runtime.rank)
+            rotated, labels = rotate_batch(batch.to(device, non_blocking=True), args.rotations, generator)
             with dist.autocast(device, precision):
                 logits = model(rotated)
             loss = rotation_loss(logits, labels)
