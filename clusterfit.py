@@ -1,0 +1,336 @@
+"""ClusterFit: Improving Generalization of Visual Representations.
+
+Yan, Misra, Gupta, Ghadiyaram, Mahajan, CVPR 2020 (https://arxiv.org/abs/1912.03330).
+
+Three stages (Fig. 2 of the paper): 1. `extract`: the pooled res5 features of a given
+pretrained network N_pre (one of our checkpoints, or a foreign torchvision-style state
+dict) over the training images; 2. `cluster`: k-means into K clusters (`ops.kmeans`,
+distributed over the ranks); 3. `train`: a fresh trunk N_cf plus a linear classifier
+learns to predict each image's cluster with cross-entropy. Each stage writes its output
+atomically to --output-dir (features.pth, clusters.pth, checkpoints) and is skipped when
+that output exists, so re-running the same command resumes where it stopped.
+Defaults follow VISSL's cluster_features_resnet_8gpu + clusterfit_resnet_8gpu_imagenet
+(res5 features, 16000 clusters, 50 k-means iterations; ResNet-50, head 2048-16000,
+random-resized crop + colour jitter + flip, SGD 0.1 x batch/256, wd 1e-4 not on BatchNorm,
+a 5-epoch linear ramp from 0.25 down to 0.1 (sic, VISSL's config), 105 epochs with x0.1
+steps at 30/60/90/100, 32 images per GPU). k-means is spherical (L2-normalised features,
+cosine assignment), as DeepCluster-v2 clusters; `--no-spherical` for plain Euclidean.
+
+    torchrun --nproc_per_node=8 clusterfit.py --weights rotnet.pth --data /datasets/imagenet/train
+    python clusterfit.py --preset cifar --weights runs/rotnet-cifar/checkpoint-00078000.pth --data cifar10
+    python clusterfit.py --stage cluster --num-clusters 8000 --output-dir runs/clusterfit ...   # one stage
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, features, models, ops, optim
+from common.log import MetricLogger
+
+STAGES = ("extract", "cluster", "train")
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    stage: str = field(default="all", metadata={"choices": ["all", *STAGES]})
+    # stage 1: features of the pretrained network
+    weights: str = field(default="", metadata={"help": "pretrained checkpoint (ours or a torchvision state dict) "
+                                                       "whose features are clustered; 'random' for a random trunk"})
+    weights_arch: str = field(default="", metadata={"help": "its architecture (default: the checkpoint's, else resnet50)"})
+    weights_cifar_stem: bool = field(default=None, metadata={"help": "its stem (default: the checkpoint's)"})
+    feature_layer: str = field(default="pooled", metadata={"choices": list(models.TAPS)})  # VISSL: res5, avg-pooled
+    extract_size: int = 224  # centre crop of the resized image, as eval_knn/eval_linear see it
+    # stage 2: k-means
+    num_clusters: int = 16000
+    kmeans_iters: int = 50
+    spherical: bool = True
+    # stage 3: a fresh network on the pseudo-labels
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 105
+    batch_size: int = 32  # per process: VISSL uses 32 x 8 GPUs
+    lr: float = 0.1  # for a global batch of 256, scaled linearly
+    warmup_epochs: float = 5.0
+    warmup_start: float = 2.5  # the warmup starts at this x the peak lr (VISSL: 0.25 -> 0.1)
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
+    lr_decay: float = 0.1
+    weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
+    momentum: float = 0.9
+    crop_size: int = 224
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue (VISSL's [0.6, 1.4] ...)
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/clusterfit"
+    max_steps: int = 0  # stop after this many training steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="features at 32 px, 100 clusters (10x over-clustering of CIFAR-10), ResNet-18 with the CIFAR "
+                       "stem, batch 256, warmup 5 epochs from lr/4 then cosine, 100 epochs",
+                  extract_size=32, num_clusters=100, arch="resnet18", cifar_stem=True, crop_size=32,
+                  crop_scale=(0.2, 1.0), batch_size=256, lr=0.1, warmup_start=0.25, lr_schedule="cosine", epochs=100,
+                  workers=4, output_dir="runs/clusterfit-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- stage 1: features
+
+def extract_stage(args, runtime, dataset, path):
+    """Pooled features of the pretrained network for every training image, in dataset order."""
+    if not args.weights:
+        raise ValueError("--weights is required for the extract stage (the pretrained network to cluster; "
+                         "'random' for a random-init trunk).")
+    trunk, info = features.load_trunk(args.weights, args.weights_arch or None, args.weights_cifar_stem)
+    feats, labels = features.extract(trunk, dataset, [args.feature_layer], features.eval_transform(args.extract_size),
+                                     batch_size=256, workers=args.workers, device=runtime.device)
+    result = {"features": feats[args.feature_layer], "labels": labels, "weights": args.weights,
+              "arch": trunk.arch, "layer": args.feature_layer, "extract_size": args.extract_size}
+    if runtime.is_main:
+        checkpoint.save_atomic(result, path)
+    dist.barrier()
+    return result
+
+
+# ----------------------------------------------------------------------------- stage 2: k-means
+
+def cluster_stage(args, runtime, feats, path):
+    """K-means of the features; each rank clusters a contiguous block of rows (ops.kmeans all-reduces)."""
+    if len(feats) < args.num_clusters:
+        raise ValueError(f"--num-clusters {args.num_clusters} is more than the {len(feats)} training images.")
+    device = runtime.device
+    rows = np.array_split(np.arange(len(feats)), runtime.world_size)
+    mine = feats[rows[runtime.rank]].to(device)
+    centroids, assignments = ops.kmeans(mine, args.num_clusters, n_iters=args.kmeans_iters, spherical=args.spherical,
+                                        seed=args.seed)
+    if runtime.world_size > 1:  # pad every block to the longest, gather, drop the padding
+        longest = max(len(r) for r in rows)
+        padded = torch.full((longest,), -1, dtype=torch.long, device=device)
+        padded[:len(assignments)] = assignments
+        assignments = dist.gather(padded)
+        assignments = assignments[assignments >= 0]
+    sizes = torch.bincount(assignments.cpu(), minlength=args.num_clusters)
+    result = {"centroids": centroids.cpu(), "assignments": assignments.cpu(), "num_clusters": args.num_clusters,
+              "kmeans_iters": args.kmeans_iters, "spherical": args.spherical, "seed": args.seed}
+    if runtime.is_main:
+        checkpoint.save_atomic(result, path)
+        print(f"clusterfit: {args.num_clusters} clusters of {len(assignments)} images, {int((sizes == 0).sum())} "
+              f"empty, largest {int(sizes.max())}", flush=True)
+    dist.barrier()
+    return result
+
+
+# ----------------------------------------------------------------------------- stage 3: augmentations, model, loss
+
+def image_transform(args):
+    """VISSL's clusterfit_resnet training crop: random-resized crop, colour jitter, flip, normalise."""
+    return T.Compose([
+        T.RandomResizedCrop(args.crop_size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.ColorJitter(*args.jitter),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+
+class ClusterFitNet(nn.Module):
+    """A fresh ResNet trunk (N_cf) + a linear classifier over the K clusters (VISSL head 2048-16000)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = nn.Linear(self.trunk.feature_dim, args.num_clusters)
+
+    def forward(self, images):
+        return self.head(self.trunk(images))
+
+
+def pseudo_label_loss(logits, pseudo_labels):
+    """Cross-entropy against the cluster assignments (paper Sec. 3, 'we train N_cf ... to predict the clusters')."""
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), pseudo_labels)
+
+
+def sgd_param_groups(model, weight_decay):
+    """VISSL's regularize_bn=False, regularize_bias=True: BatchNorm parameters get no weight decay."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                   for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) not in norm_params], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
+
+
+def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
+    """Linear ramp from warmup_start x peak to peak, then x lr_decay at each milestone, or cosine to 0."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return peak_lr * (args.warmup_start + (1 - args.warmup_start) * step / warmup_steps)
+    if args.lr_schedule == "cosine":
+        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+    epoch = step // steps_per_epoch
+    return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
+
+
+# ----------------------------------------------------------------------------- stage 3: training
+
+def train_stage(args, runtime, dataset, pseudo_labels):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
+    sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device)
+    pseudo_labels_on_device = pseudo_labels.to(device)
+
+    torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
+    model = ClusterFitNet(args).to(device)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "clusterfit")
+        if not torch.equal(state["pseudo_labels"], pseudo_labels):
+            raise ValueError(f"{last} was trained on other pseudo-labels than {args.output_dir}/clusters.pth; "
+                             f"use another --output-dir.")
+        checkpoint.load_model(core, state["model"], last)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "clusterfit", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "pseudo_labels": pseudo_labels,
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"clusterfit: {len(images)} images in {args.num_clusters} clusters, {runtime.world_size} process(es) "
+                f"x batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
+                f"{peak_lr:.4g}, {precision}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for batch, _, indices, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+            optim.set_lr(optimizer, lr)
+            targets = pseudo_labels_on_device[indices.to(device, non_blocking=True)]
+            with dist.autocast(device, precision):
+                logits = model(batch.to(device, non_blocking=True))
+            loss = pseudo_label_loss(logits, targets)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
+                        bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def run_stages(args, runtime):
+    """Runs the requested stage(s); a stage whose output file already exists is loaded instead of re-run."""
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    features_path, clusters_path = output / "features.pth", output / "clusters.pth"
+
+    extracted = None
+    if "extract" in stages:
+        if features_path.exists():
+            if runtime.is_main:
+                print(f"clusterfit: {features_path} exists, skipping the extract stage", flush=True)
+        else:
+            extracted = extract_stage(args, runtime, dataset, features_path)
+    clusters = None
+    if "cluster" in stages:
+        if clusters_path.exists():
+            if runtime.is_main:
+                print(f"clusterfit: {clusters_path} exists, skipping the cluster stage", flush=True)
+        else:
+            if extracted is None:
+                extracted = load_output(features_path, "extract", len(dataset))
+            clusters = cluster_stage(args, runtime, extracted["features"], clusters_path)
+    if "train" in stages:
+        clusters = clusters or load_output(clusters_path, "cluster", len(dataset))
+        if clusters["num_clusters"] != args.num_clusters:
+            raise ValueError(f"{clusters_path} has {clusters['num_clusters']} clusters, not --num-clusters "
+                             f"{args.num_clusters}; delete it or use another --output-dir.")
+        train_stage(args, runtime, dataset, clusters["assignments"])
+
+
+def load_output(path, stage, n_images):
+    """A previous stage's output, checked against the training set."""
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; run the {stage} stage first (--stage {stage} or --stage all).")
+    result = checkpoint.load(path)
+    n = len(result["features"] if "features" in result else result["assignments"])
+    if n != n_images:
+        raise ValueError(f"{path} covers {n} images but --data/--data-fraction select {n_images}; "
+                         f"use the same data or another --output-dir.")
+    return result
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        run_stages(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

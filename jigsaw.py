@@ -1,0 +1,322 @@
+"""Jigsaw: Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles.
+
+Noroozi & Favaro, ECCV 2016 (https://arxiv.org/abs/1603.09246); the ResNet version of
+Goyal, Mahajan, Gupta, Misra, "Scaling and Benchmarking Self-Supervised Visual
+Representation Learning", ICCV 2019 (https://arxiv.org/abs/1905.01235).
+
+A 255 px crop is cut into a 3x3 grid of 85 px cells; a 64 px tile is taken at a random
+position inside each cell (the jitter keeps edges from giving the answer away) and
+normalised on its own. The tiles are shuffled by one permutation drawn from a fixed set
+chosen for maximal Hamming distance; each tile goes through the shared (siamese) trunk
+and a 1000-d fc-BN-ReLU, the nine outputs are concatenated in tile order and a linear
+classifier predicts which permutation was applied (cross-entropy). Defaults follow
+VISSL's jigsaw_8gpu_resnet (ResNet-50, 2000 permutations, grayscale p=0.66, SGD 0.1 x
+batch/256, wd 1e-4 not on BatchNorm, 5 warmup epochs from lr/4, 105 epochs with x0.1
+steps at 30/60/90/100, 32 images per GPU).
+
+The permutation set is a deterministic function of --seed (see `hamming_permutations`):
+greedy max-min selection from all 9! permutations in a seeded order. Its minimum pairwise
+Hamming distance for seed 0 is 6 with 100 permutations, 5 with 1000 and 4 with 2000 (of
+at most 9). It is saved in every checkpoint and reused on resume.
+
+    torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
+    python jigsaw.py --preset cifar --data cifar10
+    python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, optim
+from common.log import MetricLogger
+
+GRID = 3  # tiles per side: 9 tiles
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 105
+    batch_size: int = 32  # images (puzzles) per process: VISSL uses 32 x 8 GPUs
+    lr: float = 0.1  # for a global batch of 256 puzzles, scaled linearly
+    warmup_epochs: float = 5.0  # linear from lr/4 (VISSL: 5 of 105 epochs, 0.025 -> 0.1)
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
+    lr_decay: float = 0.1
+    weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
+    momentum: float = 0.9
+    num_permutations: int = field(default=2000, metadata={"help": "size of the permutation set (100, 1000, 2000)"})
+    tile_dim: int = 1000  # per-tile fc-BN-ReLU before concatenation (VISSL head mlp 2048-1000)
+    resize_size: int = 256
+    crop_size: int = 255  # split into 3x3 cells of crop_size // 3 = 85 px
+    tile_size: int = 64  # taken at a random offset in [0, cell - tile] = [0, 21] inside each cell
+    grayscale_p: float = 0.66
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0  # also chooses the permutation set
+    output_dir: str = "runs/jigsaw"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem; the ImageNet geometry scaled by 30/255: a 30 px crop of the "
+                       "32 px image, 10 px cells, 8 px tiles (64/85 x 10 = 7.5, rounded up); 100 permutations, "
+                       "batch 128, cosine, 100 epochs",
+                  arch="resnet18", cifar_stem=True, resize_size=32, crop_size=30, tile_size=8, num_permutations=100,
+                  batch_size=128, lr=0.1, epochs=100, warmup_epochs=5, lr_schedule="cosine", workers=4,
+                  output_dir="runs/jigsaw-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- permutation set
+
+def hamming_permutations(n, n_tiles=GRID * GRID, seed=0):
+    """[n, n_tiles] permutations chosen greedily for maximal Hamming distance (Noroozi & Favaro, Alg. 1).
+
+    The candidates are all n_tiles! permutations in an order shuffled by `seed`; the first
+    one starts the set, then each step adds the candidate whose minimum Hamming distance
+    to the set chosen so far is largest (ties: earliest in the shuffled order).
+    """
+    count = math.factorial(n_tiles)
+    pool = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(itertools.permutations(range(n_tiles))),
+                                        dtype=np.uint8, count=count * n_tiles).reshape(count, n_tiles))
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"--num-permutations must be between 1 and {len(pool)} ({n_tiles}!), got {n}.")
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    chosen = [0]
+    min_distance = (pool != pool[0]).sum(1, dtype=torch.int32)  # to the chosen set; 0 for chosen ones
+    for _ in range(n - 1):
+        best = int(torch.argmax(min_distance))
+        chosen.append(best)
+        min_distance = torch.minimum(min_distance, (pool != pool[best]).sum(1, dtype=torch.int32))
+    return pool[chosen].long()
+
+
+def min_hamming_distance(permutations):
+    """The smallest number of positions in which two permutations of the set differ."""
+    distances = (permutations[:, None, :] != permutations[None, :, :]).sum(-1)
+    distances.fill_diagonal_(permutations.shape[1] + 1)
+    return int(distances.min())
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+class Puzzle:
+    """Image -> (tiles [9, 3, t, t] shuffled by a random permutation of the set, its index).
+
+    VISSL's pipeline: resize, random crop, flip, grayscale (p=0.66), normalise, then
+    ImgPatchesFromTensor (a tile at a random offset inside each grid cell) and
+    ShuffleImgPatches; each tile is then standardised on its own (Noroozi & Favaro Sec. 3.2,
+    so that tiles cannot be matched by their low-level statistics).
+    """
+
+    def __init__(self, args, permutations):
+        self.permutations = permutations
+        self.cell, self.tile = args.crop_size // GRID, args.tile_size
+        self.image = T.Compose([
+            T.Resize(args.resize_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomCrop(args.crop_size),
+            T.RandomHorizontalFlip(),
+            T.RandomGrayscale(p=args.grayscale_p),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
+
+    def __call__(self, image):
+        image = self.image(image)
+        offsets = torch.randint(self.cell - self.tile + 1, (GRID * GRID, 2)).tolist()
+        tiles = []
+        for position, (dy, dx) in enumerate(offsets):
+            y, x = (position // GRID) * self.cell + dy, (position % GRID) * self.cell + dx
+            tile = image[:, y:y + self.tile, x:x + self.tile]
+            mean, std = tile.mean(dim=(1, 2), keepdim=True), tile.std(dim=(1, 2), keepdim=True)
+            tiles.append((tile - mean) / (std + 1e-5))
+        label = torch.randint(len(self.permutations), ()).item()
+        order = self.permutations[label].tolist()  # position i shows tile order[i]
+        return torch.stack([tiles[j] for j in order]), torch.tensor(label)
+
+
+# ----------------------------------------------------------------------------- model
+
+class JigsawNet(nn.Module):
+    """Siamese trunk over the 9 tiles, a shared fc-BN-ReLU per tile, concatenation, a linear permutation classifier."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.tile_head = nn.Sequential(nn.Linear(self.trunk.feature_dim, args.tile_dim), nn.BatchNorm1d(args.tile_dim),
+                                       nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(GRID * GRID * args.tile_dim, args.num_permutations)
+
+    def forward(self, tiles):
+        """tiles: [B, 9, 3, t, t] -> permutation logits [B, num_permutations]."""
+        b, n = tiles.shape[:2]
+        per_tile = self.tile_head(self.trunk(tiles.flatten(0, 1)))  # one pass for all B x 9 tiles
+        return self.classifier(per_tile.reshape(b, n * per_tile.shape[1]))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def permutation_loss(logits, labels):
+    """Cross-entropy over the permutation set (the paper's classification of the permutation index)."""
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------- training
+
+def sgd_param_groups(model, weight_decay):
+    """VISSL's regularize_bn=False, regularize_bias=True: BatchNorm parameters get no weight decay."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                   for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) not in norm_params], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
+
+
+def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
+    """Linear warmup from peak/4 (VISSL's composite schedule), then x lr_decay at each milestone, or cosine to 0."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return peak_lr * (0.25 + 0.75 * step / warmup_steps)
+    if args.lr_schedule == "cosine":
+        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+    epoch = step // steps_per_epoch
+    return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
+
+
+def check_geometry(args):
+    cell = args.crop_size // GRID
+    if not 0 < args.tile_size <= cell:
+        raise ValueError(f"--tile-size must be between 1 and the cell size --crop-size // 3 = {cell}, "
+                         f"got {args.tile_size}.")
+    if args.resize_size < args.crop_size:
+        raise ValueError(f"--resize-size ({args.resize_size}) must be at least --crop-size ({args.crop_size}).")
+
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    check_geometry(args)
+
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    state = checkpoint.load_training(last, "jigsaw") if last is not None else None
+    if state is not None:
+        permutations = state["permutations"]
+        if len(permutations) != args.num_permutations:
+            raise ValueError(f"{last} was trained with {len(permutations)} permutations, not "
+                             f"--num-permutations {args.num_permutations}; use another --output-dir.")
+    else:
+        permutations = hamming_permutations(args.num_permutations, seed=args.seed)
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    puzzles = data.ViewDataset(dataset, Puzzle(args, permutations), seed=args.seed)
+    sampler = data.EpochSampler(len(puzzles), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(puzzles)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(puzzles, sampler, args.batch_size, args.workers, device)
+
+    model = JigsawNet(args).to(device)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    if state is not None:
+        checkpoint.load_model(core, state["model"], last)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+        del state
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "jigsaw", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "permutations": permutations,
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"jigsaw: {len(puzzles)} images, {runtime.world_size} process(es) x batch {args.batch_size} x 9 "
+                f"tiles of {args.tile_size} px, {len(permutations)} permutations (min Hamming distance "
+                f"{min_hamming_distance(permutations)}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                f"peak lr {peak_lr:.4g}, {precision}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for (tiles, labels), _, _, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+            optim.set_lr(optimizer, lr)
+            tiles, labels = tiles.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with dist.autocast(device, precision):
+                logits = model(tiles)
+            loss = permutation_loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            accuracy = (logits.detach().argmax(1) == labels).float().mean()
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(),
+                        puzzle_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

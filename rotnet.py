@@ -1,0 +1,247 @@
+"""RotNet: Unsupervised Representation Learning by Predicting Image Rotations.
+
+Gidaris, Singh, Komodakis, ICLR 2018 (https://arxiv.org/abs/1803.07728).
+
+Every image of the batch is shown to the network at all four rotations (0, 90, 180,
+270 degrees, the paper's Sec. 2.2 "all four rotated copies at once"); a 4-way linear
+classifier on the pooled trunk feature predicts which rotation it sees, trained with
+cross-entropy (Eq. 1-3). Defaults follow VISSL's rotnet_8gpu_resnet (ResNet-50, head
+2048-4, SGD momentum 0.9, 0.1 x batch/256, wd 1e-4 not on BatchNorm, 105 epochs with
+x0.1 steps at 30/60/90/100; 32 images x 4 rotations per GPU). VISSL draws one random
+rotation per image; the paper's four-at-once is used here (`--rotations 1` for VISSL's).
+
+    torchrun --nproc_per_node=8 rotnet.py --data /datasets/imagenet/train
+    python rotnet.py --preset cifar --data cifar10
+    python rotnet.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+from common import checkpoint, cli, data, dist, models, ops, optim
+from common.log import MetricLogger
+
+
+@dataclass
+class Args:
+    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 105
+    batch_size: int = 32  # images per process, each seen at 4 rotations: VISSL uses 32 x 8 GPUs
+    lr: float = 0.1  # for a global batch of 256 images, scaled linearly
+    warmup_epochs: float = 0.0
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
+    lr_decay: float = 0.1
+    weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
+    momentum: float = 0.9
+    nesterov: bool = False
+    rotations: int = field(default=4, metadata={"help": "rotated copies per image: 4 (paper) or 1 random (VISSL)"})
+    crop_size: int = 224
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    workers: int = 8
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    output_dir: str = "runs/rotnet"
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    data_fraction: float = 1.0
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
+    keep_checkpoints: int = 3
+    print_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in --output-dir
+
+
+PRESETS = {
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, batch 128, lr 0.1, wd 5e-4, nesterov, 200 epochs with "
+                       "x0.2 at 60/120/160 (the paper's CIFAR-10 recipe, Sec. 3.1)",
+                  arch="resnet18", cifar_stem=True, crop_size=32, crop_scale=(0.5, 1.0), batch_size=128, lr=0.2,
+                  weight_decay=5e-4, nesterov=True, epochs=200, lr_milestones=(60, 120, 160), lr_decay=0.2,
+                  workers=4, output_dir="runs/rotnet-cifar"),
+}
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def image_transform(args):
+    """VISSL's RotNet crop: random-resized crop, flip, normalise (the rotations are applied per batch)."""
+    return T.Compose([
+        T.RandomResizedCrop(args.crop_size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+
+def rotate_batch(images, rotations=4, generator=None):
+    """[B, 3, H, W] square images -> (rotated images, rotation labels in 0..3 = k x 90 degrees).
+
+    rotations=4: all four copies, rotation-major ([B at 0], [B at 90], ...), labels
+    [0]*B + [1]*B + ...; rotations=1: one random rotation per image (VISSL's ImgRotatePil).
+    """
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"RotNet needs square images, got {tuple(images.shape[-2:])}.")
+    if rotations == 4:
+        rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+        labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
+        return rotated, labels
+    labels = torch.randint(4, (len(images),), generator=generator).to(images.device)
+    rotated = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(images, labels.tolist())])
+    return rotated, labels
+
+
+# ----------------------------------------------------------------------------- model
+
+class RotNet(nn.Module):
+    """ResNet trunk + a linear 4-way rotation classifier on the pooled res5 feature (VISSL head 2048-4)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.trunk = models.build_trunk(args.arch, args.cifar_stem)
+        self.head = nn.Linear(self.trunk.feature_dim, 4)
+
+    def forward(self, images):
+        return self.head(self.trunk(images))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def rotation_loss(logits, labels):
+    """Eq. 2: the mean over images and rotations of -log F^y(g(X, y)), i.e. cross-entropy."""
+    return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------- training
+
+def sgd_param_groups(model, weight_decay):
+    """VISSL's regularize_bn=False, regularize_bias=True: BatchNorm parameters get no weight decay."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                   for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) not in norm_params], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
+
+
+def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
+    """Linear warmup from peak/4 (VISSL's composite schedule), then x lr_decay at each milestone, or cosine to 0."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return peak_lr * (0.25 + 0.75 * step / warmup_steps)
+    if args.lr_schedule == "cosine":
+        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+    epoch = step // steps_per_epoch
+    return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
+
+
+def train(args, runtime):
+    device = runtime.device
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    if args.rotations not in (1, 4):
+        raise ValueError(f"--rotations must be 4 (every rotation of every image) or 1 (one at random), "
+                         f"got {args.rotations}.")
+
+    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
+    images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
+    sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
+                         f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
+    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device)
+
+    model = RotNet(args).to(device)
+    core = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum,
+                                nesterov=args.nesterov)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    global_batch = args.batch_size * runtime.world_size
+    peak_lr = optim.scaled_lr(args.lr, global_batch)
+    total_steps = args.epochs * steps_per_epoch
+    step = 0
+    last = checkpoint.latest(args.output_dir) if args.resume else None
+    if last is not None:
+        state = checkpoint.load_training(last, "rotnet")
+        checkpoint.load_model(core, state["model"], last)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        if runtime.is_main:
+            print(f"resumed from {last} at step {step}", flush=True)
+
+    saved_step = step
+
+    def save():
+        nonlocal saved_step
+        saved_step = step
+        if runtime.is_main:
+            checkpoint.save_training({
+                "method": "rotnet", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
+                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
+            }, args.output_dir, step, keep=args.keep_checkpoints)
+        dist.barrier()
+
+    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
+    logger.info(f"rotnet: {len(images)} images, {runtime.world_size} process(es) x batch {args.batch_size} x "
+                f"{args.rotations} rotation(s), {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
+                f"{peak_lr:.4g}, {precision}")
+    bad_images = 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
+        for batch, _, _, bad in loader:
+            if args.max_steps and step >= args.max_steps:
+                break
+            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+            optim.set_lr(optimizer, lr)
+            # rotations drawn from (seed, step, rank) alone: a resumed run draws the same ones
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4_099 + runtime.rank)
+            rotated, labels = rotate_batch(batch.to(device, non_blocking=True), args.rotations, generator)
+            with dist.autocast(device, precision):
+                logits = model(rotated)
+            loss = rotation_loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
+                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bad_images += len(bad)
+            for name in bad:
+                logger.info(f"skipped unreadable image {name}")
+            accuracy = (logits.detach().argmax(1) == labels).float().mean()
+            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(),
+                        rotation_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=bad_images)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save()
+        if args.max_steps and step >= args.max_steps:
+            break
+        save()
+    if saved_step != step:
+        save()
+    logger.close()
+    return step
+
+
+def main(argv=None):
+    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    torch.manual_seed(args.seed)
+    runtime = dist.setup(args.device)
+    try:
+        train(args, runtime)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)
