@@ -16,7 +16,8 @@ SimCLRProjectionHead + NTXentLoss + lightly's LARS, under the same autocast
 Ours uses channels_last on CUDA and the multi-tensor LARS (common.optim).
 
     python bench/throughput.py --device cpu --out bench/results/throughput-cpu.json
-    python bench/throughput.py --device cuda --workers 12 --out bench/results/throughput-h100.json [--compile]
+    python bench/throughput.py --device cuda --workers 12 --decode-on-device --out bench/results/throughput-h100.json
+    (add --compile for a torch.compile'd model step)
 
 Batch sizes default to 512 (r18) / 128 (r50) on CUDA and 32 / 4 on CPU. Load from
 other processes hits every measurement; on a shared machine compare numbers of one run.
@@ -102,12 +103,12 @@ def loader_of(dataset, batch, workers, device, total, collate_fn, pairs=True):
 
 # ----------------------------------------------------------------------------- ours (simclr.py's pieces)
 
-def our_views(args, dataset, device, gpu_aug, workers, total):
+def our_views(args, dataset, device, gpu_aug, workers, total, decode_on_device=False):
     """A function returning the next batch's list of views on the device, as simclr.train makes them."""
     channels_last = speed.channels_last(device)
     if gpu_aug:
         max_side = speed.max_side([size for _, size in simclr.parse_crops(args.crops)])
-        views = data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=args.seed)
+        views = data.ViewDataset(data.DecodedImages(dataset, max_side, encoded=decode_on_device), None, seed=args.seed)
         make_views, collate = simclr.device_views(args, channels_last), data.collate_canvas
     else:
         views, collate = data.ViewDataset(dataset, simclr.MultiView(args), seed=args.seed), data.collate
@@ -232,9 +233,11 @@ def run_case(name, opts, device, tmp):
     out = {"batch_size": batch, "crops": args.crops, "arch": args.arch, "cifar_stem": args.cifar_stem,
            "precision": precision, "images": len(dataset)}
     step = our_step(args, device, precision, opts.compile)
-    for gpu_aug in (True, False):
-        key = "simclr_gpu_aug" if gpu_aug else "simclr_per_image"
-        out[key] = measure(our_views(args, dataset, device, gpu_aug, opts.workers, total), step, fixed,
+    variants = [("simclr_gpu_aug", True, False), ("simclr_per_image", False, False)]
+    if opts.decode_on_device:
+        variants.insert(1, ("simclr_gpu_aug_jpeg_on_device", True, True))
+    for key, gpu_aug, on_device in variants:
+        out[key] = measure(our_views(args, dataset, device, gpu_aug, opts.workers, total, on_device), step, fixed,
                            opts.steps, opts.warmup, drain, batch, device)
         print(name, key, out[key], flush=True)
     peer_step = lightly_step(args, device, precision)
@@ -258,6 +261,8 @@ def main():
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: 8 CUDA, 2 CPU)")
     parser.add_argument("--synthetic-images", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="also measure --gpu-aug with JPEGs decoded on the device (DecodedImages(encoded=True))")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0: default)")
     parser.add_argument("--out", default="")
     opts = parser.parse_args()

@@ -315,11 +315,19 @@ class DecodedImages(torch.utils.data.Dataset):
     `max_side`: images whose longer side exceeds it are first shrunk (antialiased) to it,
     so one huge image does not blow up a padded batch; None keeps every image as stored.
     Unreadable images raise `BadImage`, as the PIL datasets do.
+    `encoded=True`: JPEG files are not decoded here but returned as their bytes (uint8
+    [n]), for `decode_on_device` (nvJPEG on CUDA); such images are neither checked nor
+    shrunk, so use it for trusted data only (other formats are decoded as usual).
     """
 
-    def __init__(self, dataset, max_side=None):
-        self.dataset, self.max_side = dataset, max_side
+    def __init__(self, dataset, max_side=None, encoded=False):
+        self.dataset, self.max_side, self.encoded = dataset, max_side, encoded
         self.labels = labels_of(dataset)
+
+    def _raw(self, raw, name):
+        if self.encoded and raw[:2] == b"\xff\xd8":
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return _decode_uint8(raw, name)
 
     def __len__(self):
         return len(self.dataset)
@@ -329,14 +337,14 @@ class DecodedImages(torch.utils.data.Dataset):
         while isinstance(base, torch.utils.data.Subset):
             base, i = base.dataset, base.indices[i]
         if isinstance(base, EncodedImages):
-            image = _decode_uint8(base.blob[base.offsets[i]:base.offsets[i + 1]].tobytes(), base.describe(i))
+            image = self._raw(base.blob[base.offsets[i]:base.offsets[i + 1]].tobytes(), base.describe(i))
         elif isinstance(base, ImageFiles):
             try:
                 with open(base.paths[i], "rb") as f:
                     raw = f.read()
             except OSError as e:
                 raise BadImage(f"{base.paths[i]}: {type(e).__name__}: {e}") from None
-            image = _decode_uint8(raw, base.paths[i])
+            image = self._raw(raw, base.paths[i])
         elif isinstance(base, ArrayImages):
             array = torch.from_numpy(np.ascontiguousarray(base.images[i]))
             image = array.expand(3, *array.shape) if array.ndim == 2 else array.permute(2, 0, 1)
@@ -344,7 +352,7 @@ class DecodedImages(torch.utils.data.Dataset):
         else:
             pil, _ = base[i]
             image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
-        if self.max_side and max(image.shape[-2:]) > self.max_side:
+        if self.max_side and image.ndim == 3 and max(image.shape[-2:]) > self.max_side:
             import torchvision.transforms.v2.functional as TF
 
             h, w = image.shape[-2:]
@@ -361,9 +369,12 @@ def collate_canvas(samples):
 
     Images of different sizes are zero-padded into one canvas (top-left aligned; `sizes`
     holds each one's height and width), so a batch is one pinned tensor and one copy to
-    the device; common.gpu_aug samples every crop inside its own image.
+    the device; common.gpu_aug samples every crop inside its own image. With encoded
+    JPEGs among them (`DecodedImages(encoded=True)`) the batch is (list of tensors, None).
     """
     images, labels, indices, bad = zip(*samples)
+    if any(image.ndim == 1 for image in images):
+        return (list(images), None), torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
     sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.long)
     if bool((sizes == sizes[0]).all()):
         canvas = torch.stack(images)
@@ -373,6 +384,20 @@ def collate_canvas(samples):
         for slot, image in zip(canvas, images):
             slot[:, :image.shape[1], :image.shape[2]] = image
     return (canvas, sizes), torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
+
+
+def decode_on_device(images, device):
+    """`DecodedImages(encoded=True)` items -> list of uint8 [3, H, W] on `device`; JPEG bytes are
+    decoded in one batched torchvision.io.decode_jpeg call there (nvJPEG on CUDA)."""
+    import torchvision.io as tio
+
+    encoded = [i for i, image in enumerate(images) if image.ndim == 1]
+    out = [image.to(device, non_blocking=True) for image in images]
+    if encoded:
+        decoded = tio.decode_jpeg([images[i] for i in encoded], mode=tio.ImageReadMode.RGB, device=device)
+        for i, image in zip(encoded, decoded):
+            out[i] = image
+    return out
 
 
 class EpochSampler(torch.utils.data.Sampler):

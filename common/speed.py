@@ -67,6 +67,8 @@ class DeviceViews:
 
     def __call__(self, batch, epoch, indices, device):
         canvas, sizes = batch
+        if sizes is None:  # encoded JPEGs (DecodedImages(encoded=True)): decode on the device, then pad
+            canvas, sizes = gpu_aug.to_canvas(data.decode_on_device(canvas, device))
         canvas = canvas.to(device, non_blocking=True)
         if len(self.groups) > 1:
             canvas = gpu_aug.to_float(canvas)  # convert once for all groups

@@ -100,3 +100,19 @@ def test_compiled_model_gives_the_eager_loss_on_a_fixed_batch():
         eager = simclr.nt_xent_loss(model(views), 2, 0.1)
         compiled = simclr.nt_xent_loss(speed.compile_model(model, True)(views), 2, 0.1)
     torch.testing.assert_close(compiled, eager)  # float32 tolerances: only the summation order may differ
+
+
+def test_jpegs_decoded_on_the_device_give_the_same_views_as_decoded_in_workers():
+    args = cli.parse_args(simclr.Args, simclr.PRESETS, ["--crops", "2x32"])
+    make_views = simclr.device_views(args)
+    base = data.subset(data.build_dataset("cifar10-mini", "train"), 0.01)
+    batches = []
+    for encoded in (False, True):
+        items = data.ViewDataset(data.DecodedImages(base, encoded=encoded), None)
+        batches.append(data.collate_canvas([items[(0, i)] for i in range(6)]))
+    (canvas, _), _, indices, _ = batches[0]
+    (jpegs, sizes), _, _, _ = batches[1]
+    assert sizes is None and all(j.ndim == 1 and j.dtype == torch.uint8 for j in jpegs)
+    assert all(torch.equal(a, b) for a, b in zip(data.decode_on_device(jpegs, "cpu"), canvas))
+    for a, b in zip(make_views(batches[0][0], 1, indices, "cpu"), make_views(batches[1][0], 1, indices, "cpu")):
+        assert torch.equal(a, b)
