@@ -11,6 +11,10 @@ head; the NT-Xent loss (Eq. 1) makes each view pick out its partner among all
     torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
     python simclr.py --preset cifar --data cifar10 --epochs 800
     python simclr.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and the views are made
+batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
+the per-image PIL path uses bicubic); channels_last, bf16 autocast, `--compile`.
 """
 import math
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -48,6 +52,8 @@ class Args:
     blur_p: float = 0.5
     sync_bn: bool = True
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -96,6 +102,17 @@ def view_transform(size, scale, args):
         steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
     steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     return T.Compose(steps)
+
+
+def device_views(args, channels_last=False):
+    """The batched twin of MultiView for --gpu-aug (common.gpu_aug, same parameters and distributions)."""
+    s, groups = args.jitter_strength, []
+    for group, (count, size) in enumerate(parse_crops(args.crops)):
+        groups.append((count, gpu_aug.ViewAugmentation(
+            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
+            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
+    return speed.DeviceViews(groups, args.seed, channels_last)
 
 
 class MultiView:
@@ -165,21 +182,31 @@ def train(args, runtime):
         raise ValueError(f"SimCLR needs at least two views per image, --crops {args.crops} gives {n_views}.")
 
     checkpoint.prepare_output_dir(args.output_dir)
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, MultiView(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; views are made batched on the device
+        max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
+        views = data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, MultiView(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
 
-    model = SimCLR(args).to(device)
+    model = SimCLR(args).to(device, memory_format=memory_format)
     if runtime.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -215,18 +242,20 @@ def train(args, runtime):
     logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
     logger.info(f"simclr: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
                 f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, {precision}, "
-                f"ops backend {ops.backend(device)}")
+                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch_views, _, _, bad in loader:
+        for batch_views, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             guard.count_images(args.batch_size, bad, logger)
             lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
             optim.set_lr(optimizer, lr)
-            batch_views = [v.to(device, non_blocking=True) for v in batch_views]
+            batch_views = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
+                           else speed.to_device(batch_views, device, memory_format))
             with dist.autocast(device, precision):
                 z = model(batch_views)
             loss = nt_xent_loss(z, n_views, args.temperature)

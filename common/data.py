@@ -266,6 +266,8 @@ def sample_seed(seed, epoch, index):
 class ViewDataset(torch.utils.data.Dataset):
     """Applies `transform(image) -> views` with a per-sample random state; survives bad images.
 
+    `transform=None` returns the image itself (e.g. a `DecodedImages` uint8 tensor).
+
     Indexed by (epoch, index) pairs from `EpochSampler`. Returns (views, label, index,
     bad), where `bad` lists the images that failed to decode and were replaced by the
     next readable sample (VISSL's idea of substituting within the same rank's data).
@@ -290,6 +292,8 @@ class ViewDataset(torch.utils.data.Dataset):
         else:
             raise DataError(f"{self.max_replacements} consecutive images failed to decode near index {index}; "
                             f"the data looks broken ({bad[-1]}).")
+        if self.transform is None:  # decode-only datasets: the views are made later, batched on the device
+            return image, label, index, bad
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             py_state = random.getstate()
@@ -309,6 +313,110 @@ def collate(samples):
     else:
         batched = torch.stack(views)
     return batched, torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
+
+
+# ----------------------------------------------------------------------------- decode-only path
+
+def _decode_uint8(raw, name):
+    """Encoded bytes -> uint8 RGB [3, H, W]: torchvision.io (libjpeg/libpng) first, PIL for other formats."""
+    import torchvision.io as tio
+
+    try:
+        return tio.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
+    except Exception:  # a format torchvision.io does not read, or a broken file: PIL decides
+        return torch.from_numpy(np.array(_open_rgb(io.BytesIO(raw), name))).permute(2, 0, 1).contiguous()
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Decode only, for augmentation on the device: yields (uint8 RGB tensor [3, H, W], label).
+
+    Wraps any `build_dataset` / `subset` result; sizes may differ (see `collate_canvas`).
+    `max_side`: images whose longer side exceeds it are first shrunk (antialiased) to it,
+    so one huge image does not blow up a padded batch; None keeps every image as stored.
+    Unreadable images raise `BadImage`, as the PIL datasets do.
+    `encoded=True`: JPEG files are not decoded here but returned as their bytes (uint8
+    [n]), for `decode_on_device` (nvJPEG on CUDA); such images are neither checked nor
+    shrunk, so use it for trusted data only (other formats are decoded as usual).
+    """
+
+    def __init__(self, dataset, max_side=None, encoded=False):
+        self.dataset, self.max_side, self.encoded = dataset, max_side, encoded
+        self.labels = labels_of(dataset)
+
+    def _raw(self, raw, name):
+        if self.encoded and raw[:2] == b"\xff\xd8":
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return _decode_uint8(raw, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        base, i = self.dataset, index
+        while isinstance(base, torch.utils.data.Subset):
+            base, i = base.dataset, base.indices[i]
+        if isinstance(base, EncodedImages):
+            image = self._raw(base.blob[base.offsets[i]:base.offsets[i + 1]].tobytes(), base.describe(i))
+        elif isinstance(base, ImageFiles):
+            try:
+                with open(base.paths[i], "rb") as f:
+                    raw = f.read()
+            except OSError as e:
+                raise BadImage(f"{base.paths[i]}: {type(e).__name__}: {e}") from None
+            image = self._raw(raw, base.paths[i])
+        elif isinstance(base, ArrayImages):
+            array = torch.from_numpy(np.ascontiguousarray(base.images[i]))
+            image = array.expand(3, *array.shape) if array.ndim == 2 else array.permute(2, 0, 1)
+            image = image.contiguous()
+        else:
+            pil, _ = base[i]
+            image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+        if self.max_side and image.ndim == 3 and max(image.shape[-2:]) > self.max_side:
+            import torchvision.transforms.v2.functional as TF
+
+            h, w = image.shape[-2:]
+            scale = self.max_side / max(h, w)
+            image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+        return image, int(self.labels[index])
+
+    def describe(self, index):
+        return _describe(self.dataset, index)
+
+
+def collate_canvas(samples):
+    """Batches ViewDataset samples of uint8 images: ((canvas [B, 3, H, W], sizes [B, 2]), labels, indices, bad).
+
+    Images of different sizes are zero-padded into one canvas (top-left aligned; `sizes`
+    holds each one's height and width), so a batch is one pinned tensor and one copy to
+    the device; common.gpu_aug samples every crop inside its own image. With encoded
+    JPEGs among them (`DecodedImages(encoded=True)`) the batch is (list of tensors, None).
+    """
+    images, labels, indices, bad = zip(*samples)
+    if any(image.ndim == 1 for image in images):
+        return (list(images), None), torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.long)
+    if bool((sizes == sizes[0]).all()):
+        canvas = torch.stack(images)
+    else:
+        height, width = sizes.max(0).values.tolist()
+        canvas = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for slot, image in zip(canvas, images):
+            slot[:, :image.shape[1], :image.shape[2]] = image
+    return (canvas, sizes), torch.tensor(labels), torch.tensor(indices), [b for group in bad for b in group]
+
+
+def decode_on_device(images, device):
+    """`DecodedImages(encoded=True)` items -> list of uint8 [3, H, W] on `device`; JPEG bytes are
+    decoded in one batched torchvision.io.decode_jpeg call there (nvJPEG on CUDA)."""
+    import torchvision.io as tio
+
+    encoded = [i for i, image in enumerate(images) if image.ndim == 1]
+    out = [image.to(device, non_blocking=True) for image in images]
+    if encoded:
+        decoded = tio.decode_jpeg([images[i] for i in encoded], mode=tio.ImageReadMode.RGB, device=device)
+        for i, image in zip(encoded, decoded):
+            out[i] = image
+    return out
 
 
 class EpochSampler(torch.utils.data.Sampler):

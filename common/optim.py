@@ -31,13 +31,18 @@ class LARS(torch.optim.Optimizer):
     scaled by the trust ratio eta * |w| / (|g| + wd*|w| + eps); with `clip=True` that
     ratio is capped so that lr * ratio <= lr (Apex's clip mode). Groups with
     `lars=False` are plain SGD with momentum.
+
+    `foreach=True` runs each group as a few multi-tensor (torch._foreach_*) kernels
+    instead of ~10 small kernels per parameter, the same arithmetic (tests/test_speed.py
+    checks it against the per-parameter loop); None: foreach when the parameters are on CUDA.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8,
-                 clip=False, nesterov=False):
+                 clip=False, nesterov=False, foreach=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
                         trust_coefficient=trust_coefficient, eps=eps, clip=clip, nesterov=nesterov)
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -46,6 +51,11 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            foreach = self.foreach if self.foreach is not None else all(p.is_cuda for p in params)
+            if foreach and params:
+                self._foreach_group_step(group, params)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -70,6 +80,37 @@ class LARS(torch.optim.Optimizer):
                     grad = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 p.add_(grad, alpha=-group["lr"])
         return loss
+
+    def _foreach_group_step(self, group, params):
+        """`step` for one group with multi-tensor kernels: the per-parameter loop above, op for op."""
+        grads = [p.grad for p in params]
+        wd = group["weight_decay"]
+        updates = torch._foreach_add(grads, params, alpha=wd) if wd else grads
+        if group["lars"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            if group["clip"] and group["lr"] > 0:
+                ratio = torch.clamp(ratio / group["lr"], max=1.0)
+            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            updates = torch._foreach_mul(updates, list(ratio.unbind(0)))
+        if group["momentum"]:
+            buffers, fresh = [], []
+            for p, u in zip(params, updates):
+                state = self.state[p]
+                if "momentum_buffer" in state:
+                    buffers.append(state["momentum_buffer"])
+                    fresh.append(None)
+                else:
+                    state["momentum_buffer"] = u.clone()
+                    fresh.append(state["momentum_buffer"])
+            old = [u for u, f in zip(updates, fresh) if f is None]
+            if buffers:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, old)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            updates = torch._foreach_add(updates, buffers, alpha=group["momentum"]) if group["nesterov"] else buffers
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr=0.0, start_lr=0.0):

@@ -74,10 +74,12 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-    run_script("simclr.py", *SMALL, "--output-dir", tmp_path / "full", "--max-steps", "5")
-    run_script("simclr.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "2")
-    resumed = run_script("simclr.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "5")
+@pytest.mark.parametrize("gpu_aug", ["off", "on"])  # per-image PIL views / batched views on the device
+def test_interrupted_run_resumes_exactly(tmp_path, gpu_aug):
+    small = [*SMALL, "--gpu-aug", gpu_aug]
+    run_script("simclr.py", *small, "--output-dir", tmp_path / "full", "--max-steps", "5")
+    run_script("simclr.py", *small, "--output-dir", tmp_path / "split", "--max-steps", "2")
+    resumed = run_script("simclr.py", *small, "--output-dir", tmp_path / "split", "--max-steps", "5")
     assert "resumed from" in resumed.stdout
     full = {r["step"]: r["loss"] for r in metrics(tmp_path / "full")}
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}

@@ -1,0 +1,293 @@
+"""Training throughput of simclr.py's step vs lightly's SimCLR step, measured in one run, JSON out.
+
+Cases (img/s counts source images; every image gives two views):
+  resnet18_32   simclr.py --preset cifar (CIFAR stem, 32 px, no blur), cifar10-mini JPEGs
+  resnet50_224  simclr.py defaults (ResNet-50, 224 px, blur p=0.5), synthetic JPEGs of
+                256-500 px sides (smooth random images, written to a temporary folder)
+For each case, and for our two data paths (--gpu-aug on: workers decode, views made
+batched on the device; off: per-image PIL views in the workers):
+  data    the loader + views on the device alone (what the model would be fed)
+  model   forward (autocast) + NT-Xent + backward + LARS step alone, on fixed views
+  e2e     both together, as simclr.py's loop runs them (no logging or checkpoints)
+and the same three for the peer: lightly's SimCLRTransform (per image, in the same
+DataLoader set-up), torchvision backbone (the same trunk), lightly's
+SimCLRProjectionHead + NTXentLoss + lightly's LARS, under the same autocast
+(lightly's examples run one forward per view and use NCHW; so does the peer here).
+Ours uses channels_last on CUDA and the multi-tensor LARS (common.optim).
+
+    python bench/throughput.py --device cpu --out bench/results/throughput-cpu.json
+    python bench/throughput.py --device cuda --workers 12 --decode-on-device --out bench/results/throughput-h100.json
+    (add --compile for a torch.compile'd model step)
+
+Batch sizes default to 512 (r18) / 128 (r50) on CUDA and 32 / 4 on CPU. Load from
+other processes hits every measurement; on a shared machine compare numbers of one run.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/augment.py: spinning OpenMP stalls on shared cores
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import simclr  # noqa: E402
+from common import cli, data, dist, models, optim, speed  # noqa: E402
+
+CASES = {
+    "resnet18_32": dict(flags=["--preset", "cifar"], data="cifar10-mini", batch={"cuda": 512, "cpu": 32}),
+    "resnet50_224": dict(flags=[], data="synthetic", batch={"cuda": 128, "cpu": 4}),
+}
+
+
+class RepeatSampler(torch.utils.data.Sampler):
+    """`total` shuffled indices over as many epochs of n as needed; (epoch, index) pairs for ViewDataset."""
+
+    def __init__(self, n, total, pairs=True):
+        self.n, self.total, self.pairs = n, total, pairs
+
+    def __iter__(self):
+        count, epoch = 0, 0
+        while count < self.total:
+            for i in torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch)).tolist()[:self.total - count]:
+                yield (epoch, i) if self.pairs else i
+                count += 1
+            epoch += 1
+
+    def __len__(self):
+        return self.total
+
+
+def synthetic_jpegs(folder, n, seed=0):
+    """n smooth random RGB JPEGs (quality 90) with sides in [256, 500], like ImageNet's typical sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "c"), exist_ok=True)
+    for i in range(n):
+        h, w = rng.integers(256, 501, 2)
+        low = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8))
+        low.resize((int(w), int(h)), Image.BICUBIC).save(os.path.join(folder, "c", f"{i:05d}.jpg"), quality=90)
+    return folder
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(fn, steps, warmup, batch, device, drain=None):
+    """Images per second of `fn` (one batch per call), after `drain()` and `warmup` untimed calls."""
+    if drain is not None:
+        drain()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return round(steps * batch / (time.perf_counter() - start), 1)
+
+
+def loader_of(dataset, batch, workers, device, total, collate_fn, pairs=True):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=RepeatSampler(len(dataset), total, pairs), num_workers=workers,
+        collate_fn=collate_fn, pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- ours (simclr.py's pieces)
+
+def our_views(args, dataset, device, gpu_aug, workers, total, decode_on_device=False):
+    """A function returning the next batch's list of views on the device, as simclr.train makes them."""
+    channels_last = speed.channels_last(device)
+    if gpu_aug:
+        max_side = speed.max_side([size for _, size in simclr.parse_crops(args.crops)])
+        views = data.ViewDataset(data.DecodedImages(dataset, max_side, encoded=decode_on_device), None, seed=args.seed)
+        make_views, collate = simclr.device_views(args, channels_last), data.collate_canvas
+    else:
+        views, collate = data.ViewDataset(dataset, simclr.MultiView(args), seed=args.seed), data.collate
+    batches = iter(loader_of(views, args.batch_size, workers, device, total, collate))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def next_views():
+        batch, _, indices, _ = next(batches)
+        return make_views(batch, 0, indices, device) if gpu_aug else speed.to_device(batch, device, memory_format)
+    return next_views
+
+
+def our_step(args, device, precision, compile_model):
+    memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
+    core = simclr.SimCLR(args).to(device, memory_format=memory_format).train()
+    model = speed.compile_model(core, compile_model)
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay), lr=0.1, momentum=args.momentum)
+    n_views = sum(count for count, _ in simclr.parse_crops(args.crops))
+
+    def step(views):
+        with dist.autocast(device, precision):
+            z = model(views)
+        loss = simclr.nt_xent_loss(z, n_views, args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+# ----------------------------------------------------------------------------- the peer: lightly
+
+class PeerViews(torch.utils.data.Dataset):
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def lightly_views(args, dataset, device, workers, total):
+    from lightly.transforms import SimCLRTransform
+
+    s, size = args.jitter_strength, simclr.parse_crops(args.crops)[0][1]
+    transform = SimCLRTransform(input_size=size, cj_prob=args.jitter_p, cj_strength=s, min_scale=args.crop_scale[0],
+                                random_gray_scale=args.grayscale_p, gaussian_blur=args.blur_p)
+    batches = iter(loader_of(PeerViews(dataset, transform), args.batch_size, workers, device, total,
+                             torch.utils.data.default_collate, pairs=False))
+
+    def next_views():
+        views, _ = next(batches)
+        return [v.to(device, non_blocking=True) for v in views]
+    return next_views
+
+
+def lightly_step(args, device, precision):
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.utils.lars import LARS
+
+    class PeerSimCLR(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = models.build_trunk(args.arch, args.cifar_stem)
+            self.projection_head = SimCLRProjectionHead(self.backbone.feature_dim, args.hidden_dim, args.embedding_dim)
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x))
+
+    model = PeerSimCLR().to(device).train()
+    criterion = NTXentLoss(temperature=args.temperature)
+    optimizer = LARS(model.parameters(), lr=0.1, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    def step(views):
+        with dist.autocast(device, precision):
+            z0, z1 = model(views[0]), model(views[1])
+        loss = criterion(z0.float(), z1.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+# ----------------------------------------------------------------------------- the run
+
+def measure(pipeline_views, step, fixed_views, steps, warmup, drain, batch, device):
+    """data alone, model alone, end to end (img/s).
+
+    The loader's workers keep up to `drain` batches ready (workers x prefetch_factor),
+    filled while anything else runs; those are taken first, untimed and without a model
+    step, so a short timed window sees the rate batches are made at, not a full queue.
+    """
+    def empty_queue():
+        for _ in range(drain):
+            pipeline_views()
+    result = {"data": rate(pipeline_views, steps, warmup, batch, device, empty_queue),
+              "model": rate(lambda: step(fixed_views), steps, warmup, batch, device),
+              "e2e": rate(lambda: step(pipeline_views()), steps, warmup, batch, device, empty_queue)}
+    result["e2e_over_model"] = round(result["e2e"] / result["model"], 3)
+    return result
+
+
+def run_case(name, opts, device, tmp):
+    case = CASES[name]
+    batch = opts.batch_size or case["batch"][device.type]
+    args = cli.parse_args(simclr.Args, simclr.PRESETS, case["flags"] + ["--batch-size", str(batch)])
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    if case["data"] == "synthetic":
+        dataset = data.build_dataset(synthetic_jpegs(os.path.join(tmp, name), opts.synthetic_images))
+    else:
+        dataset = data.build_dataset(case["data"], "train")
+    drain = opts.workers * 4  # build_loader's prefetch_factor
+    total = batch * ((opts.warmup + drain + opts.steps) * 2 + 1)  # data alone, then end to end, one iterator each
+    size = simclr.parse_crops(args.crops)[0][1]
+    memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
+    fixed = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+             for _ in range(2)]
+    torch.manual_seed(0)
+    out = {"batch_size": batch, "crops": args.crops, "arch": args.arch, "cifar_stem": args.cifar_stem,
+           "precision": precision, "images": len(dataset)}
+    step = our_step(args, device, precision, opts.compile)
+    variants = [("simclr_gpu_aug", True, False), ("simclr_per_image", False, False)]
+    if opts.decode_on_device:
+        variants.insert(1, ("simclr_gpu_aug_jpeg_on_device", True, True))
+    for key, gpu_aug, on_device in variants:
+        out[key] = measure(our_views(args, dataset, device, gpu_aug, opts.workers, total, on_device), step, fixed,
+                           opts.steps, opts.warmup, drain, batch, device)
+        print(name, key, out[key], flush=True)
+    peer_step = lightly_step(args, device, precision)
+    out["lightly"] = measure(lightly_views(args, dataset, device, opts.workers, total), peer_step,
+                             [f.contiguous() for f in fixed], opts.steps, opts.warmup, drain, batch, device)
+    print(name, "lightly", out["lightly"], flush=True)
+    best = max(out["simclr_gpu_aug"]["e2e"], out["simclr_per_image"]["e2e"])
+    out["simclr_e2e_over_lightly_e2e"] = round(best / out["lightly"]["e2e"], 3)
+    if name == "resnet18_32":
+        out["cifar10_epoch_seconds_at_e2e"] = round(50_000 / out["simclr_gpu_aug"]["e2e"], 1)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--batch-size", type=int, default=0, help="0: per-case default for the device")
+    parser.add_argument("--steps", type=int, default=0, help="timed batches per measurement (0: 20 CUDA, 2 CPU)")
+    parser.add_argument("--warmup", type=int, default=-1, help="untimed batches first (-1: 5 CUDA, 1 CPU)")
+    parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: 8 CUDA, 2 CPU)")
+    parser.add_argument("--synthetic-images", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="also measure --gpu-aug with JPEGs decoded on the device (DecodedImages(encoded=True))")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0: default)")
+    parser.add_argument("--out", default="")
+    opts = parser.parse_args()
+    device = torch.device(opts.device)
+    cuda = device.type == "cuda"
+    opts.steps = opts.steps or (20 if cuda else 2)
+    opts.warmup = opts.warmup if opts.warmup >= 0 else (5 if cuda else 1)
+    opts.workers = opts.workers if opts.workers >= 0 else (8 if cuda else 2)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "steps": opts.steps, "warmup": opts.warmup,
+              "workers": opts.workers, "compile": opts.compile, "torch_threads": torch.get_num_threads(),
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in opts.cases.split(","):
+            result["cases"][name] = run_case(name, opts, device, tmp)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
