@@ -294,14 +294,20 @@ class ViewDataset(torch.utils.data.Dataset):
                             f"the data looks broken ({bad[-1]}).")
         if self.transform is None:  # decode-only datasets: the views are made later, batched on the device
             return image, label, index, bad
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            py_state = random.getstate()
-            random.seed(sample_seed(self.seed, epoch, index))
-            try:
-                views = self.transform(image)
-            finally:
-                random.setstate(py_state)
+        # seed the CPU generators the transforms draw from (torch.default_generator directly:
+        # torch.manual_seed also reseeds CUDA and costs ~60x more); restore them in the main
+        # process, where they belong to the training loop
+        seed = sample_seed(self.seed, epoch, index)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (torch.default_generator.get_state(), random.getstate())
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            views = self.transform(image)
+        finally:
+            if saved is not None:
+                torch.default_generator.set_state(saved[0])
+                random.setstate(saved[1])
         return views, label, index, bad
 
 
