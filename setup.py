@@ -65,6 +65,7 @@ setup(
     version="0.1.0",
     description="Readable single-file self-supervised learning methods with fast custom ops",
     packages=["common"],
+    package_data={"common": ["assets/*.npz"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "torchvision>=0.16", "numpy", "pillow"],
     ext_modules=ext_modules,
