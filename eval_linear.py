@@ -97,13 +97,13 @@ class Heads:
     their parameters). SGD with momentum, per-head lr and weight decay.
     """
 
-    def __init__(self, dims, n_classes, lrs, wds, batch_norm, momentum, device):
+    def __init__(self, dims, n_classes, lrs, wds, batch_norm, momentum, device, seed=0):
         self.grid = [(lr, wd) for lr in lrs for wd in wds]
         self.n_classes, h = n_classes, len(self.grid)
         self.lr = torch.tensor([g[0] for g in self.grid], device=device)[:, None]
         self.wd = torch.tensor([g[1] for g in self.grid], device=device)[:, None]
         self.momentum, self.batch_norm = momentum, batch_norm
-        g = torch.Generator().manual_seed(0)  # VISSL/DINO's init: normal(0, 0.01), zero bias
+        g = torch.Generator().manual_seed(seed)  # VISSL/DINO's init: normal(0, 0.01), zero bias
         self.weight = {k: (torch.randn(d, 1, n_classes, generator=g) * 0.01).repeat(1, h, 1).to(device)
                        for k, d in dims.items()}
         self.bias = {k: torch.zeros(h, n_classes, device=device) for k in dims}
@@ -158,9 +158,9 @@ class Heads:
                 "mean": self.mean[layer].cpu(), "var": self.var[layer].cpu(), "batch_norm": self.batch_norm}
 
 
-def train_heads(batches, dims, n_classes, args, lrs, wds, steps_per_epoch, device):
+def train_heads(batches, dims, n_classes, args, lrs, wds, steps_per_epoch, device, seed=0):
     """Train the grid for args.epochs with a per-step cosine schedule; `batches(epoch)` yields ({layer: x}, y)."""
-    heads = Heads(dims, n_classes, lrs, wds, args.batch_norm, args.momentum, device)
+    heads = Heads(dims, n_classes, lrs, wds, args.batch_norm, args.momentum, device, seed)
     total, step = args.epochs * steps_per_epoch, 0
     for epoch in range(args.epochs):
         for x, y in batches(epoch):
@@ -284,7 +284,7 @@ def run_probe(args, runtime, cache, trunk=None, datasets=None):
         return cached_batches(train_feats, train_labels, idx, args.batch_size, seed, device)
 
     heads = train_heads(batches_for(fit, args.seed), dims, n_classes, args, args.lrs, args.weight_decays,
-                        steps(fit), device)
+                        steps(fit), device, args.seed)
     val_idx = val.to(device)
     val_acc = {k: heads.accuracy(k, train_feats[k][val_idx], train_labels[val_idx]) for k in args.layers}
     scores = torch.stack([val_acc[k] for k in args.layers])  # [layers, H]
@@ -297,7 +297,7 @@ def run_probe(args, runtime, cache, trunk=None, datasets=None):
     for seed in seeds:
         if args.refit or args.protocol == "vtab":
             refit = train_heads(batches_for(final, seed), {layer: dims[layer]}, n_classes, args, [lr], [wd],
-                                steps(final), device)
+                                steps(final), device, seed)
             final_head = refit.export(layer, 0)
             acc = refit.accuracy(layer, test_feats[layer], test_labels)[0].item()
         else:
