@@ -33,6 +33,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, models, optim
+from common.guard import StepGuard
 from common.log import MetricLogger
 
 GRID = 3  # tiles per side: 9 tiles
@@ -67,6 +68,9 @@ class Args:
     data_fraction: float = 1.0
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
     keep_checkpoints: int = 3
+    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
+    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
+    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
     print_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in --output-dir
 
@@ -208,6 +212,7 @@ def check_geometry(args):
 
 def train(args, runtime):
     device = runtime.device
+    checkpoint.prepare_output_dir(args.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     check_geometry(args)
 
@@ -251,13 +256,12 @@ def train(args, runtime):
             print(f"resumed from {last} at step {step}", flush=True)
         del state
 
-    saved_step = step
+    saved = {"step": step, "path": last}
 
     def save():
-        nonlocal saved_step
-        saved_step = step
+        saved["step"], saved["path"] = step, None
         if runtime.is_main:
-            checkpoint.save_training({
+            saved["path"] = checkpoint.save_training({
                 "method": "jigsaw", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
                 "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "permutations": permutations,
@@ -270,7 +274,7 @@ def train(args, runtime):
                 f"tiles of {args.tile_size} px, {len(permutations)} permutations (min Hamming distance "
                 f"{min_hamming_distance(permutations)}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
                 f"peak lr {peak_lr:.4g}, {precision}")
-    bad_images = 0
+    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
@@ -283,26 +287,27 @@ def train(args, runtime):
             with dist.autocast(device, precision):
                 logits = model(tiles)
             loss = permutation_loss(logits, labels)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
-                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+                scaler.scale(loss).backward()
+                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                    scaler.step(optimizer)
+                scaler.update()
             step += 1
-            bad_images += len(bad)
-            for name in bad:
-                logger.info(f"skipped unreadable image {name}")
+            guard.count_images(args.batch_size, bad, logger)
             accuracy = (logits.detach().argmax(1) == labels).float().mean()
-            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(),
-                        puzzle_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=bad_images)
+            logger.step(step, epoch, global_batch, loss=mean_loss.item(),
+                        puzzle_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=guard.bad_images)
+            if preempted:
+                save()
+                guard.exit_preempted(logger)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save()
         if args.max_steps and step >= args.max_steps:
             break
         save()
-    if saved_step != step:
+    if saved["step"] != step:
         save()
     logger.close()
     return step

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, models, ops, optim
+from common.guard import StepGuard
 from common.log import MetricLogger
 
 
@@ -61,6 +62,9 @@ class Args:
     data_fraction: float = 1.0
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
     keep_checkpoints: int = 3
+    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
+    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
+    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
     print_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in --output-dir
 
@@ -185,6 +189,7 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, final_lr, args):
 
 def train(args, runtime):
     device = runtime.device
+    checkpoint.prepare_output_dir(args.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     if args.num_negatives < 1:
         raise ValueError(f"--num-negatives must be at least 1, got {args.num_negatives}.")
@@ -229,13 +234,12 @@ def train(args, runtime):
             print(f"resumed from {last} at step {step}", flush=True)
     z_estimated = args.loss_type == "cross_entropy" or float(memory.z) > 0
 
-    saved_step = step
+    saved = {"step": step, "path": last}
 
     def save():
-        nonlocal saved_step
-        saved_step = step
+        saved["step"], saved["path"] = step, None
         if runtime.is_main:
-            checkpoint.save_training({
+            saved["path"] = checkpoint.save_training({
                 "method": "npid", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
                 "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "memory": memory.state_dict(),
@@ -248,7 +252,7 @@ def train(args, runtime):
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
                 f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
                 f"ops backend {ops.backend(device)}")
-    bad_images = 0
+    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
@@ -272,26 +276,30 @@ def train(args, runtime):
                 loss = info_nce_loss(embeddings, positives, noise, args.temperature)
             else:
                 loss = nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
-                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            memory.update(embeddings, indices)
+            applied = False
+            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+                scaler.scale(loss).backward()
+                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                    scaler.step(optimizer)
+                    applied = True
+                scaler.update()
+            if applied:  # a skipped (non-finite) step must not write into the bank
+                memory.update(embeddings, indices)
             step += 1
-            bad_images += len(bad)
-            for name in bad:
-                logger.info(f"skipped unreadable image {name}")
-            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
-                        bad_images=bad_images)
+            guard.count_images(args.batch_size, bad, logger)
+            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
+                        bad_images=guard.bad_images)
+            if preempted:
+                save()
+                guard.exit_preempted(logger)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save()
         if args.max_steps and step >= args.max_steps:
             break
         save()
-    if saved_step != step:
+    if saved["step"] != step:
         save()
     logger.close()
     return step

@@ -169,3 +169,33 @@ def test_bad_input_table(tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
         assert len(lines) == 1 or "invalid choice" in message, (extra, proc.stderr)  # argparse prints usage first
+
+
+# ----------------------------------------------------------------------------- the same guards in every method script
+
+GUARDED = ["rotnet", "jigsaw", "npid", "pirl"]
+
+
+def _small_args(method):
+    import importlib
+
+    return importlib.import_module(f"tests.test_{method}").SMALL
+
+
+@pytest.mark.parametrize("method", GUARDED)
+def test_every_script_stops_on_a_non_finite_loss(tmp_path, method):
+    proc = run_script(f"{method}.py", *_small_args(method), "--lr", "1e30", "--max-steps", "6", "--workers", "0",
+                      "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "became non-finite at step" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "nonfinite.jsonl").exists()
+
+
+@pytest.mark.parametrize("method", GUARDED)
+def test_every_script_checkpoints_and_exits_75_on_sigterm(tmp_path, method):
+    proc = _popen([f"{method}.py", *_small_args(method), "--max-steps", "200", "--epochs", "50", "--workers", "0",
+                   "--output-dir", tmp_path])
+    _wait_for_steps(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert checkpoint.checkpoints(tmp_path)[-1][0] == metrics(tmp_path)[-1]["step"]
