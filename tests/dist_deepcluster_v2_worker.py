@@ -37,4 +37,5 @@ if runtime.is_main:
                 "batch_indices": batch_indices, "n_per_rank": n, "world_size": world, "n_images": n_images,
                 "labels": labels, "centroids": [h.weight.clone() for h in model.prototypes], "loss": loss,
                 "grads": {name: p.grad for name, p in model.named_parameters() if p.grad is not None}}, sys.argv[1])
+dist.barrier()  # let every rank finish its collectives before tearing gloo down
 dist.cleanup()

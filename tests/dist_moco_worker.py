@@ -34,4 +34,5 @@ if runtime.is_main:
                 "loss": loss, "grads": {name: p.grad for name, p in model.named_parameters() if p.grad is not None},
                 "queue": model.queue.clone(), "queue_ptr": int(model.queue_ptr),
                 "key_encoder": {k: v.clone() for k, v in model.key_encoder.state_dict().items()}}, sys.argv[1])
+dist.barrier()  # let every rank finish its collectives before tearing gloo down
 dist.cleanup()

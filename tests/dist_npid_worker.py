@@ -29,4 +29,5 @@ torch.manual_seed(args.seed)
 method.train(args, runtime)
 torch.save({"bank": banks[0].bank, "initial": banks[0].initial, "z": banks[0].z, "world_size": runtime.world_size},
            out / f"rank{runtime.rank}.pt")
+dist.barrier()  # let every rank finish its collectives before tearing gloo down
 dist.cleanup()

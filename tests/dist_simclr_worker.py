@@ -27,4 +27,5 @@ loss = dist.all_reduce_mean(loss.detach())
 if runtime.is_main:
     torch.save({"initial": initial, "views": views, "n_per_rank": n_per_rank, "world_size": runtime.world_size,
                 "loss": loss, "grads": {name: p.grad for name, p in model.named_parameters()}}, sys.argv[1])
+dist.barrier()  # let every rank finish its collectives before tearing gloo down
 dist.cleanup()

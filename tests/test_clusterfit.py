@@ -111,7 +111,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
     cases = [
         (["--stage", "extract"], "--weights is required"),
         (["--stage", "train"], "run the cluster stage first"),
-        (["--weights", str(weights), "--weights-arch", "resnet50"], "does not fit"),
+        (["--weights", str(weights), "--weights-arch", "resnet50"], "does not load into resnet50"),
         (["--weights", str(weights), "--num-clusters", "41"], "more than the 40 training images"),
     ]
     for i, (extra, message) in enumerate(cases):
