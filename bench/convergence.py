@@ -1,0 +1,79 @@
+"""CPU convergence runs: pretrain each method briefly on cifar10-mini, then weighted kNN vs random init.
+
+Every method pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini's 4,000 training
+images for the given number of epochs, then eval_knn.py (k = 20, T = 0.07) measures top-1
+on the CIFAR-10 test split (10,000 images when ../shared/data/cifar10 or --test-data is
+there, else cifar10-mini's 1,000) with the 4,000 training images as the bank. The same
+evaluation of a seeded random-init trunk is the baseline. Prints one JSON object.
+
+    python bench/convergence.py                       # every method at its default budget
+    python bench/convergence.py --methods simclr moco --epochs-scale 4 --out bench/results/conv.json
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["--data", "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50"]
+# method -> (extra flags, epochs): the CPU recipes (--preset cifar with the ImageNet stem at 32 px)
+RUNS = {
+    "simclr": (["--preset", "cifar", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
+                "--warmup-epochs", "1"], 8),
+    "moco": (["--preset", "cifar", "--batch-size", "256", "--lr", "0.06", "--queue-size", "1024"], 8),
+    "swav": (["--preset", "cifar", "--batch-size", "256", "--warmup-epochs", "1", "--crops", "2x32,2x16",
+              "--n-prototypes", "100", "--queue-length", "0"], 5),
+    "deepcluster_v2": (["--preset", "cifar", "--batch-size", "256", "--warmup-epochs", "1", "--crops", "2x32,2x16",
+                        "--num-clusters", "100", "100", "100"], 5),
+    "npid": (["--preset", "cifar", "--batch-size", "64"], 4),
+    "pirl": (["--preset", "cifar", "--batch-size", "64"], 2),
+    "rotnet": (["--preset", "cifar", "--batch-size", "32"], 3),
+    "jigsaw": (["--preset", "cifar", "--batch-size", "128"], 2),
+}
+
+
+def run(argv):
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {argv[0]} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def knn_top1(weights, test_data):
+    out = run(["eval_knn.py", "--weights", weights, "--arch", "resnet18", "--no-cifar-stem", "--image-size", "32",
+               "--train-data", "cifar10-mini", "--test-data", test_data, "--workers", "2", "--seed", "0"])
+    return json.loads(out.strip().splitlines()[-1])["top1"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every budget")
+    parser.add_argument("--test-data", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shared = ROOT.parent / "shared" / "data" / "cifar10"
+    test_data = args.test_data or (str(shared) if (shared / "test").is_dir() else "cifar10-mini")
+    result = {"test_data": test_data, "random_init_top1": knn_top1("random", test_data), "methods": {}}
+    for method in args.methods:
+        flags, epochs = RUNS[method]
+        epochs = max(1, round(epochs * args.epochs_scale))
+        with tempfile.TemporaryDirectory() as out_dir:
+            started = time.time()
+            run([f"{method}.py", *COMMON, *flags, "--epochs", str(epochs), "--output-dir", out_dir])
+            seconds = time.time() - started
+            last = sorted(Path(out_dir).glob("checkpoint-*.pth"))[-1]
+            top1 = knn_top1(str(last), test_data)
+        result["methods"][method] = {"epochs": epochs, "train_seconds": round(seconds, 1), "knn_top1": top1,
+                                     "margin_vs_random": round(top1 - result["random_init_top1"], 2)}
+        print(json.dumps({method: result["methods"][method]}), file=sys.stderr, flush=True)
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
