@@ -1,19 +1,25 @@
 """Short CPU runs of MoCo v2, SwAV and DeepCluster-v2 must lift weighted-kNN accuracy on CIFAR-10 test
-well above a random-init trunk.
+above a random-init trunk.
 
 Each pretrains on cifar10-mini's 4,000 training images with ResNet-18 (ImageNet stem, 32 px), batch 256,
-then `knn_top1` (k=20, T=0.07, cifar10-mini train as the bank, CIFAR-10 test) is compared with the
-seeded random-init trunk. Budgets, in 32-px view passes (forward + backward) on 2 idle cores at about
-600 per second:
-  - moco: 8 epochs (120 steps), 1 query view with gradient + 1 key view forward only;
-    queue 1024 (4 batches: with 4,000 images a 4096 queue would hold mostly stale copies of the
-    positives), lr 0.06 per 256, m=0.99, T=0.1 (the cifar preset otherwise);
-  - swav: 5 epochs (75 steps), crops 2x32 + 2x16, 100 prototypes frozen for the first epoch, no queue;
-  - deepcluster_v2: 5 epochs (75 steps) + the initial memory-bank pass, crops 2x32 + 2x16,
-    3 x 100 clusters (3000 centroids for 4,000 images would make near-singleton clusters).
-MEASURED holds the numbers of the run recorded when this test was written (on 2 shared, loaded cores:
-the same steps, only slower); the assertions keep a margin clearly below them so that seeds, thread
-counts and machines do not flake.
+then `knn_top1` (k=20, T=0.07, cifar10-mini train as the bank) is compared with the seeded random-init
+trunk. Budgets, in 32-px view passes (forward + backward) at about 600 per second on 2 idle cores,
+about 90 s each:
+  - moco: 8 epochs (120 steps), 1 query view with gradient + 1 key view forward only (~43k passes);
+    queue 1024 (with 4,000 images a 4096 queue would hold mostly stale copies of the positives),
+    otherwise the cifar preset (m=0.99, T=0.1), lr 0.06 per 256;
+  - swav: 6 epochs (90 steps), crops 2x32 (~48k passes), 100 prototypes frozen for the first epoch,
+    no queue, warmup 1 epoch;
+  - deepcluster_v2: 6 epochs (90 steps), crops 2x32, 3 x 100 clusters (3000 centroids for 4,000 images
+    would be near-singletons), plus the initial memory-bank pass (4k forward passes).
+
+NOT YET CALIBRATED: on the shared, loaded cores of the session that wrote this (5-15 img/s instead of
+~300), these budgets could not be run before its deadline. The shorter runs it could measure (on
+cifar10-mini's 1,000 test images; random init 32.9 % top-1) were all BELOW random init:
+moco 2 epochs x batch 128: 26.9; swav 1 epoch x batch 128: 28.2; deepcluster_v2 2 epochs on half
+the data x batch 64: 29.2. Early SSL training first destroys the (surprisingly good, 33 %) random
+features before it improves on them; whether these budgets get past that point is unmeasured, so
+MARGIN is a placeholder to be set clearly below the first measured gain (see the report of issue 4).
 """
 import pytest
 
@@ -24,13 +30,12 @@ COMMON = ["--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--b
           "--print-every", "15"]
 RUNS = {
     "moco": ["--epochs", "8", "--lr", "0.06", "--queue-size", "1024"],
-    "swav": ["--epochs", "5", "--warmup-epochs", "1", "--crops", "2x32,2x16", "--n-prototypes", "100",
-             "--queue-length", "0"],
-    "deepcluster_v2": ["--epochs", "5", "--warmup-epochs", "1", "--crops", "2x32,2x16", "--num-clusters", "100", "100",
+    "swav": ["--epochs", "6", "--warmup-epochs", "1", "--crops", "2x32", "--n-prototypes", "100", "--queue-length", "0"],
+    "deepcluster_v2": ["--epochs", "6", "--warmup-epochs", "1", "--crops", "2x32", "--num-clusters", "100", "100",
                        "100"],
 }
-MEASURED = {"moco": None, "swav": None, "deepcluster_v2": None, "random": None}  # kNN top-1 (%), see the report
-MARGIN = {"moco": 3.0, "swav": 3.0, "deepcluster_v2": 3.0}
+MEASURED = {"moco": None, "swav": None, "deepcluster_v2": None}  # kNN top-1 (%) at these budgets: not yet run
+MARGIN = {"moco": 2.0, "swav": 2.0, "deepcluster_v2": 2.0}
 
 
 @pytest.mark.convergence
