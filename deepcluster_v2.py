@@ -27,6 +27,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, models, ops, optim
+from common.guard import StepGuard
 from common.log import MetricLogger
 
 IGNORE = -100  # pseudo-label of an image that is not in the memory bank (cross_entropy's ignore_index)
@@ -68,6 +69,9 @@ class Args:
     data_fraction: float = 1.0
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
     keep_checkpoints: int = 3
+    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
+    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
+    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
     print_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in --output-dir
 
@@ -196,6 +200,7 @@ def deepcluster_loss(scores, targets, n_crops, temperature):
 
 def train(args, runtime):
     device = runtime.device
+    checkpoint.prepare_output_dir(args.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     n_crops = sum(count for count, _ in parse_crops(args.crops))
     if not args.crops_for_mb or any(not 0 <= c < n_crops for c in args.crops_for_mb):
@@ -267,16 +272,15 @@ def train(args, runtime):
                 bank_indices[i * args.batch_size:(i + 1) * args.batch_size] = indices.to(device)
         del bank_loader  # stops its worker processes
 
-    saved_step = step
+    saved = {"step": step, "path": last}
 
     def save():
-        nonlocal saved_step
-        saved_step = step
+        saved["step"], saved["path"] = step, None
         # every process's bank rows, process-major, so a resumed run gives each its own back
         everyone = dist.gather(bank.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
         everyone_indices = dist.gather(bank_indices).cpu()
         if runtime.is_main:
-            checkpoint.save_training({
+            saved["path"] = checkpoint.save_training({
                 "method": "deepcluster_v2", "args": cli.as_dict(args), "epoch": step // steps_per_epoch,
                 "step": step, "world_size": runtime.world_size, "model": core.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
@@ -290,7 +294,7 @@ def train(args, runtime):
                 f"crops {args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
                 f"{peak_lr:.4g} -> {final_lr:.4g}, clusters {list(args.num_clusters)}, {precision}, "
                 f"ops backend {ops.backend(device)}")
-    bad_images = 0
+    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step % steps_per_epoch == 0:  # a new epoch (not a resume in its middle): cluster last epoch's bank
@@ -307,29 +311,33 @@ def train(args, runtime):
             with dist.autocast(device, precision):
                 z, scores = model(crops)
             loss = deepcluster_loss(scores, labels[:, indices], n_crops, args.temperature)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
-                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            applied = False
+            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+                scaler.scale(loss).backward()
+                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                    scaler.step(optimizer)
+                    applied = True
+                scaler.update()
             row = (step % steps_per_epoch) * args.batch_size  # refill the bank for the next epoch's k-means
             n = args.batch_size
-            bank[:, row:row + n] = torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_mb])
-            bank_indices[row:row + n] = indices
+            if applied:  # a skipped (non-finite) step leaves the previous epoch's rows in place
+                bank[:, row:row + n] = torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_mb])
+                bank_indices[row:row + n] = indices
             step += 1
-            bad_images += len(bad)
-            for name in bad:
-                logger.info(f"skipped unreadable image {name}")
-            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
-                        bad_images=bad_images)
+            guard.count_images(args.batch_size, bad, logger)
+            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
+                        bad_images=guard.bad_images)
+            if preempted:
+                save()
+                guard.exit_preempted(logger)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save()
         if args.max_steps and step >= args.max_steps:
             break
         save()
-    if saved_step != step:
+    if saved["step"] != step:
         save()
     logger.close()
     return step

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, models, ops, optim
+from common.guard import StepGuard
 from common.log import MetricLogger
 
 
@@ -70,6 +71,9 @@ class Args:
     data_fraction: float = 1.0
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
     keep_checkpoints: int = 3
+    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
+    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
+    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
     print_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in --output-dir
 
@@ -207,6 +211,7 @@ def moco_loss(q, k, queue, temperature):
 
 def train(args, runtime):
     device = runtime.device
+    checkpoint.prepare_output_dir(args.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     global_batch = args.batch_size * runtime.world_size
     splits = args.shuffle_bn_splits or (8 if runtime.world_size == 1 else 1)
@@ -254,13 +259,12 @@ def train(args, runtime):
         if runtime.is_main:
             print(f"resumed from {last} at step {step}", flush=True)
 
-    saved_step = step
+    saved = {"step": step, "path": last}
 
     def save():
-        nonlocal saved_step
-        saved_step = step
+        saved["step"], saved["path"] = step, None
         if runtime.is_main:
-            checkpoint.save_training({
+            saved["path"] = checkpoint.save_training({
                 "method": "moco", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
                 "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
@@ -274,7 +278,7 @@ def train(args, runtime):
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
                 f"queue {args.queue_size}, Shuffling BN {runtime.world_size} x {splits} chunk(s), {precision}, "
                 f"ops backend {ops.backend(device)}")
-    bad_images = 0
+    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
@@ -290,26 +294,30 @@ def train(args, runtime):
                 shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 q, k = model(query_images, key_images, args.key_momentum, splits, shuffle)
             loss = moco_loss(q, k, core.queue.clone(), args.temperature)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
-                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            core.enqueue(dist.gather(k))
+            applied = False
+            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+                scaler.scale(loss).backward()
+                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                    scaler.step(optimizer)
+                    applied = True
+                scaler.update()
+            if applied:  # a skipped (non-finite) step enqueues nothing
+                core.enqueue(dist.gather(k))
             step += 1
-            bad_images += len(bad)
-            for name in bad:
-                logger.info(f"skipped unreadable image {name}")
-            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
-                        bad_images=bad_images)
+            guard.count_images(args.batch_size, bad, logger)
+            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
+                        bad_images=guard.bad_images)
+            if preempted:
+                save()
+                guard.exit_preempted(logger)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save()
         if args.max_steps and step >= args.max_steps:
             break
         save()
-    if saved_step != step:
+    if saved["step"] != step:
         save()
     logger.close()
     return step

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, models, ops, optim
+from common.guard import StepGuard
 from common.log import MetricLogger
 
 
@@ -71,6 +72,9 @@ class Args:
     data_fraction: float = 1.0
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
     keep_checkpoints: int = 3
+    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
+    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
+    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
     print_every: int = 10
     resume: bool = True  # continue from the latest checkpoint in --output-dir
 
@@ -189,6 +193,7 @@ def swav_loss(scores, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_
 
 def train(args, runtime):
     device = runtime.device
+    checkpoint.prepare_output_dir(args.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     n_crops = sum(count for count, _ in parse_crops(args.crops))
     if n_crops < 2:
@@ -249,15 +254,14 @@ def train(args, runtime):
         if runtime.is_main:
             print(f"resumed from {last} at step {step}", flush=True)
 
-    saved_step = step
+    saved = {"step": step, "path": last}
 
     def save():
-        nonlocal saved_step
-        saved_step = step
+        saved["step"], saved["path"] = step, None
         # every process's queue, process-major along dim 1, so a run resumes with each its own
         everyone = None if queue is None else dist.gather(queue.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
         if runtime.is_main:
-            checkpoint.save_training({
+            saved["path"] = checkpoint.save_training({
                 "method": "swav", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
                 "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "queue": everyone,
@@ -271,7 +275,7 @@ def train(args, runtime):
                 f"{args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
                 f"{peak_lr:.4g} -> {final_lr:.4g}, queue {queue_length} from epoch {args.epoch_queue_starts}, "
                 f"{precision}, ops backend {ops.backend(device)}")
-    bad_images = 0
+    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if queue_length and epoch >= args.epoch_queue_starts and queue is None:
@@ -293,31 +297,32 @@ def train(args, runtime):
                     queue_scores = queue @ core.prototypes.weight.t()
             loss = swav_loss(scores, n_crops, args.crops_for_assign, args.temperature, args.epsilon,
                              args.sinkhorn_iters, queue_scores)
-            if queue is not None:  # newest first: shift by one batch, insert this batch's embeddings
+            if queue is not None and bool(torch.isfinite(z).all()):  # newest first: shift by one batch
                 queue = torch.cat([torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_assign]),
                                    queue[:, :-n]], dim=1)
                 queue_rows += n
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision "
-                                 f"fp32 and resume from the last checkpoint in {args.output_dir}.")
+            mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if step < freeze_steps:  # the prototypes stay fixed while the codes are still random
-                core.prototypes.weight.grad = None
-            scaler.step(optimizer)
-            scaler.update()
+            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+                scaler.scale(loss).backward()
+                if step < freeze_steps:  # the prototypes stay fixed while the codes are still random
+                    core.prototypes.weight.grad = None
+                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                    scaler.step(optimizer)
+                scaler.update()
             step += 1
-            bad_images += len(bad)
-            for name in bad:
-                logger.info(f"skipped unreadable image {name}")
-            logger.step(step, epoch, global_batch, loss=dist.all_reduce_mean(loss.detach()).item(), lr=lr,
-                        bad_images=bad_images)
+            guard.count_images(args.batch_size, bad, logger)
+            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
+                        bad_images=guard.bad_images)
+            if preempted:
+                save()
+                guard.exit_preempted(logger)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save()
         if args.max_steps and step >= args.max_steps:
             break
         save()
-    if saved_step != step:
+    if saved["step"] != step:
         save()
     logger.close()
     return step

@@ -173,7 +173,7 @@ def test_bad_input_table(tmp_path):
 
 # ----------------------------------------------------------------------------- the same guards in every method script
 
-GUARDED = ["rotnet", "jigsaw", "npid", "pirl"]
+GUARDED = ["moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw"]
 
 
 def _small_args(method):
