@@ -5,7 +5,7 @@ SimCLR on the 4,000 training images of cifar10-mini, then evaluates the trained 
 a random-init one of the same architecture with eval_knn.py (k = 20, T = 0.07) on the
 1,000 test images. Runs on a 2-core CPU in a few minutes; pass --epochs for longer.
 
-    python demo.py [--epochs 15] [--output-dir runs/demo]
+    python demo.py [--epochs 8] [--output-dir runs/demo-simclr]
 """
 import argparse
 import json
@@ -32,13 +32,13 @@ def run(*argv):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--output-dir", default="runs/demo-simclr")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
     run("simclr.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", str(args.epochs),
-        "--warmup-epochs", "1", "--batch-size", "256", "--lr", "1.0", "--temperature", "0.2",
+        "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
         "--workers", str(args.workers), "--print-every", "15", "--output-dir", args.output_dir)
     trained_seconds = time.time() - started
     knn = ("--train-data", "cifar10-mini", "--arch", "resnet18", "--no-cifar-stem", "--image-size", "32",

@@ -16,7 +16,6 @@ Speed (common/speed.py): on CUDA the workers only decode images and the views ar
 batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
 the per-image PIL path uses bicubic); channels_last, bf16 autocast, `--compile`.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -1,5 +1,4 @@
 """common/: data, optimiser, schedule, checkpoints, models, command lines."""
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

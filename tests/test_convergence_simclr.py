@@ -3,14 +3,14 @@
 Budget: 8 epochs over cifar10-mini's 4,000 training images (120 steps of 256 images x 2 views,
 ResNet-18 with the ImageNet stem at 32 px), about 100 s on 2 idle cores. Measured when this test was
 written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000 CIFAR-10 test images):
-see MEASURED below; the assertion keeps a margin clearly below it so seeds and machines do not flake.
+SimCLR 38.85 % vs random init 31.77 % (+7.1 points; +7.2 in a second run with the batched
+augmentations). The assertion asks for +3 points, well below that, so seeds and machines do not flake.
 """
 import pytest
 
 from common import checkpoint
 from tests.conftest import knn_top1, run_script
 
-MEASURED = {"simclr": None, "random": None}  # filled in from the run recorded in the issue note
 MARGIN = 3.0
 
 

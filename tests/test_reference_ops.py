@@ -1,5 +1,4 @@
 """The pure-PyTorch references of common/ops.py against naive float64 formulas (values and gradients)."""
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Reliability of the training scripts: preemption, NaN/Inf guard, corrupt data, dying ranks, bad input."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +127,7 @@ def test_a_dying_rank_ends_the_run_promptly_and_the_restart_resumes(tmp_path):
     done = subprocess.run(torchrun + [f"--master_port={free_port()}", *args, "--max-steps", str(last + 2)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from" in done.stdout and checkpoint.checkpoints(tmp_path)[-1][0] == last + 2
+    assert "resumed from" in done.stdout and checkpoint.checkpoints(tmp_path)[-1][0] == last + 2
 
 
 # ----------------------------------------------------------------------------- the README's table of bad input
