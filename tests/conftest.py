@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,3 +83,16 @@ def knn_top1(weights, arch="resnet18", *extra):
 @pytest.fixture(scope="session")
 def random_knn_top1():
     return knn_top1("random")
+
+
+def swav_sinkhorn(scores, epsilon, n_iters):
+    """SwAV's published Sinkhorn-Knopp (Caron et al. 2020, Alg. 1), single process, no stabilisation."""
+    q = torch.exp(scores / epsilon).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()

@@ -6,13 +6,13 @@ never multiples of the tile sizes; results do not depend on the tile size; GPU t
 set TF32 explicitly; k-means assignments are compared tie-tolerantly.
 CUDA cases run the same checks and are skipped without a GPU.
 """
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from common import ops
+from tests.conftest import swav_sinkhorn
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]
@@ -40,20 +40,6 @@ def test_extension_is_built():
 
 
 # ----------------------------------------------------------------------------- sinkhorn
-
-def swav_sinkhorn(scores, epsilon, n_iters):
-    """SwAV's published formula (Caron et al., main_swav.py), single process."""
-    q = torch.exp(scores / epsilon).t()
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
-
 
 SINKHORN_CASES = [(1, 7), (7, 37), (37, 3), (1037, 301)]
 

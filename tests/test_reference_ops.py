@@ -4,19 +4,7 @@ import pytest
 import torch
 
 from common import ops
-
-
-def swav_sinkhorn_naive(scores, epsilon, n_iters):
-    """SwAV's published formula (Caron et al. 2020, Alg. 1), float64, no stabilisation."""
-    q = torch.exp(scores / epsilon).t()
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).t()
+from tests.conftest import swav_sinkhorn
 
 
 @pytest.mark.parametrize("b, k", [(1, 7), (7, 1), (37, 11), (1031, 97)])
@@ -24,7 +12,7 @@ def swav_sinkhorn_naive(scores, epsilon, n_iters):
 def test_sinkhorn_reference_equals_swav_formula(b, k, epsilon, n_iters):
     torch.manual_seed(b * k)
     scores = torch.nn.functional.normalize(torch.randn(b, k, dtype=torch.float64), dim=1)
-    expected = swav_sinkhorn_naive(scores, epsilon, n_iters)
+    expected = swav_sinkhorn(scores, epsilon, n_iters)
     got = ops.sinkhorn_reference(scores, epsilon, n_iters)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got.sum(dim=1), torch.ones(b, dtype=torch.float64))
@@ -33,12 +21,12 @@ def test_sinkhorn_reference_equals_swav_formula(b, k, epsilon, n_iters):
 def test_sinkhorn_reference_survives_where_swav_overflows():
     torch.manual_seed(0)
     scores = torch.nn.functional.normalize(torch.randn(301, 53), dim=1)
-    naive = swav_sinkhorn_naive(scores, 0.005, 3)  # exp(200) overflows float32
+    naive = swav_sinkhorn(scores, 0.005, 3)  # exp(200) overflows float32
     assert not torch.isfinite(naive).all()
     got = ops.sinkhorn(scores, 0.005, 3)
     assert torch.isfinite(got).all()
     # the float64 naive formula is still finite at these values (exp(200) ~ 1e87): compare with it
-    truth = swav_sinkhorn_naive(scores.double(), 0.005, 3)
+    truth = swav_sinkhorn(scores.double(), 0.005, 3)
     torch.testing.assert_close(got.double(), truth, rtol=1e-4, atol=1e-6)
 
 
