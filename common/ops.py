@@ -103,7 +103,7 @@ def sinkhorn(scores, epsilon=0.05, n_iters=3, group=None):
 
 
 def _sinkhorn_compiled(scores, epsilon, n_iters, group):
-    """The kernels keep Q = exp(scores/eps - colmax - rowmax) once and update scaling vectors.
+    """The kernels keep Q = exp((scores - colmax)/eps - rowmax) once and update scaling vectors.
 
     u (one per prototype) = 1 / column sums, all-reduced; v (one per sample) is local.
     The constants 1/K and 1/B of SwAV's formula cancel in the final row normalisation.
@@ -286,13 +286,25 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
         with torch.no_grad():
             points = x.detach().float().contiguous()
             centroids, assignments = _lloyd(points, k, n_iters, spherical, init, seed, group,
-                                            _compiled_assign, _compiled_update)
+                                            _CompiledAssign(), _compiled_update)
         return centroids.to(x.dtype), assignments
     return kmeans_reference(x, k, n_iters, spherical, init, seed, group)
 
 
-def _compiled_assign(points, centroids, spherical):
-    return _C.kmeans_assign(points, centroids.contiguous(), bool(spherical), 0)
+class _CompiledAssign:
+    """_C.kmeans_assign; on CPUs with native bf16 dot products its screened twin (bf16 GEMM
+    shortlist, exact fp32 rescoring: the same assignments, csrc/kmeans.cpp), for which the
+    bf16 copy and the row norms of the points, fixed during a run, are made once."""
+
+    def __init__(self):
+        self.points = None
+
+    def __call__(self, points, centroids, spherical):
+        if points.is_cuda or not _C.cpu_has_bf16_dot():
+            return _C.kmeans_assign(points, centroids.contiguous(), bool(spherical), 0)
+        if self.points is not points:
+            self.points, self.low, self.norms = points, points.bfloat16(), points.norm(dim=1)
+        return _C.kmeans_assign_screened(points, self.low, self.norms, centroids.contiguous(), bool(spherical), 0)
 
 
 def _compiled_update(points, assignments, k):

@@ -74,4 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kmeans_assign", &kmeans_assign, py::arg("x"), py::arg("centroids"), py::arg("spherical"),
         py::arg("chunk") = 0);
   m.def("kmeans_update", &kmeans_update, py::arg("x"), py::arg("assign"), py::arg("k"));
+  m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU has native bf16 dot products (AVX512_BF16)");
+  m.def("kmeans_assign_screened", &kmeans_assign_screened_cpu, py::arg("x"), py::arg("x_bf16"), py::arg("x_norm"),
+        py::arg("centroids"), py::arg("spherical"), py::arg("chunk") = 0,
+        "CPU only: bf16 GEMM shortlist + exact fp32 rescoring; the same result as kmeans_assign");
 }

@@ -33,6 +33,12 @@ std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::
 std::vector<at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk);
 // update: (sums fp32 [K, D], counts fp32 [K]) of the rows assigned to each centroid
 std::vector<at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& assign, int64_t k);
+// screened assign (CPU with native bf16 dot products): bf16 GEMM shortlist, exact fp32 rescoring;
+// x_bf16 = x in bfloat16, x_norm = |x| per row (float32); same result as kmeans_assign_cpu
+bool cpu_has_bf16_dot();
+std::vector<at::Tensor> kmeans_assign_screened_cpu(const at::Tensor& x, const at::Tensor& x_bf16,
+                                                   const at::Tensor& x_norm, const at::Tensor& c, bool spherical,
+                                                   int64_t chunk);
 
 #ifdef WITH_CUDA
 std::vector<at::Tensor> sinkhorn_init_cuda(const at::Tensor& scores, double eps, const at::Tensor& colmax);

@@ -1,7 +1,7 @@
 // Sinkhorn-Knopp (SwAV) on the CPU.
 //
-// Q' = exp(scores/eps - c[k] - r[b]) is computed once (fp32, the size of the output):
-// c[k] is the global column max of scores/eps and r[b] the row max after that shift,
+// Q' = exp((scores - c[k])/eps - r[b]) is computed once (fp32, the size of the output):
+// c[k] is the global column max of scores and r[b] the row max after that shift,
 // so every row of Q' holds an exact 1 and nothing overflows. The column shift c cancels
 // in SwAV's first normalisation (over samples); the row shift does not, so the first
 // column sums weight row b by exp(r[b]) (float64). After the first per-sample
@@ -11,7 +11,13 @@
 // sum_b Q'[b,k] v_b. Entries that underflow to 0 are below 2^-126 of their row's
 // largest entry, and a row's weight exp(r[b]) only underflows where the row is
 // negligible next to the column's largest entry (exactly 1): no inf, no nan, no 0/0.
+//
+// Three kinds of pass, each one read of a row while it sits in L1: init (shift, exp,
+// weighted column sums), step (v_b, next column sums), finish (write the output in
+// place). The loops are AVX2 (csrc/simd.h) where the CPU has it, scalar otherwise.
 #include "ops.h"
+#include "memory.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 
@@ -22,28 +28,89 @@
 namespace sslops {
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // rows per parallel_for grain
-
-inline double dot_fd(const float* q, const double* u, int64_t n) {
-  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    a0 += q[i] * u[i];
-    a1 += q[i + 1] * u[i + 1];
-    a2 += q[i + 2] * u[i + 2];
-    a3 += q[i + 3] * u[i + 3];
-  }
-  for (; i < n; ++i) a0 += q[i] * u[i];
-  return (a0 + a1) + (a2 + a3);
-}
-
 // rows [0, n) split in `chunks` contiguous pieces; returns [begin, end) of piece c
 inline std::pair<int64_t, int64_t> piece(int64_t n, int64_t chunks, int64_t c) {
   return {n * c / chunks, n * (c + 1) / chunks};
 }
 
-inline int64_t n_chunks(int64_t work_items) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work_items));
+// one piece of rows per thread (each with its own column-sum accumulator), at least 16 rows each
+inline int64_t n_chunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + 15) / 16));
+}
+
+// Runs fn(b0, b1, acc) on the pieces in parallel; returns the sum of the per-piece
+// float64 accumulators acc[K] (zeroed before).
+template <typename Fn>
+at::Tensor over_pieces(const at::Tensor& like, int64_t B, int64_t K, const Fn& fn) {
+  const int64_t chunks = n_chunks(B);
+  auto partial = at::zeros({chunks, K}, like.options().dtype(at::kDouble));
+  double* pp = partial.data_ptr<double>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      auto range = piece(B, chunks, c);
+      fn(range.first, range.second, pp + c * K);
+    }
+  });
+  return partial.sum(0);
+}
+
+// q[k] <- (s[k] - cm[k]) / e ; returns the row max (-inf for an empty row)
+float shift_row_scalar(const float* s, const float* cm, float e, float* q, int64_t k0, int64_t K, float mx) {
+  for (int64_t k = k0; k < K; ++k) {
+    q[k] = (s[k] - cm[k]) / e;
+    mx = q[k] > mx ? q[k] : mx;
+  }
+  return mx;
+}
+
+// q[k] <- exp(q[k] - mx) ; acc[k] += w * q[k]
+void exp_row_accumulate_scalar(float* q, float mx, double w, double* acc, int64_t k0, int64_t K) {
+  for (int64_t k = k0; k < K; ++k) {
+    q[k] = std::exp(q[k] - mx);
+    acc[k] += w * q[k];
+  }
+}
+
+#if SSLOPS_X86
+SSLOPS_AVX2 float shift_row_avx2(const float* s, const float* cm, float e, float* q, int64_t K) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 ev = _mm256_set1_ps(e);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(s + k), _mm256_loadu_ps(cm + k)), ev);
+    _mm256_storeu_ps(q + k, t);
+    m = _mm256_max_ps(m, t);
+  }
+  return shift_row_scalar(s, cm, e, q, k, K, simd::hmax256(m));
+}
+
+SSLOPS_AVX2 void exp_row_accumulate_avx2(float* q, float mx, double w, double* acc, int64_t K) {
+  const __m256 m = _mm256_set1_ps(mx);
+  const __m256d wv = _mm256_set1_pd(w);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 y = simd::exp256(_mm256_sub_ps(_mm256_loadu_ps(q + k), m));
+    _mm256_storeu_ps(q + k, y);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+    _mm256_storeu_pd(acc + k, _mm256_fmadd_pd(wv, lo, _mm256_loadu_pd(acc + k)));
+    _mm256_storeu_pd(acc + k + 4, _mm256_fmadd_pd(wv, hi, _mm256_loadu_pd(acc + k + 4)));
+  }
+  exp_row_accumulate_scalar(q, mx, w, acc, k, K);
+}
+#endif
+
+float shift_row(const float* s, const float* cm, float e, float* q, int64_t K) {
+#if SSLOPS_X86
+  if (simd::have_avx2()) return shift_row_avx2(s, cm, e, q, K);
+#endif
+  return shift_row_scalar(s, cm, e, q, 0, K, -std::numeric_limits<float>::infinity());
+}
+
+void exp_row_accumulate(float* q, float mx, double w, double* acc, int64_t K) {
+#if SSLOPS_X86
+  if (simd::have_avx2()) return exp_row_accumulate_avx2(q, mx, w, acc, K);
+#endif
+  exp_row_accumulate_scalar(q, mx, w, acc, 0, K);
 }
 
 }  // namespace
@@ -54,71 +121,32 @@ std::vector<at::Tensor> sinkhorn_init_cpu(const at::Tensor& scores, double eps, 
   const int64_t B = scores.size(0), K = scores.size(1);
   const float e = static_cast<float>(eps);
   auto cm_t = colmax.to(at::kFloat).contiguous();
-  std::vector<float> cm(K);
-  const float* cmp = cm_t.data_ptr<float>();
-  for (int64_t k = 0; k < K; ++k) cm[k] = cmp[k] / e;  // == max_b (scores[b,k] / e): division is monotone
-  auto q = at::empty({B, K}, scores.options());
-  const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t chunks = n_chunks(blocks);
-  auto partial = at::zeros({chunks, K}, scores.options().dtype(at::kDouble));
+  const float* cm = cm_t.data_ptr<float>();
+  auto q = empty_huge({B, K}, scores.options());
   const float* s = scores.data_ptr<float>();
   float* qp = q.data_ptr<float>();
-  double* pp = partial.data_ptr<double>();
-  auto weights = at::empty({B}, scores.options().dtype(at::kDouble));
-  double* wp = weights.data_ptr<double>();
-  // 1) t = s/eps - c, row max r, Q' <- t - r, weight exp(r)   2) Q' <- exp(Q') (ATen's
-  // vectorised exp, parallel inside; ATen calls inside a parallel_for worker measured
-  // 20x slower on a loaded 2-core machine)   3) weighted column sums
-  at::parallel_for(0, B, kRowBlock, [&](int64_t b0, int64_t b1) {
+  auto colsum = over_pieces(scores, B, K, [&](int64_t b0, int64_t b1, double* acc) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* sr = s + b * K;
       float* qr = qp + b * K;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < K; ++k) {
-        const float t = sr[k] / e - cm[k];
-        qr[k] = t;
-        mx = t > mx ? t : mx;
-      }
+      float mx = shift_row(s + b * K, cm, e, qr, K);
       if (!std::isfinite(mx)) mx = 0.f;
-      for (int64_t k = 0; k < K; ++k) qr[k] -= mx;
-      wp[b] = std::exp(static_cast<double>(mx));
+      exp_row_accumulate(qr, mx, std::exp(static_cast<double>(mx)), acc, K);
     }
   });
-  q.exp_();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double* acc = pp + c * K;
-      auto range = piece(B, chunks, c);
-      for (int64_t b = range.first; b < range.second; ++b) {
-        const float* qr = qp + b * K;
-        const double w = wp[b];
-        for (int64_t k = 0; k < K; ++k) acc[k] += w * qr[k];
-      }
-    }
-  });
-  return {q, partial.sum(0)};
+  return {q, colsum};
 }
 
 at::Tensor sinkhorn_step_cpu(const at::Tensor& q, const at::Tensor& u) {
   const int64_t B = q.size(0), K = q.size(1);
   auto ud = u.to(at::kDouble).contiguous();
-  const int64_t chunks = n_chunks((B + kRowBlock - 1) / kRowBlock);
-  auto partial = at::zeros({chunks, K}, q.options().dtype(at::kDouble));
   const float* qp = q.data_ptr<float>();
   const double* up = ud.data_ptr<double>();
-  double* pp = partial.data_ptr<double>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double* acc = pp + c * K;
-      auto range = piece(B, chunks, c);
-      for (int64_t b = range.first; b < range.second; ++b) {
-        const float* qr = qp + b * K;
-        const double v = 1.0 / dot_fd(qr, up, K);
-        for (int64_t k = 0; k < K; ++k) acc[k] += qr[k] * v;
-      }
+  return over_pieces(q, B, K, [&](int64_t b0, int64_t b1, double* acc) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* qr = qp + b * K;
+      simd::axpy_fd(1.0 / simd::dot_fd(qr, up, K), qr, acc, K);
     }
   });
-  return partial.sum(0);
 }
 
 at::Tensor sinkhorn_finish_cpu(at::Tensor q, const at::Tensor& u) {
@@ -126,11 +154,10 @@ at::Tensor sinkhorn_finish_cpu(at::Tensor q, const at::Tensor& u) {
   auto ud = u.to(at::kDouble).contiguous();
   float* qp = q.data_ptr<float>();
   const double* up = ud.data_ptr<double>();
-  at::parallel_for(0, B, kRowBlock, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* qr = qp + b * K;
-      const double inv = 1.0 / dot_fd(qr, up, K);
-      for (int64_t k = 0; k < K; ++k) qr[k] = static_cast<float>(qr[k] * up[k] * inv);
+      simd::scale_fd(qr, up, 1.0 / simd::dot_fd(qr, up, K), K);
     }
   });
   return q;

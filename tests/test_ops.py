@@ -7,6 +7,10 @@ set TF32 explicitly; k-means assignments are compared tie-tolerantly.
 CUDA cases run the same checks and are skipped without a GPU.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,6 +295,43 @@ def test_kmeans_random_init_is_seeded():
     assert not torch.equal(a, ops.kmeans(x, 11, n_iters=0, seed=8)[0])
     rows = torch.randperm(1037, generator=torch.Generator().manual_seed(7))[:11]
     assert torch.allclose(a, F.normalize(x[rows], dim=1), atol=1e-6)
+
+
+BF16_CPU = ops._C is not None and ops._C.cpu_has_bf16_dot()
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no native bf16 dot products (the screened assignment is off)")
+@pytest.mark.parametrize("spherical", [True, False])
+@pytest.mark.parametrize("n,d,k,scale", [(1, 16, 1, 1.0), (1037, 129, 257, 1.0), (2011, 37, 611, 1e3)])
+def test_kmeans_screened_assignment_is_the_exact_argmax(n, d, k, scale, spherical):
+    """The bf16 shortlist must never drop the best centroid: near-ties far below bf16's
+    resolution (centroids 1e-4 apart), odd sizes, large magnitudes; checked against float64."""
+    g = torch.Generator().manual_seed(n + k)
+    base = torch.randn(max(1, k // 8), d, generator=g)
+    c = (base.repeat(9, 1)[:k] + 1e-4 * torch.randn(k, d, generator=g)) * scale
+    x = (base[torch.randint(0, base.shape[0], (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)) * scale
+    if spherical:
+        x, c = F.normalize(x, dim=1), F.normalize(c, dim=1)
+    score, assign = ops._C.kmeans_assign_screened(x, x.bfloat16(), x.norm(dim=1), c, spherical, 97)
+    truth = x.double() @ c.double().t() - (0 if spherical else 0.5 * (c.double() ** 2).sum(1))
+    best = truth.max(dim=1).values
+    chosen = truth.gather(1, assign[:, None])[:, 0]
+    fp32_rounding = 4 * d * 2.0 ** -24 * (x.double().norm(dim=1) * c.double().norm(dim=1).max() + best.abs())
+    assert (chosen >= best - fp32_rounding).all(), (best - chosen).max()
+    assert (score.double() - chosen).abs().le(fp32_rounding).all()
+    plain_score, plain = ops._C.kmeans_assign(x, c, spherical, 0)
+    assert (truth.gather(1, plain[:, None])[:, 0] - chosen).abs().le(2 * fp32_rounding).all()
+
+
+def test_scalar_and_fp32_fallbacks_pass_the_same_tests():
+    """The kernels pick AVX2 code and (on bf16 CPUs) the screened k-means at run time; rerun
+    the CPU op tests with both switched off so the portable code is checked too."""
+    env = dict(os.environ, SSL_OPS_NO_SIMD="1", SSL_OPS_NO_BF16="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "cpu and not fallbacks and not screened"],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- validation

@@ -1,0 +1,142 @@
+// Vector helpers for the CPU kernels: AVX2 + FMA code chosen at run time, scalar code otherwise.
+//
+// The extension is compiled for the baseline x86-64 (SSE2) so that one build runs on any
+// machine; the hot loops below carry `SSLOPS_AVX2` (GCC/Clang's target attribute) and are
+// called only when the CPU reports AVX2 and FMA. Everything a caller needs has both
+// versions: `have_avx2()` picks (SSL_OPS_NO_SIMD=1 in the environment forces the scalar
+// code, which the tests use to check it too). Non-x86 builds get the scalar versions only.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SSLOPS_X86 1
+#include <immintrin.h>
+#define SSLOPS_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SSLOPS_X86 0
+#endif
+
+namespace sslops {
+namespace simd {
+
+inline bool have_avx2() {
+#if SSLOPS_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("SSL_OPS_NO_SIMD") && std::getenv("SSL_OPS_NO_SIMD")[0] == '1');
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if SSLOPS_X86
+// exp of 8 floats (Cephes' expf: Cody-Waite range reduction, degree-5 polynomial; about
+// 1 ulp). Meant for x <= 0 (inputs above 88 are clamped to 88): inputs below -87.33 give
+// exactly 0 (expf underflows there into subnormals, which these kernels treat as 0);
+// NaN stays NaN.
+SSLOPS_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(hi, x);  // min/max return their second operand when one is NaN: x goes second
+  x = _mm256_max_ps(lo, x);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+SSLOPS_AVX2 inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+SSLOPS_AVX2 inline double hsum256d(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+
+// sum_i q[i] * u[i], q float32, u and the accumulation float64
+SSLOPS_AVX2 inline double dot_fd_avx2(const float* q, const double* u, int64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(q + i)), _mm256_loadu_pd(u + i), a0);
+    a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(q + i + 4)), _mm256_loadu_pd(u + i + 4), a1);
+  }
+  double s = hsum256d(_mm256_add_pd(a0, a1));
+  for (; i < n; ++i) s += static_cast<double>(q[i]) * u[i];
+  return s;
+}
+
+// acc[i] += w * q[i], q float32, acc float64
+SSLOPS_AVX2 inline void axpy_fd_avx2(double w, const float* q, double* acc, int64_t n) {
+  const __m256d wv = _mm256_set1_pd(w);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    _mm256_storeu_pd(acc + i, _mm256_fmadd_pd(wv, _mm256_cvtps_pd(_mm_loadu_ps(q + i)), _mm256_loadu_pd(acc + i)));
+  for (; i < n; ++i) acc[i] += w * q[i];
+}
+
+// q[i] <- q[i] * u[i] * w, computed in float64 and rounded once
+SSLOPS_AVX2 inline void scale_fd_avx2(float* q, const double* u, double w, int64_t n) {
+  const __m256d wv = _mm256_set1_pd(w);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d p = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(q + i)), _mm256_loadu_pd(u + i)), wv);
+    _mm_storeu_ps(q + i, _mm256_cvtpd_ps(p));
+  }
+  for (; i < n; ++i) q[i] = static_cast<float>(q[i] * u[i] * w);
+}
+#endif
+
+inline double dot_fd_scalar(const float* q, const double* u, int64_t n) {
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a0 += q[i] * u[i];
+    a1 += q[i + 1] * u[i + 1];
+    a2 += q[i + 2] * u[i + 2];
+    a3 += q[i + 3] * u[i + 3];
+  }
+  for (; i < n; ++i) a0 += q[i] * u[i];
+  return (a0 + a1) + (a2 + a3);
+}
+
+inline double dot_fd(const float* q, const double* u, int64_t n) {
+#if SSLOPS_X86
+  if (have_avx2()) return dot_fd_avx2(q, u, n);
+#endif
+  return dot_fd_scalar(q, u, n);
+}
+
+inline void axpy_fd(double w, const float* q, double* acc, int64_t n) {
+#if SSLOPS_X86
+  if (have_avx2()) return axpy_fd_avx2(w, q, acc, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * q[i];
+}
+
+inline void scale_fd(float* q, const double* u, double w, int64_t n) {
+#if SSLOPS_X86
+  if (have_avx2()) return scale_fd_avx2(q, u, w, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(q[i] * u[i] * w);
+}
+
+}  // namespace simd
+}  // namespace sslops
