@@ -196,6 +196,12 @@ def contrastive_loss(queries, keys, pos_index, temperature, self_index=None, red
         raise ValueError(f"temperature must be positive, got {temperature}.")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    if _use_compiled(queries) and keys is queries and not queries.is_cuda:
+        # SimCLR on one process: the logits are symmetric, half the GEMM work (csrc/contrastive.cpp)
+        per_row = _SymmetricContrastiveLoss.apply(_kernel_dtype(queries), pos_index.long().contiguous(),
+                                                  None if self_index is None else self_index.long().contiguous(),
+                                                  temperature, _TILES[0])
+        return _reduce(per_row, reduction)
     if _use_compiled(queries):
         per_row = _ContrastiveLoss.apply(_kernel_dtype(queries), _kernel_dtype(keys), pos_index.long().contiguous(),
                                          None if self_index is None else self_index.long().contiguous(),
@@ -230,6 +236,28 @@ class _ContrastiveLoss(torch.autograd.Function):
         dq = dq.to(q.dtype) if need_dq else None
         dk = dk.to(k.dtype) if need_dk else None
         return dq, dk, None, None, None, None
+
+
+class _SymmetricContrastiveLoss(torch.autograd.Function):
+    """contrastive_loss(z, z, ...): the kernel computes each pair of tiles of Z Z^T once."""
+
+    @staticmethod
+    def forward(ctx, z, pos_index, self_index, temperature, tile):
+        z = z.detach().contiguous()
+        loss, lse = _C.contrastive_forward_sym(z, pos_index, self_index, temperature, tile)
+        ctx.save_for_backward(z, pos_index, lse)
+        ctx.self_index, ctx.temperature, ctx.tile = self_index, temperature, tile
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        z, pos_index, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        dz = _C.contrastive_backward_sym(z, pos_index, ctx.self_index, ctx.temperature, lse,
+                                         grad_rows.contiguous(), ctx.tile)
+        return dz, None, None, None, None
 
 
 def _reduce(per_row, reduction):

@@ -71,6 +71,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("contrastive_backward", &contrastive_backward, py::arg("queries"), py::arg("keys"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"),
         py::arg("need_dk"), py::arg("tile_q") = 0, py::arg("tile_k") = 0);
+  m.def("contrastive_forward_sym", &contrastive_forward_sym_cpu, py::arg("z"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("temperature"), py::arg("tile") = 0,
+        "CPU only: keys is queries; only the tiles on and above the diagonal");
+  m.def("contrastive_backward_sym", &contrastive_backward_sym_cpu, py::arg("z"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"), py::arg("tile") = 0);
   m.def("kmeans_assign", &kmeans_assign, py::arg("x"), py::arg("centroids"), py::arg("spherical"),
         py::arg("chunk") = 0);
   m.def("kmeans_update", &kmeans_update, py::arg("x"), py::arg("assign"), py::arg("k"));

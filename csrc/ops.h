@@ -28,6 +28,14 @@ std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
                                                  int64_t tile_q, int64_t tile_k);
 
+// symmetric case (keys is queries, CPU): only the tiles on and above the diagonal; returns (loss, lse) / dz
+std::vector<at::Tensor> contrastive_forward_sym_cpu(const at::Tensor& z, const at::Tensor& pos,
+                                                    const c10::optional<at::Tensor>& self, double temperature,
+                                                    int64_t tile);
+at::Tensor contrastive_backward_sym_cpu(const at::Tensor& z, const at::Tensor& pos,
+                                        const c10::optional<at::Tensor>& self, double temperature,
+                                        const at::Tensor& lse, const at::Tensor& grad_rows, int64_t tile);
+
 // ---- k-means
 // assign: (best score fp32 [N], best centroid int64 [N]); score = x.c (spherical) or x.c - |c|^2/2
 std::vector<at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk);

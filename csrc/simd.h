@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define SSLOPS_X86 1
@@ -102,6 +103,36 @@ SSLOPS_AVX2 inline void scale_fd_avx2(float* q, const double* u, double w, int64
   }
   for (; i < n; ++i) q[i] = static_cast<float>(q[i] * u[i] * w);
 }
+
+// sum_i exp(x[i] - shift), exps in float32, the sum in float64
+SSLOPS_AVX2 inline double sum_exp_avx2(const float* x, float shift, int64_t n) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 y = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
+  }
+  double s = hsum256d(_mm256_add_pd(a0, a1));
+  for (; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+
+SSLOPS_AVX2 inline void exp_inplace_avx2(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+SSLOPS_AVX2 inline float max_avx2(const float* x, int64_t n, float init) {
+  __m256 m = _mm256_set1_ps(init);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  float r = hmax256(m);
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
 #endif
 
 inline double dot_fd_scalar(const float* q, const double* u, int64_t n) {
@@ -136,6 +167,36 @@ inline void scale_fd(float* q, const double* u, double w, int64_t n) {
   if (have_avx2()) return scale_fd_avx2(q, u, w, n);
 #endif
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(q[i] * u[i] * w);
+}
+
+template <typename T>
+inline double sum_exp(const T* x, T shift, int64_t n) {
+#if SSLOPS_X86
+  if constexpr (std::is_same<T, float>::value)
+    if (have_avx2()) return sum_exp_avx2(x, shift, n);
+#endif
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+
+template <typename T>
+inline void exp_inplace(T* x, int64_t n) {
+#if SSLOPS_X86
+  if constexpr (std::is_same<T, float>::value)
+    if (have_avx2()) return exp_inplace_avx2(x, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+template <typename T>
+inline T max_of(const T* x, int64_t n, T init) {
+#if SSLOPS_X86
+  if constexpr (std::is_same<T, float>::value)
+    if (have_avx2()) return max_avx2(x, n, init);
+#endif
+  for (int64_t i = 0; i < n; ++i) init = x[i] > init ? x[i] : init;
+  return init;
 }
 
 }  // namespace simd
