@@ -93,62 +93,6 @@ def test_sinkhorn_thread_count_does_not_matter():
     assert torch.allclose(one, ops.sinkhorn(scores, 0.05, 3), atol=1e-6)
 
 
-def symmetric_inputs(n, d, seed, simclr):
-    """contrastive_loss(z, z, ...) as SimCLR calls it on one process, or with arbitrary indices."""
-    g = torch.Generator().manual_seed(seed)
-    z = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    if simclr:
-        return z, (torch.arange(n) + n // 2) % n, torch.arange(n)
-    pos = torch.randint(0, n, (n,), generator=g)
-    return z, pos, (pos + 1 + torch.randint(0, n - 1, (n,), generator=g)) % n
-
-
-def symmetric_loss_and_grad(fn, z, pos, temperature, self_index, dtype):
-    zz = z.detach().to(dtype).requires_grad_()
-    per_row = fn(zz, zz, pos, temperature, self_index=self_index, reduction="none")
-    (per_row * torch.linspace(0.5, 1.5, len(zz), dtype=dtype)).sum().backward()  # uneven row weights
-    return per_row.detach().double(), zz.grad.double()
-
-
-@pytest.mark.parametrize("n,d,simclr", [(2, 3, True), (7, 5, False), (38, 16, True), (1037, 19, False),
-                                        (1102, 13, True)])
-@pytest.mark.parametrize("temperature", [0.5, 0.1, 0.01])
-@pytest.mark.parametrize("with_self", [True, False])
-def test_contrastive_symmetric_matches_float64(n, d, simclr, temperature, with_self):
-    """keys is queries (SimCLR on one process) takes the CPU kernel's symmetric path."""
-    z, pos, self_index = symmetric_inputs(n, d, n + d, simclr)
-    self_index = self_index if with_self else None
-    truth = symmetric_loss_and_grad(ops.contrastive_loss_reference, z, pos, temperature, self_index, torch.float64)
-    naive = symmetric_loss_and_grad(ops.contrastive_loss_reference, z, pos, temperature, self_index, torch.float32)
-    ours = symmetric_loss_and_grad(ops.contrastive_loss, z, pos, temperature, self_index, torch.float32)
-    for name, o, nv, t in zip(("loss", "dz"), ours, naive, truth):
-        err, naive_err = (o - t).abs().max().item(), (nv - t).abs().max().item()
-        scale = max(1.0, t.abs().max().item())
-        assert err <= naive_err + F32_TOL * scale, (name, err, naive_err)
-
-
-def test_contrastive_symmetric_tile_size_does_not_matter(monkeypatch):
-    z, pos, self_index = symmetric_inputs(1037, 19, 5, False)
-    default = symmetric_loss_and_grad(ops.contrastive_loss, z, pos, 0.05, self_index, torch.float32)
-    for tile in [1, 7, 300, 4096]:
-        monkeypatch.setattr(ops, "_TILES", (tile, 0))
-        tiled = symmetric_loss_and_grad(ops.contrastive_loss, z, pos, 0.05, self_index, torch.float32)
-        for a, b in zip(tiled, default):  # fp32 sums in another order: rounding relative to the largest entry
-            assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), tile
-
-
-def test_contrastive_symmetric_gradcheck_float64_kernel():
-    for simclr in (True, False):
-        z, pos, self_index = symmetric_inputs(10, 5, 11, simclr)
-        z.requires_grad_()
-
-        def fn(zz):
-            return ops._SymmetricContrastiveLoss.apply(zz, pos, self_index, 0.3, 3)
-
-        assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-6)
-        assert torch.allclose(fn(z), ops.contrastive_loss_reference(z, z, pos, 0.3, self_index, "none"), atol=1e-12)
-
-
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sinkhorn_half_cuda(dtype):
