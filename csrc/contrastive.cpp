@@ -337,8 +337,7 @@ std::vector<at::Tensor> contrastive_forward_sym_cpu(const at::Tensor& z, const a
       for (int64_t j0 = i0; j0 < N; j0 += tb) {
         const int64_t C = std::min(tb, N - j0);
         auto s = buf.narrow(0, 0, R * C).view({R, C});
-        at::mm_out(s, z.narrow(0, i0, R), z.narrow(0, j0, C).t());
-        s.div_(temperature);
+        at::addmm_out(s, s, z.narrow(0, i0, R), z.narrow(0, j0, C).t(), 0.0, 1.0 / temperature);  // beta 0: s unread
         scalar_t* sp = s.data_ptr<scalar_t>();
         rows_update<scalar_t>(sp, R, C, i0, j0, idx, m.data(), l.data(), pl.data());
         if (j0 != i0) cols_update<scalar_t>(sp, R, C, i0, j0, idx, m.data(), l.data(), pl.data());
@@ -378,8 +377,7 @@ at::Tensor contrastive_backward_sym_cpu(const at::Tensor& z, const at::Tensor& p
         auto zj = z.narrow(0, j0, C);
         auto s = sbuf.narrow(0, 0, R * C).view({R, C});
         auto h = hbuf.narrow(0, 0, R * C).view({R, C});
-        at::mm_out(s, zi, zj.t());
-        s.div_(temperature);
+        at::addmm_out(s, s, zi, zj.t(), 0.0, inv_t);
         symmetric_grad_tile<scalar_t>(s.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), R, C, i0, j0, idx,
                                       lse_c.data_ptr<scalar_t>(), g_c.data_ptr<scalar_t>());
         dz.narrow(0, i0, R).addmm_(h, zj, 1.0, inv_t);
