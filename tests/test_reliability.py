@@ -1,14 +1,18 @@
 """Reliability of the training scripts: preemption, NaN/Inf guard, corrupt data, dying ranks, bad input."""
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from common import checkpoint
@@ -132,42 +136,123 @@ def test_a_dying_rank_ends_the_run_promptly_and_the_restart_resumes(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's table of bad input
 
-def _make_cases(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "noimages" / "cls").mkdir(parents=True)
-    (tmp_path / "noimages" / "cls" / "notes.txt").write_text("not an image")
-    other = tmp_path / "other-method"
-    other.mkdir()
-    torch.save({"method": "moco", "model": {}, "step": 1}, other / "checkpoint-00000001.pth")
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    (truncated / "checkpoint-00000001.pth").write_bytes(b"PK\x03\x04 not really")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file where the output directory should go")
-    return [
-        (["--data", "/no/such/dir"], "does not exist"),
-        (["--data", tmp_path / "empty"], "has no class sub-directories"),
-        (["--data", tmp_path / "noimages"], "contains no images"),
-        (["--data", "cifar10-mini", "--arch", "resnet7"], "unknown architecture 'resnet7'"),
-        (["--data", "cifar10-mini", "--batch-size", "100000"], "larger than this process's share"),
-        (["--data", "cifar10-mini", "--crops", "1x32"], "at least two views"),
-        (["--data", "cifar10-mini", "--crops", "2by32"], "--crops must look like"),
-        (["--data", "cifar10-mini", "--data-fraction", "1.5"], "--data-fraction must be in (0, 1]"),
-        (["--data", "cifar10-mini", "--output-dir", other], "is a moco checkpoint; it cannot resume a simclr run"),
-        (["--data", "cifar10-mini", "--output-dir", truncated], "not a readable PyTorch checkpoint"),
-        (["--data", "cifar10-mini", "--output-dir", blocker / "sub"], "is not a writable directory"),
-        (["--data", "cifar10-mini", "--nan-policy", "ignore"], "invalid choice"),
-    ]
+EVAL_BASE = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0",
+             "--train-data", "{images}", "--test-data", "{images}", "--output", "{out}/result.json"]
 
 
-def test_bad_input_table(tmp_path):
-    for extra, message in _make_cases(tmp_path):
-        argv = ["simclr.py", "--batch-size", "16", *SMALL, "--max-steps", "1", "--output-dir", tmp_path / "out", *extra]
-        proc = run_script(*argv, check=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
-        assert len(lines) == 1 or "invalid choice" in message, (extra, proc.stderr)  # argparse prints usage first
+def readme_bad_inputs():
+    """(script, input, message) for every row of the README's "## Bad input" table."""
+    section = (ROOT / "README.md").read_text().split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].endswith(".py"):
+            rows.append(tuple(cells))
+    return rows
+
+
+BAD_INPUTS = readme_bad_inputs()
+
+
+def test_the_readme_table_covers_every_script():
+    scripts = {script for script, _, _ in BAD_INPUTS}
+    assert scripts == {"simclr.py", *(f"{m}.py" for m in GUARDED), "clusterfit.py", "eval_linear.py", "eval_knn.py",
+                       "eval_svm.py"}
+    assert len(BAD_INPUTS) >= 35  # the parser found the table
+
+
+class Placeholders:
+    """The files a row's `{name}` stands for, made on first use and shared by the rows of one test session."""
+
+    def __init__(self, root):
+        self.root, self.made = root, {}
+
+    def __getitem__(self, name):
+        if name not in self.made:
+            self.made[name] = getattr(self, "_" + name.replace("-", "_"))(self.root / name)
+        return self.made[name]
+
+    def _empty_dir(self, path):
+        path.mkdir()
+        return path
+
+    def _text_dir(self, path):
+        (path / "cls").mkdir(parents=True)
+        (path / "cls" / "notes.txt").write_text("not an image")
+        return path
+
+    def _file(self, path):
+        path.write_text("a file where a directory should be")
+        return path
+
+    def _truncated(self, path):
+        path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+        return path
+
+    def _truncated_run(self, path):
+        path.mkdir()
+        (path / "checkpoint-00000001.pth").write_bytes(self["truncated"].read_bytes())
+        return path
+
+    def _resnet18(self, path):
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+        return path
+
+    def _list(self, path):
+        torch.save([1, 2, 3], path)
+        return path
+
+    def _images(self, path):
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            (path / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path / f"c{c}" / f"{i}.jpg")
+        return path
+
+    def _unlabelled(self, path):
+        path.write_text("".join(f"{p}\n" for p in sorted(self["images"].rglob("*.jpg"))))
+        return path
+
+    def _npid_run(self, path):
+        run_script("npid.py", *_small_args("npid"), "--max-steps", "1", "--output-dir", path)
+        return path
+
+    def _jigsaw_run(self, path):
+        run_script("jigsaw.py", *_small_args("jigsaw"), "--max-steps", "1", "--output-dir", path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def placeholders(tmp_path_factory):
+    return Placeholders(tmp_path_factory.mktemp("bad-input"))
+
+
+def _files(path):
+    return sorted((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()) \
+        if path.is_dir() else []
+
+
+@pytest.mark.parametrize("script,given,message", BAD_INPUTS, ids=[f"{s}:{g}" for s, g, _ in BAD_INPUTS])
+def test_bad_input_table(tmp_path, placeholders, script, given, message):
+    out = tmp_path / "out"
+    base = EVAL_BASE if script.startswith("eval_") else [*_small_args(script[:-3]), "--max-steps", "1",
+                                                         "--output-dir", "{out}"]
+    fill = lambda arg: re.sub(r"\{([a-z0-9-]+)\}", lambda m: str(out if m[1] == "out" else placeholders[m[1]]), arg)
+    argv = [fill(a) for a in [*base, *shlex.split(given)]]
+    output_dirs = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--output-dir"] or [out]
+    before = _files(output_dirs[-1])
+    proc = run_script(script, *argv, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and len(lines) == 1 or \
+        lines[0].startswith("usage: ") and lines[-1].startswith(f"{script}: error: "), proc.stderr  # argparse's
+    at = 0
+    for piece in message.split(" ... "):  # every piece of the excerpt, in order
+        at = lines[-1].find(piece, at)
+        assert at >= 0, (piece, lines[-1])
+    assert _files(output_dirs[-1]) == before, "the failed run left files behind"
 
 
 # ----------------------------------------------------------------------------- the same guards in every method script
