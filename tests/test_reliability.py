@@ -331,3 +331,27 @@ def test_every_script_preempted_by_sigterm_resumes_exactly(tmp_path, placeholder
         # transforms (common.data.ViewDataset), so its state at start, and in a checkpoint, is arbitrary
         state["rng"].pop("python")
     _same_state(state_full, state_resumed)
+
+
+@pytest.mark.distributed
+def test_torchrun_elastic_restart_after_a_killed_rank_resumes_exactly(tmp_path):
+    """Rank 1 SIGKILLs itself in step 5 (checkpoints every 2 steps): torchrun --max-restarts=1 restarts both
+    workers, they resume from checkpoint 4 and finish with the uninterrupted 2-process run's losses."""
+    args = ["simclr.py", "--data", "cifar10-mini", "--data-fraction", "0.03", "--batch-size", "8", *SMALL,
+            "--checkpoint-every", "2", "--max-steps", "7"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+                "--master_addr=127.0.0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SSL_DIST_TIMEOUT_MINUTES="1")
+    runs = {}
+    for name, fault in (("full", None), ("killed", "KILL:5:1")):
+        run_env = dict(env, SSL_TEST_FAULT=fault) if fault else env
+        runs[name] = subprocess.run(torchrun + [f"--master_port={free_port()}", *args, "--output-dir", tmp_path / name],
+                                    cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    assert (tmp_path / "killed" / ".test-fault-done").exists()  # the fault did happen
+    assert "resumed from" in runs["killed"].stdout and "resumed from" not in runs["full"].stdout
+    logged = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "killed")]
+    by_step = dict((step, (step, loss, lr)) for step, loss, lr in logged)
+    assert set(logged) == set(by_step.values())  # a step logged before the kill and again after it: same loss
+    assert sorted(by_step.values()) == [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "full")]
+    assert checkpoint.checkpoints(tmp_path / "killed")[-1][0] == 7
