@@ -230,8 +230,10 @@ def placeholders(tmp_path_factory):
 
 
 def _files(path):
-    return sorted((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()) \
-        if path.is_dir() else []
+    """(name, size, mtime) of every file under `path`."""
+    if not path.is_dir():
+        return []
+    return sorted((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("script,given,message", BAD_INPUTS, ids=[f"{s}:{g}" for s, g, _ in BAD_INPUTS])
