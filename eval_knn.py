@@ -168,6 +168,7 @@ def fewshot(feats, labels, mode, episodes, way=5, shot=5, query=15, seed=0):
 
 def main(argv=None):
     args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
+    cli.check_output_file(args.output)
     if not args.features and not args.weights:
         raise ValueError("--weights is required (a checkpoint path, or 'random'), unless --features is given.")
     if not args.features and not args.train_data:

@@ -341,6 +341,7 @@ def eval_only(args, cache, device):
 
 def main(argv=None):
     args = cli.parse_args(Args, None, argv, description=__doc__.split("\n")[0])
+    cli.check_output_file(args.output)
     if args.augment and args.features:
         raise ValueError("--augment needs images (--weights and --train-data), not --features.")
     if args.eval_only and not args.head:

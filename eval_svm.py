@@ -264,6 +264,7 @@ def low_shot_rows(targets, k, generator):
 
 def main(argv=None):
     args = cli.parse_args(Args, None, argv, description=__doc__.split("\n")[0])
+    cli.check_output_file(args.output)
     if not args.costs or any(c <= 0 for c in args.costs):
         raise ValueError(f"--costs must be positive, got {list(args.costs)}.")
     if args.cv_folds < 1:

@@ -10,8 +10,10 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import traceback
 import typing
+from pathlib import Path
 
 
 def _flag(name):
@@ -55,7 +57,23 @@ def parse_args(args_cls, presets=None, argv=None, description=None):
     preset = namespace.pop("preset", None)
     values = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in namespace.items()})
     values.preset = preset
+    if getattr(values, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be at least 1 (images per process), got {values.batch_size}.")
     return values
+
+
+def check_output_file(path, flag="--output"):
+    """Fail before any work is done when the result file `path` could not be written at the end."""
+    if not path:
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written: {folder} is not a writable directory "
+                         f"({e.strerror}).") from None
 
 
 def run(main):

@@ -459,8 +459,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def build_loader(dataset, sampler, batch_size, workers, device, collate_fn=collate):
-    """A DataLoader for training: drop_last, pinned memory on GPU, persistent workers."""
+    """A DataLoader for training: drop_last, pinned memory on GPU, persistent workers.
+
+    Its own generator: each new iterator (every epoch, and once more on resume) draws its
+    workers' base seed from it, not from the training loop's global RNG, which therefore
+    stays on the uninterrupted run's sequence after a resume.
+    """
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=torch.device(device).type == "cuda", drop_last=True, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())

@@ -58,8 +58,17 @@ def setup(device="auto", timeout_minutes=None):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         minutes = timeout_minutes or float(os.environ.get("SSL_DIST_TIMEOUT_MINUTES", 30))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=minutes))
+        timeout = datetime.timedelta(minutes=minutes)
+        kwargs = dict(init_method="env://")
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun --max-restarts: the agent reuses its store; keep this attempt's keys (gloo/NCCL addresses)
+            # apart from the failed attempt's, which would otherwise be read back
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            kwargs = dict(store=dist.PrefixStore(f"restart-{restart}", store))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, timeout=timeout, **kwargs)
     return Runtime(rank, world_size, local_rank, device)
 
 

@@ -188,6 +188,10 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
             raise ValueError("--train-data is required, unless --features is given.")
         train_set = data.build_split(args.train_data, "train")
         test_set = data.build_split(args.test_data or args.train_data, "test")
+        for spec, split in ((args.train_data, train_set), (args.test_data or args.train_data, test_set)):
+            if any(not isinstance(y, list) and y < 0 for y in data.labels_of(split)):
+                raise ValueError(f"{spec} has images without a label; evaluation needs labelled data "
+                                 f"(an ImageFolder, or 'path label' lines in a file list).")
     torch.manual_seed(args.seed)
     trunk, info = load_trunk(args.weights, args.arch or None, args.cifar_stem, args.state_dict_key or None,
                              args.remove_prefix or None, args.append_prefix or None, "head" in args.layers)

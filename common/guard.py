@@ -16,9 +16,14 @@ Preemption (SLURM sends SIGUSR1 before the time limit and SIGTERM at it; torchru
 and Kubernetes send SIGTERM): the handler only sets a flag; the step in flight finishes,
 a checkpoint is written atomically and the process exits with EXIT_PREEMPTED, so a
 wrapper (or torchrun --max-restarts) re-runs the same command, which resumes.
+
+Fault injection for the tests: SSL_TEST_FAULT="SIGNAL:STEP[:RANK]" (e.g. "TERM:3", "KILL:5:1")
+makes rank RANK (default 0) send itself SIGSIGNAL during its STEP-th step, once per
+--output-dir (a marker file `.test-fault-done` there keeps the re-run from repeating it).
 """
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -46,12 +51,23 @@ class StepGuard:
         self.signal_received, self.signal_time = None, None
         for sig in signals:
             signal.signal(sig, self._on_signal)
+        self.steps_here, self.fault = 0, os.environ.get("SSL_TEST_FAULT")
+
+    def _inject_fault(self):
+        name, at_step, *rank = self.fault.split(":")
+        marker = self.output_dir / ".test-fault-done"
+        if self.steps_here == int(at_step) and dist.rank() == int((rank or [0])[0]) and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
 
     def _on_signal(self, signum, frame):
         self.signal_received, self.signal_time = signum, time.time()
 
     def sync(self, loss):
         """(mean loss over ranks, whether any rank was signalled): one all-reduce per step."""
+        self.steps_here += 1
+        if self.fault:
+            self._inject_fault()
         packed = torch.stack([loss.detach().float().reshape(()),
                               torch.tensor(1.0 if self.signal_received else 0.0, device=loss.device)])
         if dist.world_size() > 1:

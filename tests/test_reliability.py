@@ -1,14 +1,19 @@
 """Reliability of the training scripts: preemption, NaN/Inf guard, corrupt data, dying ranks, bad input."""
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from common import checkpoint
@@ -132,42 +137,125 @@ def test_a_dying_rank_ends_the_run_promptly_and_the_restart_resumes(tmp_path):
 
 # ----------------------------------------------------------------------------- the README's table of bad input
 
-def _make_cases(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "noimages" / "cls").mkdir(parents=True)
-    (tmp_path / "noimages" / "cls" / "notes.txt").write_text("not an image")
-    other = tmp_path / "other-method"
-    other.mkdir()
-    torch.save({"method": "moco", "model": {}, "step": 1}, other / "checkpoint-00000001.pth")
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    (truncated / "checkpoint-00000001.pth").write_bytes(b"PK\x03\x04 not really")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file where the output directory should go")
-    return [
-        (["--data", "/no/such/dir"], "does not exist"),
-        (["--data", tmp_path / "empty"], "has no class sub-directories"),
-        (["--data", tmp_path / "noimages"], "contains no images"),
-        (["--data", "cifar10-mini", "--arch", "resnet7"], "unknown architecture 'resnet7'"),
-        (["--data", "cifar10-mini", "--batch-size", "100000"], "larger than this process's share"),
-        (["--data", "cifar10-mini", "--crops", "1x32"], "at least two views"),
-        (["--data", "cifar10-mini", "--crops", "2by32"], "--crops must look like"),
-        (["--data", "cifar10-mini", "--data-fraction", "1.5"], "--data-fraction must be in (0, 1]"),
-        (["--data", "cifar10-mini", "--output-dir", other], "is a moco checkpoint; it cannot resume a simclr run"),
-        (["--data", "cifar10-mini", "--output-dir", truncated], "not a readable PyTorch checkpoint"),
-        (["--data", "cifar10-mini", "--output-dir", blocker / "sub"], "is not a writable directory"),
-        (["--data", "cifar10-mini", "--nan-policy", "ignore"], "invalid choice"),
-    ]
+EVAL_BASE = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0",
+             "--train-data", "{images}", "--test-data", "{images}", "--output", "{out}/result.json"]
 
 
-def test_bad_input_table(tmp_path):
-    for extra, message in _make_cases(tmp_path):
-        argv = ["simclr.py", "--batch-size", "16", *SMALL, "--max-steps", "1", "--output-dir", tmp_path / "out", *extra]
-        proc = run_script(*argv, check=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
-        assert len(lines) == 1 or "invalid choice" in message, (extra, proc.stderr)  # argparse prints usage first
+def readme_bad_inputs():
+    """(script, input, message) for every row of the README's "## Bad input" table."""
+    section = (ROOT / "README.md").read_text().split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].endswith(".py"):
+            rows.append(tuple(cells))
+    return rows
+
+
+BAD_INPUTS = readme_bad_inputs()
+
+
+def test_the_readme_table_covers_every_script():
+    scripts = {script for script, _, _ in BAD_INPUTS}
+    assert scripts == {"simclr.py", *(f"{m}.py" for m in GUARDED), "clusterfit.py", "eval_linear.py", "eval_knn.py",
+                       "eval_svm.py"}
+    assert len(BAD_INPUTS) >= 35  # the parser found the table
+
+
+class Placeholders:
+    """The files a row's `{name}` stands for, made on first use and shared by the rows of one test session."""
+
+    def __init__(self, root):
+        self.root, self.made = root, {}
+
+    def __getitem__(self, name):
+        if name not in self.made:
+            self.made[name] = getattr(self, "_" + name.replace("-", "_"))(self.root / name)
+        return self.made[name]
+
+    def _empty_dir(self, path):
+        path.mkdir()
+        return path
+
+    def _text_dir(self, path):
+        (path / "cls").mkdir(parents=True)
+        (path / "cls" / "notes.txt").write_text("not an image")
+        return path
+
+    def _file(self, path):
+        path.write_text("a file where a directory should be")
+        return path
+
+    def _truncated(self, path):
+        path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+        return path
+
+    def _truncated_run(self, path):
+        path.mkdir()
+        (path / "checkpoint-00000001.pth").write_bytes(self["truncated"].read_bytes())
+        return path
+
+    def _resnet18(self, path):
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+        return path
+
+    def _list(self, path):
+        torch.save([1, 2, 3], path)
+        return path
+
+    def _images(self, path):
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            (path / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path / f"c{c}" / f"{i}.jpg")
+        return path
+
+    def _unlabelled(self, path):
+        path.write_text("".join(f"{p}\n" for p in sorted(self["images"].rglob("*.jpg"))))
+        return path
+
+    def _npid_run(self, path):
+        run_script("npid.py", *_small_args("npid"), "--max-steps", "1", "--output-dir", path)
+        return path
+
+    def _jigsaw_run(self, path):
+        run_script("jigsaw.py", *_small_args("jigsaw"), "--max-steps", "1", "--output-dir", path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def placeholders(tmp_path_factory):
+    return Placeholders(tmp_path_factory.mktemp("bad-input"))
+
+
+def _files(path):
+    """(name, size, mtime) of every file under `path`."""
+    if not path.is_dir():
+        return []
+    return sorted((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("script,given,message", BAD_INPUTS, ids=[f"{s}:{g}" for s, g, _ in BAD_INPUTS])
+def test_bad_input_table(tmp_path, placeholders, script, given, message):
+    out = tmp_path / "out"
+    base = EVAL_BASE if script.startswith("eval_") else [*_small_args(script[:-3]), "--max-steps", "1",
+                                                         "--output-dir", "{out}"]
+    fill = lambda arg: re.sub(r"\{([a-z0-9-]+)\}", lambda m: str(out if m[1] == "out" else placeholders[m[1]]), arg)
+    argv = [fill(a) for a in [*base, *shlex.split(given)]]
+    output_dirs = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--output-dir"] or [out]
+    before = _files(output_dirs[-1])
+    proc = run_script(script, *argv, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and len(lines) == 1 or \
+        lines[0].startswith("usage: ") and lines[-1].startswith(f"{script}: error: "), proc.stderr  # argparse's
+    at = 0
+    for piece in message.split(" ... "):  # every piece of the excerpt, in order
+        at = lines[-1].find(piece, at)
+        assert at >= 0, (piece, lines[-1])
+    assert _files(output_dirs[-1]) == before, "the failed run left files behind"
 
 
 # ----------------------------------------------------------------------------- the same guards in every method script
@@ -189,12 +277,83 @@ def test_every_script_stops_on_a_non_finite_loss(tmp_path, method):
     assert (tmp_path / "nonfinite.jsonl").exists()
 
 
-@pytest.mark.parametrize("method", GUARDED)
-def test_every_script_checkpoints_and_exits_75_on_sigterm(tmp_path, method):
-    proc = _popen([f"{method}.py", *_small_args(method), "--max-steps", "200", "--epochs", "50", "--workers", "0",
-                   "--output-dir", tmp_path])
-    _wait_for_steps(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert checkpoint.checkpoints(tmp_path)[-1][0] == metrics(tmp_path)[-1]["step"]
+# (max steps, the step during which SIGTERM arrives, extra flags): preempted mid-epoch, with the queue / memory
+# bank in use; DeepCluster-v2 after its second k-means (epoch 1 starts at step 7), the others cross epochs of 2 steps
+PREEMPT = {"moco": (5, 3, []), "swav": (5, 3, ["--epoch-queue-starts", "0"]), "deepcluster_v2": (9, 8, []),
+           "npid": (5, 3, []), "pirl": (5, 3, []), "rotnet": (5, 3, []), "jigsaw": (5, 3, []),
+           "clusterfit": (5, 3, ["--weights", "{resnet18}"])}
+
+
+def _same_state(a, b, where="checkpoint"):
+    """Bit-identical nested checkpoint contents (tensors, numbers, strings, RNG states)."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("method", list(PREEMPT))
+def test_every_script_preempted_by_sigterm_resumes_exactly(tmp_path, placeholders, method):
+    """SIGTERM in step k: the step finishes, checkpoint-k is written, exit 75; the same command resumes and its
+    losses, and its final checkpoint (weights, optimiser, RNG, queue / memory bank / pseudo-labels), equal an
+    uninterrupted run's."""
+    max_steps, signal_step, extra = PREEMPT[method]
+    extra = [str(placeholders["resnet18"]) if a == "{resnet18}" else a for a in extra]
+    args = [f"{method}.py", *_small_args(method), *extra, "--max-steps", max_steps, "--workers", "0"]
+    full, preempted = tmp_path / "full", tmp_path / "preempted"
+    run_script(*args, "--output-dir", full)
+    if method == "clusterfit":  # the train stage only: reuse the features and clusters of the uninterrupted run
+        preempted.mkdir()
+        for name in ("features.pth", "clusters.pth"):
+            shutil.copy(full / name, preempted / name)
+    proc = run_script(*args, "--output-dir", preempted, env={"SSL_TEST_FAULT": f"TERM:{signal_step}"}, check=False)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert "preempted by SIGTERM" in proc.stdout
+    assert checkpoint.checkpoints(preempted)[-1][0] == metrics(preempted)[-1]["step"] == signal_step
+    resumed = run_script(*args, "--output-dir", preempted)
+    assert f"at step {signal_step}" in resumed.stdout
+    record = lambda r: (r["step"], r["loss"], r["lr"])  # noqa: E731
+    assert [record(r) for r in metrics(preempted)] == [record(r) for r in metrics(full)] != []
+    (last_full, path_full), (last_resumed, path_resumed) = checkpoint.checkpoints(full)[-1], \
+        checkpoint.checkpoints(preempted)[-1]
+    assert last_full == last_resumed == max_steps
+    state_full, state_resumed = checkpoint.load(path_full), checkpoint.load(path_resumed)
+    for state in (state_full, state_resumed):
+        state.pop("args")  # holds --output-dir
+        # the scripts seed torch only; Python's `random` is drawn from solely inside the per-sample seeded
+        # transforms (common.data.ViewDataset), so its state at start, and in a checkpoint, is arbitrary
+        state["rng"].pop("python")
+    _same_state(state_full, state_resumed)
+
+
+@pytest.mark.distributed
+def test_torchrun_elastic_restart_after_a_killed_rank_resumes_exactly(tmp_path):
+    """Rank 1 SIGKILLs itself in step 5 (checkpoints every 2 steps): torchrun --max-restarts=1 restarts both
+    workers, they resume from checkpoint 4 and finish with the uninterrupted 2-process run's losses."""
+    args = ["simclr.py", "--data", "cifar10-mini", "--data-fraction", "0.03", "--batch-size", "8", *SMALL,
+            "--checkpoint-every", "2", "--max-steps", "7"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+                "--master_addr=127.0.0.1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SSL_DIST_TIMEOUT_MINUTES="1")
+    runs = {}
+    for name, fault in (("full", None), ("killed", "KILL:5:1")):
+        run_env = dict(env, SSL_TEST_FAULT=fault) if fault else env
+        runs[name] = subprocess.run(torchrun + [f"--master_port={free_port()}", *args, "--output-dir", tmp_path / name],
+                                    cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    assert (tmp_path / "killed" / ".test-fault-done").exists()  # the fault did happen
+    assert "resumed from" in runs["killed"].stdout and "resumed from" not in runs["full"].stdout
+    logged = [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "killed")]
+    by_step = dict((step, (step, loss, lr)) for step, loss, lr in logged)
+    assert set(logged) == set(by_step.values())  # a step logged before the kill and again after it: same loss
+    assert sorted(by_step.values()) == [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "full")]
+    assert checkpoint.checkpoints(tmp_path / "killed")[-1][0] == 7
