@@ -80,7 +80,8 @@ class Args:
 
 PRESETS = {
     "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, K=4096, m=0.99, T=0.1, wd 5e-4 "
-                       "(MoCo's official CIFAR-10 demo, but with v2's MLP head 512-512-128; the demo's is linear: --hidden-dim 0)",
+                       "(MoCo's official CIFAR-10 demo, but with v2's MLP head 512-512-128; the demo's is linear: "
+                       "--hidden-dim 0)",
                   arch="resnet18", cifar_stem=True, image_size=32, batch_size=512, lr=0.03, temperature=0.1,
                   queue_size=4096, key_momentum=0.99, weight_decay=5e-4, hidden_dim=512, blur_p=0.0, epochs=800,
                   workers=4, output_dir="runs/moco-cifar"),
