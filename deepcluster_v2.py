@@ -46,6 +46,8 @@ class Args:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
+    exclude_bias_and_norm: bool = field(default=False, metadata={
+        "help": "biases and BN parameters get plain SGD without weight decay (SimCLR's LARS) instead of LARC"})
     temperature: float = 0.1
     num_clusters: tuple[int, ...] = (3000, 3000, 3000)  # one k-means (and one prototype head) per entry
     kmeans_iters: int = 10
@@ -227,8 +229,8 @@ def train(args, runtime):
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # as the swav repository's LARC(SGD): every trained parameter is decayed and LARS-adapted
-    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, exclude_bias_and_norm=False), lr=0.0,
+    # as the swav repository's LARC(SGD): every trained parameter is decayed and LARS-adapted (by default)
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 

@@ -23,7 +23,7 @@ encoder sees P x S chunks; P processes x S splits equal one process with P x S s
 
     torchrun --nproc_per_node=8 moco.py --data /datasets/imagenet/train --epochs 200
     python moco.py --preset cifar --data cifar10 --epochs 800
-    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --queue-size 1024 --epochs 5   # 2-core CPU demo
 """
 import copy
 from dataclasses import dataclass, field
@@ -54,7 +54,7 @@ class Args:
     temperature: Optional[float] = field(default=None, metadata={"help": "default: 0.2 (v2), 0.07 (v1)"})
     queue_size: int = 65536  # K, a multiple of the global batch
     key_momentum: float = 0.999  # m of Eq. 2
-    hidden_dim: int = 2048
+    hidden_dim: int = field(default=2048, metadata={"help": "MLP head width (v2); 0: a linear head, as v1"})
     embedding_dim: int = 128
     image_size: int = 224
     crop_scale: tuple[float, ...] = (0.2, 1.0)
@@ -80,7 +80,8 @@ class Args:
 
 PRESETS = {
     "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, K=4096, m=0.99, T=0.1, wd 5e-4 "
-                       "(MoCo's official CIFAR-10 demo; MLP head 512-512-128)",
+                       "(MoCo's official CIFAR-10 demo, but with v2's MLP head 512-512-128; the demo's is linear: "
+                       "--hidden-dim 0)",
                   arch="resnet18", cifar_stem=True, image_size=32, batch_size=512, lr=0.03, temperature=0.1,
                   queue_size=4096, key_momentum=0.99, weight_decay=5e-4, hidden_dim=512, blur_p=0.0, epochs=800,
                   workers=4, output_dir="runs/moco-cifar"),
@@ -131,7 +132,8 @@ class Encoder(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.trunk = models.build_trunk(args.arch, args.cifar_stem)
-        dims = [self.trunk.feature_dim] + ([] if args.v1 else [args.hidden_dim]) + [args.embedding_dim]
+        hidden = [] if args.v1 or not args.hidden_dim else [args.hidden_dim]
+        dims = [self.trunk.feature_dim] + hidden + [args.embedding_dim]
         self.head = models.mlp(dims, batch_norm=False)
 
     def forward(self, images):
@@ -226,6 +228,10 @@ def train(args, runtime):
 
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
     views = data.ViewDataset(dataset, TwoViews(args), seed=args.seed)
+    if args.queue_size >= len(views):
+        # keys of the last K images include an older key of the query's own image: a positive scored as a negative
+        raise ValueError(f"--queue-size {args.queue_size} must be smaller than the {len(views)} training images "
+                         f"(a queue holding the whole data set makes each query's own earlier keys negatives).")
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:

@@ -45,6 +45,8 @@ class Args:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
+    exclude_bias_and_norm: bool = field(default=False, metadata={
+        "help": "biases and BN parameters get plain SGD without weight decay (SimCLR's LARS) instead of LARC"})
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iters: int = 3
@@ -223,8 +225,8 @@ def train(args, runtime):
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted
-    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, exclude_bias_and_norm=False), lr=0.0,
+    # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted (by default)
+    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 

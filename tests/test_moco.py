@@ -155,6 +155,7 @@ def test_v1_switches_head_temperature_and_blur():
     assert tiny_args("--v1", "--temperature", "0.1").temperature == 0.1
     v2 = tiny_args()
     assert v2.temperature == 0.2 and v2.blur_p == 0.5 and len(moco.Encoder(v2).head) == 3
+    assert len(moco.Encoder(tiny_args("--hidden-dim", "0")).head) == 1  # v2 with a linear head
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
@@ -162,6 +163,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
         (["--queue-size", "40"], "must be a multiple of the global batch"),
         (["--shuffle-bn-splits", "3"], "must be divisible by the 3 Shuffling-BN splits"),
         (["--key-momentum", "1.0"], "--key-momentum"),
+        (["--queue-size", "128"], "must be smaller than the 120 training images"),  # 3% of cifar10-mini
         (["--data", "/no/such/dir"], "does not exist"),
     ]
     for extra, message in cases:

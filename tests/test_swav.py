@@ -149,3 +149,14 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_exclude_bias_and_norm_moves_biases_and_bn_to_a_plain_sgd_group(tmp_path):
+    """Default: LARC on every parameter (the swav repository); the flag: SimCLR's groups (plain SGD, no decay)."""
+    for flag, plain_params in (([], 0), (["--exclude-bias-and-norm"], 1)):
+        run_script("swav.py", *SMALL, "--max-steps", "1", "--output-dir", tmp_path / str(plain_params), *flag)
+        state = torch.load(next((tmp_path / str(plain_params)).glob("checkpoint-*.pth")), weights_only=False)
+        decayed, plain = state["optimizer"]["param_groups"]
+        assert decayed["lars"] and decayed["weight_decay"] > 0
+        assert not plain["lars"] and plain["weight_decay"] == 0.0
+        assert (len(plain["params"]) > 0) == bool(plain_params), (flag, len(plain["params"]))
