@@ -67,7 +67,7 @@ __all__ = [
     "sample_grayscale_params", "apply_grayscale", "rgb_to_grayscale",
     "sample_gaussian_blur_params", "apply_gaussian_blur", "gaussian_kernel1d",
     "sample_solarize_params", "apply_solarize",
-    "apply_normalize",
+    "apply_normalize", "apply_rot90",
     "ViewAugmentation", "MultiCrop",
 ]
 
@@ -508,6 +508,18 @@ def apply_normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], inpl
     return x.sub_(m).div_(s) if inplace else (x - m) / s
 
 
+def apply_rot90(images: Tensor, k: Tensor) -> Tensor:
+    """Rotate sample b by ``k[b]`` x 90 degrees (``torch.rot90(images[b], k[b], dims=(-2, -1))``), square
+    images; no per-sample loop and no host sync (the four rotations are selected per sample)."""
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"rotations by 90 degrees need square images, got {tuple(images.shape[-2:])}")
+    k = _bcast(k.to(images.device).remainder(4))
+    out = images
+    for r in range(1, 4):
+        out = torch.where(k == r, torch.rot90(images, r, dims=(-2, -1)), out)
+    return out
+
+
 # --------------------------------------------------------------------------- #
 # composed pipelines
 # --------------------------------------------------------------------------- #
@@ -518,7 +530,7 @@ class ViewAugmentation:
         T.RandomResizedCrop(size, scale, ratio, antialias=False)
         T.RandomHorizontalFlip(flip_p)
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p)
-        T.RandomGrayscale(grayscale_p)
+        T.RandomGrayscale(grayscale_p)           # grayscale_first=True: before the jitter (MoCo v1)
         T.RandomApply([T.GaussianBlur(blur_kernel_size, blur_sigma)], p=blur_p)
         T.RandomSolarize(solarize_threshold, solarize_p)
         T.ToTensor(); T.Normalize(mean, std)      # mean=None: no normalisation
@@ -548,8 +560,10 @@ class ViewAugmentation:
         mean: Optional[Sequence[float]] = IMAGENET_MEAN,
         std: Optional[Sequence[float]] = IMAGENET_STD,
         channels_last: bool = False,
+        grayscale_first: bool = False,
     ):
         self.size = size
+        self.grayscale_first = grayscale_first
         self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
         self.jitter = (brightness, contrast, saturation, hue)
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
@@ -582,9 +596,11 @@ class ViewAugmentation:
     def apply(self, canvas: Tensor, params: Dict) -> Tensor:
         """[B, C, H, W] canvas -> [V * B, C, size, size] float32 (view-major)."""
         x = apply_resized_crop(canvas, params["boxes"], self.size, params["flip"])
+        if params["gray"] is not None and self.grayscale_first:
+            x = apply_grayscale(x, params["gray"], inplace=True)
         if params["jitter"] is not None:
             x = apply_color_jitter(x, params["jitter"])
-        if params["gray"] is not None:
+        if params["gray"] is not None and not self.grayscale_first:
             x = apply_grayscale(x, params["gray"], inplace=True)
         if params["blur"] is not None:
             x = apply_gaussian_blur(x, params["blur"], self.blur_kernel_size)

@@ -252,13 +252,16 @@ def tv_view(img, aug, params, i):
     out = tv_resized_crop(img, params["boxes"][v, b], aug.size)
     if params["flip"][v, b]:
         out = TF.horizontal_flip(out)
-    out = tv_jitter(out, params["jitter"], i)
-    if params["gray"][i]:
+    gray_first = getattr(aug, "grayscale_first", False)
+    if gray_first and params["gray"][i]:
         out = TF.rgb_to_grayscale(out, out.shape[-3])
-    if params["blur"]["apply"][i]:
+    out = tv_jitter(out, params["jitter"], i)
+    if not gray_first and params["gray"][i]:
+        out = TF.rgb_to_grayscale(out, out.shape[-3])
+    if params["blur"] is not None and params["blur"]["apply"][i]:
         k = aug.blur_kernel_size
         out = TF.gaussian_blur(out, [k, k], [float(params["blur"]["sigma"][i])])
-    if params["solarize"][i]:
+    if params["solarize"] is not None and params["solarize"][i]:
         out = TF.solarize(out, aug.solarize_threshold)
     return out
 
@@ -278,6 +281,32 @@ def test_view_augmentation_matches_torchvision_pipeline():
     outn = norm.apply(x, params)
     ref = TF.normalize(out, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
     torch.testing.assert_close(outn, ref, atol=1e-5, rtol=0)
+
+
+def test_grayscale_before_jitter_matches_torchvision_pipeline():
+    """MoCo v1's order: RandomGrayscale, then ColorJitter (the hue of a gray image is not a no-op in the
+    other order, so the two orders give different images)."""
+    aug = A.ViewAugmentation(20, jitter_p=1.0, hue=0.4, grayscale_p=0.5, mean=None, grayscale_first=True)
+    x = rand_images(10, 30, 26, seed=57)
+    params = aug.sample_params(A.image_sizes(x), generator=gen(58))
+    assert params["gray"].any() and not params["gray"].all()
+    out = aug.apply(x, params)
+    for i in range(10):
+        torch.testing.assert_close(out[i], tv_view(x[i], aug, params, i), atol=ATOL, rtol=0)
+    later = A.ViewAugmentation(20, jitter_p=1.0, hue=0.4, grayscale_p=0.5, mean=None).apply(x, params)
+    assert (later - out).abs().max() > 0.05
+
+
+def test_rot90_per_sample_equals_torch_rot90_per_image():
+    x = rand_images(9, 12, 12, seed=59)
+    k = torch.tensor([0, 1, 2, 3, 5, -1, 2, 0, 3])  # any integer, taken mod 4 like torch.rot90
+    out = A.apply_rot90(x, k)
+    for b in range(9):
+        assert torch.equal(out[b], torch.rot90(x[b], int(k[b]), dims=(1, 2)))
+    u8 = (x * 255).to(torch.uint8)
+    assert torch.equal(A.apply_rot90(u8, k), (out * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="square"):
+        A.apply_rot90(rand_images(2, 12, 10), torch.tensor([1, 2]))
 
 
 def test_one_channel_images_match_torchvision():
