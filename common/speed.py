@@ -83,3 +83,11 @@ class DeviceViews:
 def compile_model(model, enabled):
     """torch.compile(model) when asked (the first steps are slow while it compiles); else the model."""
     return torch.compile(model) if enabled else model
+
+
+def compile_in_place(modules, enabled):
+    """nn.Module.compile() on each module (their state_dict keys stay unchanged): for scripts whose
+    top-level forward also updates buffers or talks to other processes (MoCo's key encoder, queue)."""
+    if enabled:
+        for module in modules:
+            module.compile()
