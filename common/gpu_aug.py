@@ -60,14 +60,14 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 __all__ = [
     "to_canvas", "image_sizes", "to_float",
-    "sample_resized_crop_params", "apply_resized_crop",
+    "sample_resized_crop_params", "apply_resized_crop", "sample_resize_crop_params",
     "sample_hflip_params", "apply_hflip",
     "sample_color_jitter_params", "apply_color_jitter",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
     "sample_grayscale_params", "apply_grayscale", "rgb_to_grayscale",
     "sample_gaussian_blur_params", "apply_gaussian_blur", "gaussian_kernel1d",
     "sample_solarize_params", "apply_solarize",
-    "apply_normalize", "apply_rot90",
+    "apply_normalize", "apply_rot90", "sample_tile_offsets", "apply_jigsaw_tiles",
     "ViewAugmentation", "MultiCrop",
 ]
 
@@ -205,6 +205,33 @@ def sample_resized_crop_params(
     return torch.stack([top, left, h, w], dim=1)
 
 
+def sample_resize_crop_params(
+    image_sizes: Tensor, resize_size: int, crop_size: int, generator: Optional[torch.Generator] = None, device=None
+) -> Tensor:
+    """``Resize(resize_size)`` then ``RandomCrop(crop_size)`` per sample, as float boxes in the input image.
+
+    torchvision's Resize scales the shorter side to ``resize_size`` and the longer one to
+    ``int(resize_size * long / short)``; RandomCrop's corner is uniform over the resized image.
+    Returns float ``[N, 4]`` (top, left, height, width) in input pixels, for ``apply_resized_crop``:
+    bilinear resampling of that box equals resizing (without antialias) and then cropping, exactly
+    when downscaling; when upscaling the box's first and last rows and columns read no pixel outside it.
+    """
+    device = image_sizes.device if device is None else device
+    sizes = image_sizes.to(device=device, dtype=torch.long)
+    h, w = sizes[:, 0], sizes[:, 1]
+    short, long = torch.minimum(h, w), torch.maximum(h, w)
+    new_long = torch.div(resize_size * long, short, rounding_mode="floor")
+    resized_h = torch.where(h <= w, torch.full_like(h, resize_size), new_long)
+    resized_w = torch.where(h <= w, new_long, torch.full_like(w, resize_size))
+    if bool((torch.minimum(resized_h, resized_w) < crop_size).any()):
+        raise ValueError(f"a crop of {crop_size} px does not fit in images resized to {resize_size} px")
+    u = _rand((len(sizes), 2), generator, device, torch.float64).to(torch.float64)
+    top = torch.floor(u[:, 0] * (resized_h - crop_size + 1)).clamp(max=resized_h - crop_size)
+    left = torch.floor(u[:, 1] * (resized_w - crop_size + 1)).clamp(max=resized_w - crop_size)
+    scale_h, scale_w = h / resized_h.to(torch.float64), w / resized_w.to(torch.float64)
+    return torch.stack([top * scale_h, left * scale_w, crop_size * scale_h, crop_size * scale_w], dim=1)
+
+
 def _crop_axis_coords(start: Tensor, length: Tensor, out: int, canvas: int) -> Tensor:
     """Normalised grid coordinates (align_corners=False) along one axis.
 
@@ -229,8 +256,8 @@ def apply_resized_crop(
     """Crop every box and resize it to ``size`` (bilinear, no antialias), in one
     ``grid_sample`` call.
 
-    ``images``: ``[N, C, H, W]`` uint8 or float in [0, 1].  ``boxes``: long
-    ``[N, 4]`` (top, left, height, width), or ``[V, N, 4]`` for V views of each
+    ``images``: ``[N, C, H, W]`` uint8 or float in [0, 1].  ``boxes``: long (or float, for
+    boxes between pixels) ``[N, 4]`` (top, left, height, width), or ``[V, N, 4]`` for V views of each
     image (sampled together, without copying the images).  ``flip``: optional
     bool ``[N]`` / ``[V, N]``, horizontal flip of the output.
     Returns float32 in [0, 1], ``[N, C, h, w]`` or ``[V * N, C, h, w]`` (view-major).
@@ -520,6 +547,37 @@ def apply_rot90(images: Tensor, k: Tensor) -> Tensor:
     return out
 
 
+def sample_tile_offsets(batch_size: int, n_tiles: int, max_offset: int, generator=None, device=None) -> Tensor:
+    """long ``[N, n_tiles, 2]`` (dy, dx), each uniform in [0, max_offset] (``torch.randint(max_offset + 1, ...)``)."""
+    u = _rand((batch_size, n_tiles, 2), generator, device, torch.float64).to(torch.float64)
+    return torch.floor(u * (max_offset + 1)).clamp(max=max_offset).to(torch.long)
+
+
+def apply_jigsaw_tiles(images: Tensor, offsets: Tensor, cell: int, tile: int, standardize: bool = True) -> Tensor:
+    """The tiles of a jigsaw puzzle (Noroozi & Favaro 2016), one gather for the whole batch.
+
+    ``images`` [N, C, S, S] with S >= grid * cell; ``offsets`` long [N, grid * grid, 2]: tile k (row-major
+    cell k // grid, k % grid) is the ``tile`` x ``tile`` square at (cell row * cell + dy, cell col * cell + dx).
+    ``standardize``: each tile's channels get zero mean and unit (unbiased) std, ``(t - mean) / (std + 1e-5)``.
+    Returns [N, grid * grid, C, tile, tile].
+    """
+    n_tiles = offsets.shape[1]
+    grid = math.isqrt(n_tiles)
+    offsets = offsets.to(images.device)
+    position = torch.arange(n_tiles, device=images.device)
+    corner = torch.stack([position // grid, position % grid], dim=1) * cell + offsets  # [N, T, 2]
+    steps = torch.arange(tile, device=images.device)
+    rows = (corner[..., 0, None] + steps)[:, :, :, None]  # [N, T, t, 1]
+    cols = (corner[..., 1, None] + steps)[:, :, None, :]  # [N, T, 1, t]
+    batch = torch.arange(len(images), device=images.device)[:, None, None, None]
+    tiles = images[batch, :, rows, cols].permute(0, 1, 4, 2, 3)  # [N, T, t, t, C] -> [N, T, C, t, t]
+    if standardize:
+        mean = tiles.mean(dim=(-2, -1), keepdim=True)
+        std = tiles.std(dim=(-2, -1), keepdim=True)
+        tiles = (tiles - mean) / (std + 1e-5)
+    return tiles.contiguous()
+
+
 # --------------------------------------------------------------------------- #
 # composed pipelines
 # --------------------------------------------------------------------------- #
@@ -527,8 +585,8 @@ def apply_rot90(images: Tensor, k: Tensor) -> Tensor:
 class ViewAugmentation:
     """One random view per image, the batched twin of the torchvision pipeline
 
-        T.RandomResizedCrop(size, scale, ratio, antialias=False)
-        T.RandomHorizontalFlip(flip_p)
+        T.RandomResizedCrop(size, scale, ratio, antialias=False)   # resize_size: T.Resize(resize_size);
+        T.RandomHorizontalFlip(flip_p)                             #   T.RandomCrop(size) instead
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p)
         T.RandomGrayscale(grayscale_p)           # grayscale_first=True: before the jitter (MoCo v1)
         T.RandomApply([T.GaussianBlur(blur_kernel_size, blur_sigma)], p=blur_p)
@@ -561,9 +619,11 @@ class ViewAugmentation:
         std: Optional[Sequence[float]] = IMAGENET_STD,
         channels_last: bool = False,
         grayscale_first: bool = False,
+        resize_size: Optional[int] = None,
     ):
         self.size = size
         self.grayscale_first = grayscale_first
+        self.resize_size = resize_size
         self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
         self.jitter = (brightness, contrast, saturation, hue)
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
@@ -583,7 +643,10 @@ class ViewAugmentation:
         rep = sizes.to(device).repeat(num_views, 1)
         has_color = any(v > 0 for v in self.jitter) and self.jitter_p > 0
         return {
-            "boxes": sample_resized_crop_params(rep, self.scale, self.ratio, generator, device).reshape(num_views, B, 4),
+            "boxes": (sample_resized_crop_params(rep, self.scale, self.ratio, generator, device)
+                      if self.resize_size is None else
+                      sample_resize_crop_params(rep, self.resize_size, self.size, generator, device)
+                      ).reshape(num_views, B, 4),
             "flip": sample_hflip_params(N, self.flip_p, generator, device).reshape(num_views, B),
             "jitter": sample_color_jitter_params(N, *self.jitter, p=self.jitter_p, generator=generator,
                                                  device=device) if has_color else None,

@@ -365,3 +365,63 @@ def test_cuda_matches_cpu():
     for a, b in zip(cpu, cuda):
         assert b.is_cuda
         torch.testing.assert_close(b.cpu(), a, atol=ATOL / min(A.IMAGENET_STD), rtol=0)
+
+
+# --------------------------------------------------------------------------- #
+# Resize + RandomCrop (Jigsaw's image), jigsaw tiles
+# --------------------------------------------------------------------------- #
+
+def test_resize_then_random_crop_matches_torchvision_when_downscaling():
+    """Resize(40) + RandomCrop(30) of 60x80 and 90x50 images as one float box each, resampled in one call."""
+    x, sizes = A.to_canvas([*rand_images(6, 60, 80, seed=70), *rand_images(6, 90, 50, seed=71)])
+    boxes = A.sample_resize_crop_params(sizes, 40, 30, gen(72))
+    out = A.apply_resized_crop(x, boxes, 30)
+    for i in range(12):
+        h, w = sizes[i].tolist()
+        resized = TF.resize(x[i, :, :h, :w], [40], interpolation=InterpolationMode.BILINEAR, antialias=False)
+        scale_h, scale_w = h / resized.shape[-2], w / resized.shape[-1]
+        top, left = round(float(boxes[i, 0]) / scale_h), round(float(boxes[i, 1]) / scale_w)
+        assert abs(float(boxes[i, 2]) - 30 * scale_h) < 1e-9 and abs(float(boxes[i, 3]) - 30 * scale_w) < 1e-9
+        torch.testing.assert_close(out[i], TF.crop(resized, top, left, 30, 30), atol=ATOL, rtol=0)
+    # an image already at the resize size: integer boxes, exactly RandomCrop
+    same = A.sample_resize_crop_params(torch.tensor([[32, 32]] * 4), 32, 30, gen(73))
+    assert torch.equal(same[:, 2:], torch.full((4, 2), 30.0)) and torch.equal(same[:, :2], same[:, :2].round())
+
+
+def test_resize_then_random_crop_corner_distribution():
+    """The corner of the crop in the resized image is uniform over its range, as RandomCrop.get_params."""
+    n = 20000
+    boxes = A.sample_resize_crop_params(torch.tensor([[48, 96]]).expand(n, 2), 32, 30, gen(74))
+    scale = 48 / 32  # 48x96 -> 32x64
+    top, left = (boxes[:, 0] / scale).round().long(), (boxes[:, 1] / scale).round().long()
+    assert top.min() == 0 and top.max() == 2 and left.min() == 0 and left.max() == 34
+    torch.manual_seed(75)
+    ref = np.array([T.RandomCrop.get_params(torch.empty(1, 32, 64), (30, 30)) for _ in range(n)])
+    assert stats.ks_2samp(top.numpy(), ref[:, 0]).pvalue > 1e-3
+    assert stats.ks_2samp(left.numpy(), ref[:, 1]).pvalue > 1e-3
+
+
+def per_image_tiles(image, offsets, cell, tile):
+    """jigsaw.py's Puzzle, one image: tile at its offset inside each cell, standardised on its own."""
+    tiles = []
+    for position, (dy, dx) in enumerate(offsets.tolist()):
+        y, x = (position // 3) * cell + dy, (position % 3) * cell + dx
+        t = image[:, y:y + tile, x:x + tile]
+        tiles.append((t - t.mean(dim=(1, 2), keepdim=True)) / (t.std(dim=(1, 2), keepdim=True) + 1e-5))
+    return torch.stack(tiles)
+
+
+def test_jigsaw_tiles_match_the_per_image_reference():
+    x = rand_images(5, 31, 31, seed=76)
+    offsets = A.sample_tile_offsets(5, 9, 10 - 7, gen(77))
+    assert offsets.shape == (5, 9, 2) and offsets.min() == 0 and offsets.max() == 3
+    out = A.apply_jigsaw_tiles(x, offsets, cell=10, tile=7)
+    assert out.shape == (5, 9, 3, 7, 7)
+    for b in range(5):
+        torch.testing.assert_close(out[b], per_image_tiles(x[b], offsets[b], 10, 7), atol=1e-5, rtol=0)
+    raw = A.apply_jigsaw_tiles(x, offsets, cell=10, tile=7, standardize=False)
+    assert torch.equal(raw[2, 4], x[2, :, 10 + int(offsets[2, 4, 0]):17 + int(offsets[2, 4, 0]),
+                                     10 + int(offsets[2, 4, 1]):17 + int(offsets[2, 4, 1])])
+    # uniform offsets: every value in [0, max] about equally often
+    counts = torch.bincount(A.sample_tile_offsets(4000, 9, 3, gen(78)).flatten(), minlength=4).double()
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3

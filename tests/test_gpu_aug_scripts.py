@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests import test_clusterfit, test_deepcluster_v2, test_moco, test_npid, test_rotnet, test_swav
+from tests import test_clusterfit, test_deepcluster_v2, test_jigsaw, test_moco, test_npid, test_rotnet, test_swav
 from tests.conftest import metrics, run_script
 
 # script, its tests' tiny settings plus extras, steps of the full run, steps before the interruption
@@ -25,6 +25,8 @@ CASES = {
     # one random rotation per image, drawn from the step's generator, applied batched (gpu_aug.apply_rot90)
     "rotnet": ("rotnet.py", [*test_rotnet.SMALL, "--rotations", "1"], 5, 3),
     "clusterfit": ("clusterfit.py", [*test_clusterfit.SMALL], 5, 3),  # the train stage
+    # Resize + RandomCrop on the device, then batched tiles (offsets and permutations from the batch's generator)
+    "jigsaw": ("jigsaw.py", [*test_jigsaw.SMALL], 5, 3),
 }
 
 
