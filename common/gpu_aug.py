@@ -67,7 +67,8 @@ __all__ = [
     "sample_grayscale_params", "apply_grayscale", "rgb_to_grayscale",
     "sample_gaussian_blur_params", "apply_gaussian_blur", "gaussian_kernel1d",
     "sample_solarize_params", "apply_solarize",
-    "apply_normalize", "apply_rot90", "sample_tile_offsets", "apply_jigsaw_tiles",
+    "apply_normalize", "apply_rot90", "sample_tile_offsets", "apply_jigsaw_tiles", "sample_jigsaw_patch_boxes",
+    "sample_photometric_params", "apply_photometric", "adjust_sharpness", "autocontrast",
     "ViewAugmentation", "MultiCrop",
 ]
 
@@ -518,6 +519,57 @@ def apply_gaussian_blur(x: Tensor, params: Dict[str, Tensor], kernel_size: int) 
     return x.index_copy(0, idx, y.reshape(M, C, H, W))
 
 
+def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample ``F.adjust_sharpness`` (float [0, 1]): blend with the 3x3 smoothing [[1,1,1],[1,5,1],[1,1,1]]/13
+    in the interior, border pixels unchanged; one depthwise convolution for the batch."""
+    N, C, H, W = x.shape
+    if H <= 2 or W <= 2:
+        return x
+    kernel = torch.full((3, 3), 1.0 / 13.0, dtype=x.dtype, device=x.device)
+    kernel[1, 1] = 5.0 / 13.0
+    smooth = F.conv2d(x.reshape(1, N * C, H, W), kernel.expand(N * C, 1, 3, 3), groups=N * C)
+    smooth = smooth.reshape(N, C, H - 2, W - 2)
+    out = x.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.copy_(_blend(inner, smooth, factor.to(x.device)))
+    return out
+
+
+def autocontrast(x: Tensor) -> Tensor:
+    """``F.autocontrast`` (float [0, 1]): each channel stretched to [0, 1]; constant channels unchanged."""
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    constant = high == low
+    scale = torch.where(constant, torch.ones_like(high), high - low)
+    return ((x - torch.where(constant, torch.zeros_like(low), low)) / scale).clamp_(0.0, 1.0)
+
+
+def sample_photometric_params(batch_size: int, p: float = 0.66, generator=None, device=None) -> Dict[str, Tensor]:
+    """VISSL's ImgPilRandomPhotometric (PIRL): with probability ``p`` all of posterize (``bits`` uniform in
+    4..8), sharpness (``sharpness`` ~ U[0.1, 1.9]), solarize (``threshold`` uniform in 0..256, over 255)
+    and autocontrast, else none; ``apply`` bool[N]."""
+    apply = _bernoulli(batch_size, p, generator, device)
+    u = _rand((batch_size, 3), generator, device, torch.float64).to(torch.float64)
+    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 5)).clamp(max=8).to(torch.long),
+            "sharpness": (0.1 + 1.8 * u[:, 1]).to(torch.float32),
+            "threshold": (torch.floor(u[:, 2] * 257).clamp(max=256) / 255.0).to(torch.float32)}
+
+
+def apply_photometric(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
+    """posterize -> sharpness -> solarize -> autocontrast on the samples where ``apply`` (torchvision's float
+    semantics: posterize is floor(x 2^bits) / 2^bits); one host sync (the subset)."""
+    idx = torch.nonzero(params["apply"].to(x.device)).squeeze(1)
+    if idx.numel() == 0:
+        return x
+    sub = x.index_select(0, idx)
+    levels = _bcast(torch.pow(2.0, params["bits"].to(x.device)[idx].to(x.dtype)))
+    sub = torch.minimum(torch.floor(sub * levels), levels - 1).clamp_(min=0.0) / levels
+    sub = adjust_sharpness(sub, params["sharpness"].to(x.device)[idx])
+    threshold = _bcast(params["threshold"].to(x.device, x.dtype)[idx])
+    sub = torch.where(sub >= threshold, 1.0 - sub, sub)
+    return x.index_copy(0, idx, autocontrast(sub))
+
+
 def sample_solarize_params(batch_size: int, p: float = 0.2, generator=None, device=None) -> Tensor:
     """bool[N] (RandomSolarize(threshold, p))."""
     return _bernoulli(batch_size, p, generator, device)
@@ -578,6 +630,30 @@ def apply_jigsaw_tiles(images: Tensor, offsets: Tensor, cell: int, tile: int, st
     return tiles.contiguous()
 
 
+def sample_jigsaw_patch_boxes(
+    sizes: Tensor, crop_size: int, crop_scale: Tuple[float, float], patch_size: int, grid: int = 3,
+    generator=None, device=None,
+) -> Tensor:
+    """PIRL's jigsaw geometry per image, as float boxes ``[grid * grid, N, 4]`` in the image, in a random order.
+
+    The per-image pipeline: ``RandomResizedCrop(crop_size, crop_scale)``, a grid x grid of cells of
+    ``crop_size // grid`` px, in each a ``patch_size`` square at a uniform offset, patches shuffled.
+    Here each patch is one box of the image (resampling it equals resizing the crop and cutting the
+    patch, see ``sample_resize_crop_params``); view k of image n is the patch of cell ``order[n, k]``.
+    """
+    device = sizes.device if device is None else device
+    crop = sample_resized_crop_params(sizes, crop_scale, generator=generator, device=device).to(torch.float64)
+    cell, n_tiles, N = crop_size // grid, grid * grid, len(sizes)
+    offsets = sample_tile_offsets(N, n_tiles, cell - patch_size, generator, device)
+    position = torch.arange(n_tiles, device=device)
+    corner = (torch.stack([position // grid, position % grid], dim=1) * cell + offsets).to(torch.float64)
+    scale_h, scale_w = crop[:, 2, None] / crop_size, crop[:, 3, None] / crop_size  # image px per crop px
+    boxes = torch.stack([crop[:, 0, None] + corner[..., 0] * scale_h, crop[:, 1, None] + corner[..., 1] * scale_w,
+                         (patch_size * scale_h).expand(N, n_tiles), (patch_size * scale_w).expand(N, n_tiles)], -1)
+    order = torch.argsort(_rand((N, n_tiles), generator, device), dim=1)  # a uniform random shuffle per image
+    return boxes.gather(1, order[..., None].expand(N, n_tiles, 4)).transpose(0, 1)
+
+
 # --------------------------------------------------------------------------- #
 # composed pipelines
 # --------------------------------------------------------------------------- #
@@ -588,6 +664,7 @@ class ViewAugmentation:
         T.RandomResizedCrop(size, scale, ratio, antialias=False)   # resize_size: T.Resize(resize_size);
         T.RandomHorizontalFlip(flip_p)                             #   T.RandomCrop(size) instead
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p)
+        RandomPhotometric(photometric_p)         # PIRL's: posterize, sharpness, solarize, autocontrast
         T.RandomGrayscale(grayscale_p)           # grayscale_first=True: before the jitter (MoCo v1)
         T.RandomApply([T.GaussianBlur(blur_kernel_size, blur_sigma)], p=blur_p)
         T.RandomSolarize(solarize_threshold, solarize_p)
@@ -620,8 +697,10 @@ class ViewAugmentation:
         channels_last: bool = False,
         grayscale_first: bool = False,
         resize_size: Optional[int] = None,
+        photometric_p: float = 0.0,
     ):
         self.size = size
+        self.photometric_p = photometric_p
         self.grayscale_first = grayscale_first
         self.resize_size = resize_size
         self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
@@ -654,6 +733,8 @@ class ViewAugmentation:
             "blur": sample_gaussian_blur_params(N, self.blur_sigma, self.blur_p, generator, device)
             if self.blur_p > 0 else None,
             "solarize": sample_solarize_params(N, self.solarize_p, generator, device) if self.solarize_p > 0 else None,
+            "photometric": sample_photometric_params(N, self.photometric_p, generator, device)
+            if self.photometric_p > 0 else None,
         }
 
     def apply(self, canvas: Tensor, params: Dict) -> Tensor:
@@ -663,6 +744,8 @@ class ViewAugmentation:
             x = apply_grayscale(x, params["gray"], inplace=True)
         if params["jitter"] is not None:
             x = apply_color_jitter(x, params["jitter"])
+        if params.get("photometric") is not None:
+            x = apply_photometric(x, params["photometric"])
         if params["gray"] is not None and not self.grayscale_first:
             x = apply_grayscale(x, params["gray"], inplace=True)
         if params["blur"] is not None:
@@ -684,6 +767,24 @@ class ViewAugmentation:
 
     def __call__(self, images: Images, generator: Optional[torch.Generator] = None) -> Tensor:
         return self.views(images, 1, generator)[0]
+
+
+class JigsawPatches(ViewAugmentation):
+    """PIRL's jigsaw branch: ``grid * grid`` views per image, its shuffled patches (``sample_jigsaw_patch_boxes``),
+    each through the colour pipeline of ``ViewAugmentation`` (``**kwargs``) on its own, flip included."""
+
+    def __init__(self, patch_size: int, crop_size: int, crop_scale: Tuple[float, float], grid: int = 3, **kwargs):
+        super().__init__(patch_size, scale=crop_scale, **kwargs)
+        self.crop_size, self.grid = crop_size, grid
+
+    def sample_params(self, sizes: Tensor, num_views: int = 9, generator=None, device=None) -> Dict:
+        if num_views != self.grid ** 2:
+            raise ValueError(f"JigsawPatches makes {self.grid ** 2} views per image, not {num_views}")
+        device = sizes.device if device is None else device
+        boxes = sample_jigsaw_patch_boxes(sizes, self.crop_size, self.scale, self.size, self.grid, generator, device)
+        params = super().sample_params(sizes, num_views, generator, device)
+        params["boxes"] = boxes
+        return params
 
 
 class MultiCrop:

@@ -425,3 +425,71 @@ def test_jigsaw_tiles_match_the_per_image_reference():
     # uniform offsets: every value in [0, max] about equally often
     counts = torch.bincount(A.sample_tile_offsets(4000, 9, 3, gen(78)).flatten(), minlength=4).double()
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- #
+# PIRL: photometric ops, jigsaw patches
+# --------------------------------------------------------------------------- #
+
+def test_photometric_matches_torchvision_per_image():
+    x = rand_images(12, 20, 18, seed=80)
+    x[3, 1] = 0.25  # a constant channel: autocontrast leaves it
+    params = A.sample_photometric_params(12, 0.66, gen(81))
+    params["apply"][:4] = True
+    params["threshold"][0] = 256 / 255  # PIL's largest threshold: nothing inverted
+    out = A.apply_photometric(x, params)
+    for i in range(12):
+        ref = x[i]
+        if params["apply"][i]:
+            ref = TF.posterize(ref, int(params["bits"][i]))
+            ref = TF.adjust_sharpness(ref, float(params["sharpness"][i]))
+            if params["threshold"][i] <= 1:
+                ref = TF.solarize(ref, float(params["threshold"][i]))
+            ref = TF.autocontrast(ref)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+    assert not torch.equal(out[:4], x[:4]) and torch.equal(out[~params["apply"]], x[~params["apply"]])
+
+
+def test_photometric_params_distribution():
+    params = A.sample_photometric_params(30000, 0.66, gen(82))
+    assert abs(params["apply"].double().mean() - 0.66) < 0.015
+    assert torch.equal(torch.unique(params["bits"]), torch.arange(4, 9))
+    assert stats.chisquare(torch.bincount(params["bits"])[4:].numpy()).pvalue > 1e-3
+    thresholds = (params["threshold"] * 255).round().long()
+    assert thresholds.min() == 0 and thresholds.max() == 256
+    assert stats.kstest(params["sharpness"].numpy(), stats.uniform(0.1, 1.8).cdf).pvalue > 1e-3
+
+
+def test_jigsaw_patch_boxes_equal_cutting_the_resized_crop():
+    """PIRL's patches: RandomResizedCrop(48) of a 64x80 image, 3x3 cells of 16 px, 14 px patches, shuffled."""
+    sizes = torch.tensor([[64, 80]] * 6)
+    boxes = A.sample_jigsaw_patch_boxes(sizes, 48, (0.6, 1.0), 14, generator=gen(83))
+    assert boxes.shape == (9, 6, 4)
+    crops = A.sample_resized_crop_params(sizes, (0.6, 1.0), generator=gen(83)).double()  # its first draws
+    x = rand_images(6, 64, 80, seed=84)
+    patches = A.apply_resized_crop(x, boxes, 14).reshape(9, 6, 3, 14, 14)
+    for n in range(6):
+        top, left, h, w = crops[n].tolist()
+        # every patch lies inside its crop and inside one cell; the 9 cells are a permutation of the grid
+        rows = ((boxes[:, n, 0] - top) / (h / 48)).round().long()
+        cols = ((boxes[:, n, 1] - left) / (w / 48)).round().long()
+        assert set((rows // 16 * 3 + cols // 16).tolist()) == set(range(9))
+        assert ((rows % 16) <= 2).all() and ((cols % 16) <= 2).all()
+        # and each is the patch cut from the crop resized to 48 px (downscaling: bilinear resampling agrees)
+        resized = TF.resize(TF.crop(x[n], int(top), int(left), int(h), int(w)), [48, 48],
+                            interpolation=InterpolationMode.BILINEAR, antialias=False)
+        for k in range(9):
+            ref = TF.crop(resized, int(rows[k]), int(cols[k]), 14, 14)
+            torch.testing.assert_close(patches[k, n], ref, atol=ATOL, rtol=0)
+
+
+def test_jigsaw_patches_view_pipeline_shapes_and_independent_colour():
+    aug = A.JigsawPatches(14, 48, (0.6, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, jitter_p=1.0,
+                          photometric_p=0.66, grayscale_p=0.2)
+    x = rand_images(4, 64, 64, seed=85)
+    params = aug.sample_params(A.image_sizes(x), 9, gen(86))
+    assert params["jitter"]["factors"].shape == (36, 4) and params["photometric"]["apply"].shape == (36,)
+    out = aug.apply(x, params)
+    assert out.shape == (36, 3, 14, 14) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="9 views"):
+        aug.sample_params(A.image_sizes(x), 2, gen(86))
