@@ -17,7 +17,11 @@ Every augmentation the SSL scripts use is split in two:
     -> RandomApply([GaussianBlur(k, sigma)], blur_p) -> RandomSolarize(thr, solarize_p)
     -> ToTensor/ToDtype(float32, scale) -> Normalize(mean, std)
 
-and ``MultiCrop`` builds several groups of views (e.g. 2x224 + 6x96).
+and ``MultiCrop`` builds several groups of views (e.g. 2x224 + 6x96).  For the pretext-task
+methods: ``resize_size`` (Resize + RandomCrop instead of RandomResizedCrop, Jigsaw),
+``grayscale_first`` (MoCo v1's order), ``photometric_p`` (PIRL's posterize / sharpness /
+solarize / autocontrast), ``apply_rot90`` (RotNet), ``apply_jigsaw_tiles`` (Jigsaw's tiles)
+and ``JigsawPatches`` (PIRL's shuffled patches, each with its own colour draw).
 
 Inputs: a uint8 or float batch ``[B, C, H, W]`` (floats are taken to be in
 [0, 1]), or a list of ``[C, H_i, W_i]`` images of different sizes, which are

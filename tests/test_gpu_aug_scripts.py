@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from tests import test_clusterfit, test_deepcluster_v2, test_jigsaw, test_moco, test_npid, test_rotnet, test_swav
+from tests import (test_clusterfit, test_deepcluster_v2, test_jigsaw, test_moco, test_npid, test_pirl, test_rotnet,
+                   test_swav)
 from tests.conftest import metrics, run_script
 
 # script, its tests' tiny settings plus extras, steps of the full run, steps before the interruption
@@ -27,6 +28,9 @@ CASES = {
     "clusterfit": ("clusterfit.py", [*test_clusterfit.SMALL], 5, 3),  # the train stage
     # Resize + RandomCrop on the device, then batched tiles (offsets and permutations from the batch's generator)
     "jigsaw": ("jigsaw.py", [*test_jigsaw.SMALL], 5, 3),
+    # the image and its 9 shuffled patches in one DeviceViews call; 5 steps per epoch
+    "pirl": ("pirl.py", [*test_pirl.SMALL], 6, 3),
+    "pirl-gblur": ("pirl.py", [*test_pirl.SMALL, "--gblur"], 3, 1),  # VISSL's photo_gblur colour pipeline
 }
 
 
