@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, features, models, ops, optim
+from common import checkpoint, cli, data, dist, features, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -67,6 +67,8 @@ class Args:
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue (VISSL's [0.6, 1.4] ...)
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # stage 3; auto: on with CUDA
+    compile: bool = False  # torch.compile the stage-3 model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -150,6 +152,16 @@ def image_transform(args):
     ])
 
 
+def device_views(args, channels_last=False):
+    """The batched twin of image_transform for --gpu-aug (common.gpu_aug, same parameters and distributions;
+    the jitter always applies; the flip commutes with it, so it is folded into the crop); one view."""
+    brightness, contrast, saturation, hue = args.jitter
+    augmentation = gpu_aug.ViewAugmentation(args.crop_size, scale=tuple(args.crop_scale), brightness=brightness,
+                                            contrast=contrast, saturation=saturation, hue=hue, jitter_p=1.0,
+                                            grayscale_p=0.0)
+    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
+
+
 class ClusterFitNet(nn.Module):
     """A fresh ResNet trunk (N_cf) + a linear classifier over the K clusters (VISSL head 2048-16000)."""
 
@@ -192,20 +204,28 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
 def train_stage(args, runtime, dataset, pseudo_labels):
     device = runtime.device
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
-    images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if use_gpu_aug:  # workers decode only; crops are made batched on the device
+        images = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.crop_size])), None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
     sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
     pseudo_labels_on_device = pseudo_labels.to(device)
 
     torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
-    model = ClusterFitNet(args).to(device)
+    model = ClusterFitNet(args).to(device, memory_format=memory_format)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -243,7 +263,8 @@ def train_stage(args, runtime, dataset, pseudo_labels):
     logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
     logger.info(f"clusterfit: {len(images)} images in {args.num_clusters} clusters, {runtime.world_size} process(es) "
                 f"x batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
-                f"{peak_lr:.4g}, {precision}")
+                f"{peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -254,8 +275,10 @@ def train_stage(args, runtime, dataset, pseudo_labels):
             lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
             targets = pseudo_labels_on_device[indices.to(device, non_blocking=True)]
+            batch = (make_views(batch, epoch, indices, device)[0] if use_gpu_aug
+                     else batch.to(device, non_blocking=True, memory_format=memory_format))
             with dist.autocast(device, precision):
-                logits = model(batch.to(device, non_blocking=True))
+                logits = model(batch)
             loss = pseudo_label_loss(logits, targets)
             mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)

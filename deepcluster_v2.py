@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -63,6 +63,8 @@ class Args:
     blur_p: float = 0.5
     sync_bn: bool = True
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -130,6 +132,21 @@ class MultiCrop:
 
     def __call__(self, image):
         return [t(image) for t in self.transforms]
+
+
+def device_views(args, channels_last=False, only=None, seed=None):
+    """The batched twin of MultiCrop for --gpu-aug (common.gpu_aug, same parameters and distributions);
+    `only`: one view of each listed crop (the memory-bank pass), `seed` defaults to --seed."""
+    s, groups = args.jitter_strength, []
+    for group, (count, size) in enumerate(parse_crops(args.crops)):
+        groups.append((count, gpu_aug.ViewAugmentation(
+            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
+            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
+    if only is not None:
+        per_crop = [augmentation for count, augmentation in groups for _ in range(count)]
+        groups = [(1, per_crop[c]) for c in only]
+    return speed.DeviceViews(groups, args.seed if seed is None else seed, channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -210,8 +227,17 @@ def train(args, runtime):
     if not args.num_clusters or min(args.num_clusters) < 1:
         raise ValueError(f"--num-clusters must be positive integers, got {list(args.num_clusters)}.")
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    collate = data.collate_canvas if use_gpu_aug else data.collate
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; crops are made batched on the device
+        decoded = data.DecodedImages(dataset, speed.max_side([size for _, size in parse_crops(args.crops)]))
+        views = data.ViewDataset(decoded, None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
@@ -221,14 +247,15 @@ def train(args, runtime):
     if max(args.num_clusters) > bank_rows * runtime.world_size:
         raise ValueError(f"--num-clusters {max(args.num_clusters)} exceeds the {bank_rows * runtime.world_size} "
                          f"images of the memory bank; use fewer clusters or more data.")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device, collate_fn=collate)
 
-    model = DeepClusterV2(args).to(device)
+    model = DeepClusterV2(args).to(device, memory_format=memory_format)
     if runtime.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     # as the swav repository's LARC(SGD): every trained parameter is decayed and LARS-adapted (by default)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
@@ -263,13 +290,19 @@ def train(args, runtime):
         if runtime.is_main:
             print(f"resumed from {last} at step {step}", flush=True)
     else:  # epoch 0 clusters the embeddings of an initial forward pass (swav repo's init_memory)
-        bank_views = data.ViewDataset(dataset, MultiCrop(args, only=args.crops_for_mb), seed=args.seed + 1)
-        bank_loader = data.build_loader(bank_views, sampler, args.batch_size, args.workers, device)
+        if use_gpu_aug:
+            bank_views = data.ViewDataset(decoded, None, seed=args.seed + 1)
+            make_bank_views = device_views(args, channels_last, only=args.crops_for_mb, seed=args.seed + 1)
+        else:
+            bank_views = data.ViewDataset(dataset, MultiCrop(args, only=args.crops_for_mb), seed=args.seed + 1)
+        bank_loader = data.build_loader(bank_views, sampler, args.batch_size, args.workers, device, collate_fn=collate)
         sampler.set_epoch(0)
         with torch.no_grad():
             for i, (crops, _, indices, _) in enumerate(bank_loader):
+                crops = (make_bank_views(crops, 0, indices, device) if use_gpu_aug
+                         else speed.to_device(crops, device, memory_format))
                 with dist.autocast(device, precision):
-                    z = torch.stack([core([crop.to(device, non_blocking=True)])[0] for crop in crops])
+                    z = torch.stack([core([crop])[0] for crop in crops])
                 bank[:, i * args.batch_size:(i + 1) * args.batch_size] = z
                 bank_indices[i * args.batch_size:(i + 1) * args.batch_size] = indices.to(device)
         del bank_loader  # stops its worker processes
@@ -295,7 +328,8 @@ def train(args, runtime):
     logger.info(f"deepcluster_v2: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
                 f"crops {args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
                 f"{peak_lr:.4g} -> {final_lr:.4g}, clusters {list(args.num_clusters)}, {precision}, "
-                f"ops backend {ops.backend(device)}")
+                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -308,7 +342,8 @@ def train(args, runtime):
                 break
             lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
             optim.set_lr(optimizer, lr)
-            crops = [c.to(device, non_blocking=True) for c in crops]
+            crops = (make_views(crops, epoch, indices, device) if use_gpu_aug
+                     else speed.to_device(crops, device, memory_format))
             indices = indices.to(device, non_blocking=True)
             with dist.autocast(device, precision):
                 z, scores = model(crops)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -60,6 +60,8 @@ class Args:
     tile_size: int = 64  # taken at a random offset in [0, cell - tile] = [0, 21] inside each cell
     grayscale_p: float = 0.66
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0  # also chooses the permutation set
@@ -153,6 +155,28 @@ class Puzzle:
         return torch.stack([tiles[j] for j in order]), torch.tensor(label)
 
 
+def device_views(args):
+    """The batched twin of Puzzle's image for --gpu-aug (common.gpu_aug): Resize + RandomCrop, flip,
+    grayscale, normalise."""
+    augmentation = gpu_aug.ViewAugmentation(args.crop_size, resize_size=args.resize_size, jitter_p=0.0,
+                                            grayscale_p=args.grayscale_p)
+    return speed.DeviceViews([(1, augmentation)], args.seed)
+
+
+def device_puzzles(make_views, batch, epoch, indices, device, permutations, args):
+    """The batched twin of Puzzle: the images (device_views), then per image a tile at a random offset
+    in each cell, standardised on its own, shuffled by a random permutation of the set; all drawn from the
+    batch's generator. Returns (tiles [B, 9, 3, t, t], labels [B])."""
+    generator = make_views.generator(epoch, indices)
+    images = make_views(batch, epoch, indices, device, generator)[0]
+    cell = args.crop_size // GRID
+    offsets = gpu_aug.sample_tile_offsets(len(images), GRID * GRID, cell - args.tile_size, generator, device)
+    tiles = gpu_aug.apply_jigsaw_tiles(images, offsets, cell, args.tile_size)
+    labels = torch.randint(len(permutations), (len(images),), generator=generator).to(device)
+    order = permutations.to(device)[labels]  # position i shows tile order[i]
+    return tiles.gather(1, order[:, :, None, None, None].expand_as(tiles)), labels
+
+
 # ----------------------------------------------------------------------------- model
 
 class JigsawNet(nn.Module):
@@ -227,19 +251,28 @@ def train(args, runtime):
     else:
         permutations = hamming_permutations(args.num_permutations, seed=args.seed)
 
+    use_gpu_aug = speed.use_gpu_aug(args.gpu_aug, device)
+    memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    puzzles = data.ViewDataset(dataset, Puzzle(args, permutations), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; puzzles are made batched on the device
+        decoded = data.DecodedImages(dataset, speed.max_side([args.resize_size]))
+        puzzles = data.ViewDataset(decoded, None, seed=args.seed)
+        make_views = device_views(args)
+    else:
+        puzzles = data.ViewDataset(dataset, Puzzle(args, permutations), seed=args.seed)
     sampler = data.EpochSampler(len(puzzles), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(puzzles)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(puzzles, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(puzzles, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
 
-    model = JigsawNet(args).to(device)
+    model = JigsawNet(args).to(device, memory_format=memory_format)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -273,17 +306,21 @@ def train(args, runtime):
     logger.info(f"jigsaw: {len(puzzles)} images, {runtime.world_size} process(es) x batch {args.batch_size} x 9 "
                 f"tiles of {args.tile_size} px, {len(permutations)} permutations (min Hamming distance "
                 f"{min_hamming_distance(permutations)}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"peak lr {peak_lr:.4g}, {precision}")
+                f"peak lr {peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for (tiles, labels), _, _, bad in loader:
+        for batch, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            tiles, labels = tiles.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if use_gpu_aug:
+                tiles, labels = device_puzzles(make_views, batch, epoch, indices, device, permutations, args)
+            else:
+                tiles, labels = (t.to(device, non_blocking=True) for t in batch)
             with dist.autocast(device, precision):
                 logits = model(tiles)
             loss = permutation_loss(logits, labels)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -63,6 +63,8 @@ class Args:
     shuffle_bn_splits: int = field(default=0, metadata={
         "help": "key-encoder BatchNorm chunks per process after shuffling (0: 8 on one process, 1 with several)"})
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the query and key encoders
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -122,6 +124,19 @@ class TwoViews:
 
     def __call__(self, image):
         return [self.transform(image), self.transform(image)]
+
+
+def device_views(args, channels_last=False):
+    """The batched twin of TwoViews for --gpu-aug (common.gpu_aug, same parameters and distributions; the
+    flip, drawn last here, commutes with the colour ops and the symmetric blur, so it is folded into the crop)."""
+    size = args.image_size
+    if args.v1:
+        colour = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, jitter_p=1.0, grayscale_first=True)
+    else:
+        colour = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8)
+    augmentation = gpu_aug.ViewAugmentation(size, scale=tuple(args.crop_scale), grayscale_p=args.grayscale_p,
+                                            blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1, **colour)
+    return speed.DeviceViews([(2, augmentation)], args.seed, channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -226,8 +241,15 @@ def train(args, runtime):
     if not 0 <= args.key_momentum < 1:
         raise ValueError(f"--key-momentum must be in [0, 1), got {args.key_momentum}.")
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, TwoViews(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; views are made batched on the device
+        views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.image_size])), None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, TwoViews(args), seed=args.seed)
     if args.queue_size >= len(views):
         # keys of the last K images include an older key of the query's own image: a positive scored as a negative
         raise ValueError(f"--queue-size {args.queue_size} must be smaller than the {len(views)} training images "
@@ -237,10 +259,12 @@ def train(args, runtime):
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
 
-    model = MoCo(args).to(device)  # no SyncBN: Shuffling BN is what MoCo uses instead
+    model = MoCo(args).to(device, memory_format=memory_format)  # no SyncBN: Shuffling BN is what MoCo uses instead
     core = model
+    speed.compile_in_place([core.query_encoder, core.key_encoder], args.compile)
     if runtime.distributed:
         # the queue is identical on every process by construction: no need to broadcast 32 MB of buffers each step
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -283,18 +307,19 @@ def train(args, runtime):
     logger.info(f"moco{' v1' if args.v1 else ' v2'}: {len(views)} images, {runtime.world_size} process(es) x batch "
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
                 f"queue {args.queue_size}, Shuffling BN {runtime.world_size} x {splits} chunk(s), {precision}, "
-                f"ops backend {ops.backend(device)}")
+                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for (query_images, key_images), _, _, bad in loader:
+        for batch_views, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
             optim.set_lr(optimizer, lr)
-            query_images = query_images.to(device, non_blocking=True)
-            key_images = key_images.to(device, non_blocking=True)
+            query_images, key_images = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
+                                        else speed.to_device(batch_views, device, memory_format))
             with dist.autocast(device, precision):
                 # the shuffle depends on (seed, step) only, so a resumed run draws the same one
                 shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -54,6 +54,8 @@ class Args:
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.4)  # brightness, contrast, saturation, hue
     grayscale_p: float = 0.0
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -93,6 +95,16 @@ def view_transform(args):
         steps.append(T.RandomGrayscale(p=args.grayscale_p))
     steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     return T.Compose(steps)
+
+
+def device_views(args, channels_last=False):
+    """The batched twin of view_transform for --gpu-aug (common.gpu_aug, same parameters and distributions;
+    the jitter always applies); one view: the first of the list it returns."""
+    brightness, contrast, saturation, hue = args.jitter
+    augmentation = gpu_aug.ViewAugmentation(args.image_size, scale=tuple(args.crop_scale), brightness=brightness,
+                                            contrast=contrast, saturation=saturation, hue=hue, jitter_p=1.0,
+                                            grayscale_p=args.grayscale_p)
+    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -196,20 +208,29 @@ def train(args, runtime):
     if not 0 <= args.memory_momentum < 1:
         raise ValueError(f"--memory-momentum must be in [0, 1), got {args.memory_momentum}.")
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, view_transform(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; views are made batched on the device
+        views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.image_size])), None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, view_transform(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
     n_data = len(views)
 
-    model = NPID(args).to(device)
+    model = NPID(args).to(device, memory_format=memory_format)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
     optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -251,7 +272,8 @@ def train(args, runtime):
     logger.info(f"npid: {n_data} images in the memory bank, {runtime.world_size} process(es) x batch "
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
                 f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
-                f"ops backend {ops.backend(device)}")
+                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -261,7 +283,8 @@ def train(args, runtime):
                 break
             lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, final_lr, args)
             optim.set_lr(optimizer, lr)
-            images = images.to(device, non_blocking=True)
+            images = (make_views(images, epoch, indices, device)[0] if use_gpu_aug
+                      else images.to(device, non_blocking=True, memory_format=memory_format))
             indices = indices.to(device, non_blocking=True)
             with dist.autocast(device, precision):
                 embeddings = model(images)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 from PIL import ImageFilter, ImageOps, ImageEnhance
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -62,6 +62,8 @@ class Args:
     patch_size: int = 64  # ... each patch a random patch_size square inside its cell (85 px)
     gblur: bool = False  # VISSL's photo_gblur: SimCLR colour distortion + Gaussian blur instead of photometric
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -152,6 +154,23 @@ class ImageAndPatches:
         view = self.photometric(self.crop_image(image))
         patches = jigsaw_patches(self.crop_patches(image), self.patch_size)
         return [view, torch.stack([self.photometric(p) for p in patches])]
+
+
+def device_views(args, channels_last=False):
+    """The batched twin of ImageAndPatches for --gpu-aug (common.gpu_aug, same parameters and distributions):
+    views [image, patch 1, ..., patch 9], the patches already shuffled, each with its own photometric draw."""
+    if args.gblur:
+        photometric = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitter_p=0.8, grayscale_p=0.2,
+                           blur_p=0.5, blur_sigma=(0.1, 2.0))
+    else:
+        photometric = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, jitter_p=1.0, photometric_p=0.66,
+                           grayscale_p=0.2)
+    # PIL's GaussianBlur radius is the sigma: a kernel of +-3 sigma_max, within the image
+    image = gpu_aug.ViewAugmentation(args.image_size, scale=tuple(args.crop_scale),
+                                     blur_kernel_size=min(13, 2 * args.image_size - 1), **photometric)
+    patches = gpu_aug.JigsawPatches(args.patch_size, args.patch_crop_size, tuple(args.patch_crop_scale), GRID,
+                                    blur_kernel_size=min(13, 2 * args.patch_size - 1), **photometric)
+    return speed.DeviceViews([(1, image), (GRID * GRID, patches)], args.seed, channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -273,20 +292,30 @@ def train(args, runtime):
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     check_args(args)
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, ImageAndPatches(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; the image and its patches are made batched on the device
+        decoded = data.DecodedImages(dataset, speed.max_side([args.image_size, args.patch_crop_size]))
+        views = data.ViewDataset(decoded, None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, ImageAndPatches(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
     n_data = len(views)
 
-    model = PIRL(args).to(device)
+    model = PIRL(args).to(device, memory_format=memory_format)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
     optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -329,18 +358,23 @@ def train(args, runtime):
     logger.info(f"pirl: {n_data} images in the memory bank, {runtime.world_size} process(es) x batch "
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
                 f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
-                f"ops backend {ops.backend(device)}")
+                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for (images, patches), _, indices, bad in loader:
+        for batch_views, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
             optim.set_lr(optimizer, lr)
-            images = images.to(device, non_blocking=True)
-            patches = patches.to(device, non_blocking=True)
+            if use_gpu_aug:
+                images, *patches = make_views(batch_views, epoch, indices, device)
+                patches = torch.stack(patches, dim=1)  # [B, 9, 3, P, P]
+            else:
+                images, patches = speed.to_device(batch_views, device)
+                images = images.contiguous(memory_format=memory_format)
             indices = indices.to(device, non_blocking=True)
             with dist.autocast(device, precision):
                 image_embeddings, jigsaw_embeddings = model(images, patches)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -44,6 +44,8 @@ class Args:
     crop_size: int = 224
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -80,6 +82,14 @@ def image_transform(args):
     ])
 
 
+def device_views(args, channels_last=False):
+    """The batched twin of image_transform for --gpu-aug (common.gpu_aug: the same crop distribution and
+    flip, no colour ops); one view: the first of the list it returns."""
+    augmentation = gpu_aug.ViewAugmentation(args.crop_size, scale=tuple(args.crop_scale), jitter_p=0.0,
+                                            grayscale_p=0.0)
+    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
+
+
 def rotate_batch(images, rotations=4, generator=None):
     """[B, 3, H, W] square images -> (rotated images, rotation labels in 0..3 = k x 90 degrees).
 
@@ -93,8 +103,7 @@ def rotate_batch(images, rotations=4, generator=None):
         labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
         return rotated, labels
     labels = torch.randint(4, (len(images),), generator=generator).to(images.device)
-    rotated = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(images, labels.tolist())])
-    return rotated, labels
+    return gpu_aug.apply_rot90(images, labels), labels
 
 
 # ----------------------------------------------------------------------------- model
@@ -148,19 +157,29 @@ def train(args, runtime):
         raise ValueError(f"--rotations must be 4 (every rotation of every image) or 1 (one at random), "
                          f"got {args.rotations}.")
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; crops are made batched on the device
+        decoded = data.DecodedImages(dataset, speed.max_side([args.crop_size]))
+        images = data.ViewDataset(decoded, None, seed=args.seed)
+        make_views = device_views(args)  # channels_last after the rotation
+    else:
+        images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
     sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
 
-    model = RotNet(args).to(device)
+    model = RotNet(args).to(device, memory_format=memory_format)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum,
                                 nesterov=args.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -196,19 +215,23 @@ def train(args, runtime):
     logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
     logger.info(f"rotnet: {len(images)} images, {runtime.world_size} process(es) x batch {args.batch_size} x "
                 f"{args.rotations} rotation(s), {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
-                f"{peak_lr:.4g}, {precision}")
+                f"{peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch, _, _, bad in loader:
+        for batch, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
             # rotations drawn from (seed, step, rank) alone: a resumed run draws the same ones
             generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4_099 + runtime.rank)
-            rotated, labels = rotate_batch(batch.to(device, non_blocking=True), args.rotations, generator)
+            batch = (make_views(batch, epoch, indices, device)[0] if use_gpu_aug
+                     else batch.to(device, non_blocking=True))
+            rotated, labels = rotate_batch(batch, args.rotations, generator)
+            rotated = rotated.contiguous(memory_format=memory_format)
             with dist.autocast(device, precision):
                 logits = model(rotated)
             loss = rotation_loss(logits, labels)

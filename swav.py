@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, models, ops, optim
+from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -66,6 +66,8 @@ class Args:
     blur_p: float = 0.5
     sync_bn: bool = True
     workers: int = 8
+    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
+    compile: bool = False  # torch.compile the model
     device: str = "auto"
     precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -133,6 +135,17 @@ class MultiCrop:
 
     def __call__(self, image):
         return [t(image) for t in self.transforms]
+
+
+def device_views(args, channels_last=False):
+    """The batched twin of MultiCrop for --gpu-aug (common.gpu_aug, same parameters and distributions)."""
+    s, groups = args.jitter_strength, []
+    for group, (count, size) in enumerate(parse_crops(args.crops)):
+        groups.append((count, gpu_aug.ViewAugmentation(
+            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
+            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
+    return speed.DeviceViews(groups, args.seed, channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -210,21 +223,31 @@ def train(args, runtime):
                          f"use a multiple of it, or 0 for no queue.")
     local_queue_length = queue_length // runtime.world_size
 
+    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
+    if use_gpu_aug:  # workers decode only; crops are made batched on the device
+        max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
+        views = data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=args.seed)
+        make_views = device_views(args, channels_last)
+    else:
+        views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
     sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
     steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
                          f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device)
+    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
+                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
 
-    model = SwAV(args).to(device)
+    model = SwAV(args).to(device, memory_format=memory_format)
     if runtime.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = speed.compile_model(model, args.compile)
     # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted (by default)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
@@ -276,19 +299,21 @@ def train(args, runtime):
     logger.info(f"swav: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, crops "
                 f"{args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
                 f"{peak_lr:.4g} -> {final_lr:.4g}, queue {queue_length} from epoch {args.epoch_queue_starts}, "
-                f"{precision}, ops backend {ops.backend(device)}")
+                f"{precision}, ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
+                f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
     model.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if queue_length and epoch >= args.epoch_queue_starts and queue is None:
             queue = torch.zeros(len(args.crops_for_assign), local_queue_length, args.embedding_dim, device=device)
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for crops, _, _, bad in loader:
+        for crops, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
             lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
             optim.set_lr(optimizer, lr)
-            crops = [c.to(device, non_blocking=True) for c in crops]
+            crops = (make_views(crops, epoch, indices, device) if use_gpu_aug
+                     else speed.to_device(crops, device, memory_format))
             core.normalize_prototypes()
             with dist.autocast(device, precision):
                 z, scores = model(crops)

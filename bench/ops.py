@@ -139,7 +139,6 @@ def _sinkhorn(impl, device, shape):
 
 
 def _kmeans(impl, device, shape):
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from common import ops

@@ -15,6 +15,16 @@ SimCLRProjectionHead + NTXentLoss + lightly's LARS, under the same autocast
 (lightly's examples run one forward per view and use NCHW; so does the peer here).
 Ours uses channels_last on CUDA and the multi-tensor LARS (common.optim).
 
+The other training scripts (--scripts, default moco,swav,npid,rotnet; "" for none) at
+ResNet-18 32 px (each script's --preset cifar): their --gpu-aug data path, their model step
+(the script's own model, loss and optimiser, as its loop runs them) and both together; and
+lightly's equivalent steps as peers on the same trunk and autocast, with lightly's
+per-image transforms: MoCo (MoCoV2Transform, MoCoProjectionHead, momentum encoder,
+NTXentLoss with a memory bank of the script's queue size, SGD) and SwAV (SwaVTransform
+with the script's crops, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, LARS). A script
+case costs at most 3 x (warmup + drain + steps) batches per side, so its time is bounded
+by the batch counts (a few seconds per script on an H100).
+
     python bench/throughput.py --device cpu --out bench/results/throughput-cpu.json
     python bench/throughput.py --device cuda --workers 12 --decode-on-device --out bench/results/throughput-h100.json
     (add --compile for a torch.compile'd model step)
@@ -35,7 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moco  # noqa: E402
+import npid  # noqa: E402
+import rotnet  # noqa: E402
 import simclr  # noqa: E402
+import swav  # noqa: E402
 from common import cli, data, dist, models, optim, speed  # noqa: E402
 
 CASES = {
@@ -140,6 +154,17 @@ def our_step(args, device, precision, compile_model):
 
 # ----------------------------------------------------------------------------- the peer: lightly
 
+def peer_views(transform, dataset, batch, device, workers, total):
+    """lightly's per-image transform in the same DataLoader set-up; the next batch's list of views on the device."""
+    batches = iter(loader_of(PeerViews(dataset, transform), batch, workers, device, total,
+                             torch.utils.data.default_collate, pairs=False))
+
+    def next_views():
+        views, _ = next(batches)
+        return [v.to(device, non_blocking=True) for v in views]
+    return next_views
+
+
 class PeerViews(torch.utils.data.Dataset):
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -193,6 +218,210 @@ def lightly_step(args, device, precision):
         loss.backward()
         optimizer.step()
     return step
+
+
+# ----------------------------------------------------------------------------- the other scripts and their peers
+
+def script_views(module, args, crop_sizes, dataset, device, workers, total):
+    """The script's --gpu-aug path: decode-only workers, views made by its device_views() on the device."""
+    views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side(crop_sizes)), None, seed=args.seed)
+    make_views = module.device_views(args, speed.channels_last(device))
+    batches = iter(loader_of(views, args.batch_size, workers, device, total, data.collate_canvas))
+
+    def next_views():
+        batch, _, indices, _ = next(batches)
+        return make_views(batch, 0, indices, device)
+    return next_views
+
+
+def moco_step(args, device, precision, memory_format):
+    """moco.py's step: query and key encoders (Shuffling BN in 8 chunks on one process), InfoNCE, SGD, enqueue."""
+    model = moco.MoCo(args).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    splits = args.shuffle_bn_splits or 8
+    shuffle = torch.Generator().manual_seed(0)
+
+    def step(views):
+        with dist.autocast(device, precision):
+            q, k = model(views[0], views[1], args.key_momentum, splits, shuffle)
+        loss = moco.moco_loss(q, k, model.queue.clone(), args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.enqueue(k)
+    return step
+
+
+def swav_step(args, device, precision, memory_format):
+    """swav.py's step: prototypes re-normalised, multi-crop forward, Sinkhorn codes + swapped prediction, LARS."""
+    model = swav.SwAV(args).to(device, memory_format=memory_format).train()
+    optimizer = optim.LARS(optim.param_groups(model, args.weight_decay, exclude_bias_and_norm=False), lr=0.1,
+                           momentum=args.momentum)
+    n_crops = sum(count for count, _ in swav.parse_crops(args.crops))
+
+    def step(crops):
+        model.normalize_prototypes()
+        with dist.autocast(device, precision):
+            _, scores = model(crops)
+        loss = swav.swav_loss(scores, n_crops, args.crops_for_assign, args.temperature, args.epsilon,
+                              args.sinkhorn_iters)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def npid_step(args, device, precision, memory_format, n_data=50_000):
+    """npid.py's step: embeddings, positives and noise from the memory bank, NCE loss, SGD, bank update."""
+    model = npid.NPID(args).to(device, memory_format=memory_format).train()
+    memory = npid.MemoryBank(n_data, args.embedding_dim, args.memory_momentum).to(device)
+    optimizer = torch.optim.SGD(optim.param_groups(model, args.weight_decay), lr=0.03, momentum=args.momentum)
+    count = [0]
+
+    def step(views):
+        indices = torch.randint(n_data, (len(views[0]),), generator=torch.Generator().manual_seed(count[0])).to(device)
+        with dist.autocast(device, precision):
+            embeddings = model(views[0])
+        positives = memory.bank[indices]
+        noise = memory.bank[npid.noise_indices(n_data, args.num_negatives, 0, count[0], 0, device)]
+        if float(memory.z) < 0:
+            memory.z.fill_(npid.estimate_z(embeddings.detach(), noise, args.temperature, n_data))
+        loss = npid.nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        memory.update(embeddings, indices)
+        count[0] += 1
+    return step
+
+
+def rotnet_step(args, device, precision, memory_format):
+    """rotnet.py's step: every image at its rotations (4: the paper's), 4-way cross-entropy, SGD."""
+    model = rotnet.RotNet(args).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(rotnet.sgd_param_groups(model, args.weight_decay), lr=0.1, momentum=args.momentum,
+                                nesterov=args.nesterov)
+    generator = torch.Generator().manual_seed(0)
+
+    def step(views):
+        rotated, labels = rotnet.rotate_batch(views[0], args.rotations, generator)
+        with dist.autocast(device, precision):
+            logits = model(rotated.contiguous(memory_format=memory_format))
+        loss = rotnet.rotation_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def lightly_moco(args, device, precision):
+    """lightly's MoCo v2 step (its examples/pytorch/moco.py, on our trunk): MoCoV2Transform, MoCoProjectionHead,
+    momentum copies updated by update_momentum, NTXentLoss with a memory bank of --queue-size, SGD."""
+    import copy
+
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+
+    backbone = models.build_trunk(args.arch, args.cifar_stem).to(device).train()
+    head = MoCoProjectionHead(backbone.feature_dim, args.hidden_dim, args.embedding_dim).to(device).train()
+    backbone_m, head_m = copy.deepcopy(backbone), copy.deepcopy(head)
+    deactivate_requires_grad(backbone_m)
+    deactivate_requires_grad(head_m)
+    criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=(args.queue_size, args.embedding_dim))
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.03, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    transform = MoCoV2Transform(input_size=args.image_size, min_scale=args.crop_scale[0],
+                                random_gray_scale=args.grayscale_p, gaussian_blur=args.blur_p)
+
+    def step(views):
+        update_momentum(backbone, backbone_m, args.key_momentum)
+        update_momentum(head, head_m, args.key_momentum)
+        with dist.autocast(device, precision):
+            query = head(backbone(views[0]))
+            with torch.no_grad():
+                key = head_m(backbone_m(views[1]))
+        loss = criterion(query.float(), key.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return transform, step
+
+
+def lightly_swav(args, device, precision):
+    """lightly's SwAV step (its examples/pytorch/swav.py, on our trunk): SwaVTransform with the script's crops,
+    SwaVProjectionHead, SwaVPrototypes (normalised every step), SwaVLoss (Sinkhorn), lightly's LARS."""
+    from lightly.loss import SwaVLoss
+    from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+    from lightly.transforms import SwaVTransform
+    from lightly.utils.lars import LARS
+
+    (n_large, large), (n_small, small) = swav.parse_crops(args.crops)
+    backbone = models.build_trunk(args.arch, args.cifar_stem).to(device).train()
+    head = SwaVProjectionHead(backbone.feature_dim, args.hidden_dim, args.embedding_dim).to(device).train()
+    prototypes = SwaVPrototypes(args.embedding_dim, args.n_prototypes).to(device).train()
+    criterion = SwaVLoss(temperature=args.temperature, sinkhorn_iterations=args.sinkhorn_iters,
+                         sinkhorn_epsilon=args.epsilon)
+    optimizer = LARS([*backbone.parameters(), *head.parameters(), *prototypes.parameters()], lr=0.1,
+                     momentum=args.momentum, weight_decay=args.weight_decay)
+    transform = SwaVTransform(crop_sizes=(large, small), crop_counts=(n_large, n_small),
+                              crop_min_scales=(args.crop_scale[0], args.small_crop_scale[0]),
+                              crop_max_scales=(args.crop_scale[1], args.small_crop_scale[1]), cj_prob=args.jitter_p,
+                              cj_strength=args.jitter_strength, random_gray_scale=args.grayscale_p,
+                              gaussian_blur=args.blur_p)
+
+    def step(crops):
+        prototypes.normalize()
+        with dist.autocast(device, precision):
+            scores = [prototypes(torch.nn.functional.normalize(head(backbone(c)), dim=1)) for c in crops]
+        scores = [x.float() for x in scores]
+        loss = criterion(scores[:n_large], scores[n_large:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return transform, step
+
+
+# name: (module, crop sizes of its views (in order), our step, lightly's peer or None)
+SCRIPTS = {
+    "moco": (moco, lambda a: [a.image_size] * 2, moco_step, lightly_moco),
+    "swav": (swav, lambda a: [size for count, size in swav.parse_crops(a.crops) for _ in range(count)], swav_step,
+             lightly_swav),
+    "npid": (npid, lambda a: [a.image_size], npid_step, None),
+    "rotnet": (rotnet, lambda a: [a.crop_size], rotnet_step, None),
+}
+
+
+def run_script_case(name, opts, device):
+    """One script at ResNet-18 32 px (its --preset cifar, batch 512 on CUDA): ours (--gpu-aug) and its lightly peer."""
+    module, sizes_of, our_step_of, peer_of = SCRIPTS[name]
+    batch = opts.batch_size or CASES["resnet18_32"]["batch"][device.type]
+    args = cli.parse_args(module.Args, module.PRESETS, ["--preset", "cifar", "--batch-size", str(batch)])
+    if module is moco:
+        args = moco.resolve_version_defaults(args)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
+    dataset = data.build_dataset("cifar10-mini", "train")
+    drain = opts.workers * 4
+    total = batch * ((opts.warmup + drain + opts.steps) * 2 + 1)
+    sizes = sizes_of(args)
+    torch.manual_seed(0)
+    fixed = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format) for size in sizes]
+    out = {"batch_size": batch, "view_sizes": sizes, "arch": args.arch, "cifar_stem": args.cifar_stem,
+           "precision": precision, "images": len(dataset)}
+    out["ours_gpu_aug"] = measure(script_views(module, args, set(sizes), dataset, device, opts.workers, total),
+                                  our_step_of(args, device, precision, memory_format), fixed, opts.steps, opts.warmup,
+                                  drain, batch, device)
+    print(name, "ours_gpu_aug", out["ours_gpu_aug"], flush=True)
+    if peer_of is not None:
+        transform, peer_step = peer_of(args, device, precision)
+        out["lightly"] = measure(peer_views(transform, dataset, batch, device, opts.workers, total), peer_step,
+                                 [f.contiguous() for f in fixed], opts.steps, opts.warmup, drain, batch, device)
+        print(name, "lightly", out["lightly"], flush=True)
+        out["e2e_over_lightly_e2e"] = round(out["ours_gpu_aug"]["e2e"] / out["lightly"]["e2e"], 3)
+        out["model_over_lightly_model"] = round(out["ours_gpu_aug"]["model"] / out["lightly"]["model"], 3)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -263,9 +492,14 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--decode-on-device", action="store_true",
                         help="also measure --gpu-aug with JPEGs decoded on the device (DecodedImages(encoded=True))")
+    parser.add_argument("--scripts", default=",".join(SCRIPTS),
+                        help=f"other training scripts to measure at ResNet-18 32 px, of {','.join(SCRIPTS)} ('': none)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0: default)")
     parser.add_argument("--out", default="")
     opts = parser.parse_args()
+    unknown = set(filter(None, opts.scripts.split(","))) - set(SCRIPTS)
+    if unknown:
+        parser.error(f"--scripts: unknown {sorted(unknown)}, choose from {list(SCRIPTS)}")
     device = torch.device(opts.device)
     cuda = device.type == "cuda"
     opts.steps = opts.steps or (20 if cuda else 2)
@@ -277,10 +511,12 @@ def main():
               "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "steps": opts.steps, "warmup": opts.warmup,
               "workers": opts.workers, "compile": opts.compile, "torch_threads": torch.get_num_threads(),
-              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {}}
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {}, "scripts": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in opts.cases.split(","):
+        for name in filter(None, opts.cases.split(",")):
             result["cases"][name] = run_case(name, opts, device, tmp)
+    for name in filter(None, opts.scripts.split(",")):
+        result["scripts"][name] = run_script_case(name, opts, device)
     text = json.dumps(result, indent=1)
     print(text)
     if opts.out:

@@ -17,7 +17,11 @@ Every augmentation the SSL scripts use is split in two:
     -> RandomApply([GaussianBlur(k, sigma)], blur_p) -> RandomSolarize(thr, solarize_p)
     -> ToTensor/ToDtype(float32, scale) -> Normalize(mean, std)
 
-and ``MultiCrop`` builds several groups of views (e.g. 2x224 + 6x96).
+and ``MultiCrop`` builds several groups of views (e.g. 2x224 + 6x96).  For the pretext-task
+methods: ``resize_size`` (Resize + RandomCrop instead of RandomResizedCrop, Jigsaw),
+``grayscale_first`` (MoCo v1's order), ``photometric_p`` (PIRL's posterize / sharpness /
+solarize / autocontrast), ``apply_rot90`` (RotNet), ``apply_jigsaw_tiles`` (Jigsaw's tiles)
+and ``JigsawPatches`` (PIRL's shuffled patches, each with its own colour draw).
 
 Inputs: a uint8 or float batch ``[B, C, H, W]`` (floats are taken to be in
 [0, 1]), or a list of ``[C, H_i, W_i]`` images of different sizes, which are
@@ -60,14 +64,15 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 __all__ = [
     "to_canvas", "image_sizes", "to_float",
-    "sample_resized_crop_params", "apply_resized_crop",
+    "sample_resized_crop_params", "apply_resized_crop", "sample_resize_crop_params",
     "sample_hflip_params", "apply_hflip",
     "sample_color_jitter_params", "apply_color_jitter",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
     "sample_grayscale_params", "apply_grayscale", "rgb_to_grayscale",
     "sample_gaussian_blur_params", "apply_gaussian_blur", "gaussian_kernel1d",
     "sample_solarize_params", "apply_solarize",
-    "apply_normalize",
+    "apply_normalize", "apply_rot90", "sample_tile_offsets", "apply_jigsaw_tiles", "sample_jigsaw_patch_boxes",
+    "sample_photometric_params", "apply_photometric", "adjust_sharpness", "autocontrast",
     "ViewAugmentation", "MultiCrop",
 ]
 
@@ -205,6 +210,33 @@ def sample_resized_crop_params(
     return torch.stack([top, left, h, w], dim=1)
 
 
+def sample_resize_crop_params(
+    image_sizes: Tensor, resize_size: int, crop_size: int, generator: Optional[torch.Generator] = None, device=None
+) -> Tensor:
+    """``Resize(resize_size)`` then ``RandomCrop(crop_size)`` per sample, as float boxes in the input image.
+
+    torchvision's Resize scales the shorter side to ``resize_size`` and the longer one to
+    ``int(resize_size * long / short)``; RandomCrop's corner is uniform over the resized image.
+    Returns float ``[N, 4]`` (top, left, height, width) in input pixels, for ``apply_resized_crop``:
+    bilinear resampling of that box equals resizing (without antialias) and then cropping, exactly
+    when downscaling; when upscaling the box's first and last rows and columns read no pixel outside it.
+    """
+    device = image_sizes.device if device is None else device
+    sizes = image_sizes.to(device=device, dtype=torch.long)
+    h, w = sizes[:, 0], sizes[:, 1]
+    short, long = torch.minimum(h, w), torch.maximum(h, w)
+    new_long = torch.div(resize_size * long, short, rounding_mode="floor")
+    resized_h = torch.where(h <= w, torch.full_like(h, resize_size), new_long)
+    resized_w = torch.where(h <= w, new_long, torch.full_like(w, resize_size))
+    if bool((torch.minimum(resized_h, resized_w) < crop_size).any()):
+        raise ValueError(f"a crop of {crop_size} px does not fit in images resized to {resize_size} px")
+    u = _rand((len(sizes), 2), generator, device, torch.float64).to(torch.float64)
+    top = torch.floor(u[:, 0] * (resized_h - crop_size + 1)).clamp(max=resized_h - crop_size)
+    left = torch.floor(u[:, 1] * (resized_w - crop_size + 1)).clamp(max=resized_w - crop_size)
+    scale_h, scale_w = h / resized_h.to(torch.float64), w / resized_w.to(torch.float64)
+    return torch.stack([top * scale_h, left * scale_w, crop_size * scale_h, crop_size * scale_w], dim=1)
+
+
 def _crop_axis_coords(start: Tensor, length: Tensor, out: int, canvas: int) -> Tensor:
     """Normalised grid coordinates (align_corners=False) along one axis.
 
@@ -229,8 +261,8 @@ def apply_resized_crop(
     """Crop every box and resize it to ``size`` (bilinear, no antialias), in one
     ``grid_sample`` call.
 
-    ``images``: ``[N, C, H, W]`` uint8 or float in [0, 1].  ``boxes``: long
-    ``[N, 4]`` (top, left, height, width), or ``[V, N, 4]`` for V views of each
+    ``images``: ``[N, C, H, W]`` uint8 or float in [0, 1].  ``boxes``: long (or float, for
+    boxes between pixels) ``[N, 4]`` (top, left, height, width), or ``[V, N, 4]`` for V views of each
     image (sampled together, without copying the images).  ``flip``: optional
     bool ``[N]`` / ``[V, N]``, horizontal flip of the output.
     Returns float32 in [0, 1], ``[N, C, h, w]`` or ``[V * N, C, h, w]`` (view-major).
@@ -491,6 +523,57 @@ def apply_gaussian_blur(x: Tensor, params: Dict[str, Tensor], kernel_size: int) 
     return x.index_copy(0, idx, y.reshape(M, C, H, W))
 
 
+def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample ``F.adjust_sharpness`` (float [0, 1]): blend with the 3x3 smoothing [[1,1,1],[1,5,1],[1,1,1]]/13
+    in the interior, border pixels unchanged; one depthwise convolution for the batch."""
+    N, C, H, W = x.shape
+    if H <= 2 or W <= 2:
+        return x
+    kernel = torch.full((3, 3), 1.0 / 13.0, dtype=x.dtype, device=x.device)
+    kernel[1, 1] = 5.0 / 13.0
+    smooth = F.conv2d(x.reshape(1, N * C, H, W), kernel.expand(N * C, 1, 3, 3), groups=N * C)
+    smooth = smooth.reshape(N, C, H - 2, W - 2)
+    out = x.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.copy_(_blend(inner, smooth, factor.to(x.device)))
+    return out
+
+
+def autocontrast(x: Tensor) -> Tensor:
+    """``F.autocontrast`` (float [0, 1]): each channel stretched to [0, 1]; constant channels unchanged."""
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    constant = high == low
+    scale = torch.where(constant, torch.ones_like(high), high - low)
+    return ((x - torch.where(constant, torch.zeros_like(low), low)) / scale).clamp_(0.0, 1.0)
+
+
+def sample_photometric_params(batch_size: int, p: float = 0.66, generator=None, device=None) -> Dict[str, Tensor]:
+    """VISSL's ImgPilRandomPhotometric (PIRL): with probability ``p`` all of posterize (``bits`` uniform in
+    4..8), sharpness (``sharpness`` ~ U[0.1, 1.9]), solarize (``threshold`` uniform in 0..256, over 255)
+    and autocontrast, else none; ``apply`` bool[N]."""
+    apply = _bernoulli(batch_size, p, generator, device)
+    u = _rand((batch_size, 3), generator, device, torch.float64).to(torch.float64)
+    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 5)).clamp(max=8).to(torch.long),
+            "sharpness": (0.1 + 1.8 * u[:, 1]).to(torch.float32),
+            "threshold": (torch.floor(u[:, 2] * 257).clamp(max=256) / 255.0).to(torch.float32)}
+
+
+def apply_photometric(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
+    """posterize -> sharpness -> solarize -> autocontrast on the samples where ``apply`` (torchvision's float
+    semantics: posterize is floor(x 2^bits) / 2^bits); one host sync (the subset)."""
+    idx = torch.nonzero(params["apply"].to(x.device)).squeeze(1)
+    if idx.numel() == 0:
+        return x
+    sub = x.index_select(0, idx)
+    levels = _bcast(torch.pow(2.0, params["bits"].to(x.device)[idx].to(x.dtype)))
+    sub = torch.minimum(torch.floor(sub * levels), levels - 1).clamp_(min=0.0) / levels
+    sub = adjust_sharpness(sub, params["sharpness"].to(x.device)[idx])
+    threshold = _bcast(params["threshold"].to(x.device, x.dtype)[idx])
+    sub = torch.where(sub >= threshold, 1.0 - sub, sub)
+    return x.index_copy(0, idx, autocontrast(sub))
+
+
 def sample_solarize_params(batch_size: int, p: float = 0.2, generator=None, device=None) -> Tensor:
     """bool[N] (RandomSolarize(threshold, p))."""
     return _bernoulli(batch_size, p, generator, device)
@@ -508,6 +591,73 @@ def apply_normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], inpl
     return x.sub_(m).div_(s) if inplace else (x - m) / s
 
 
+def apply_rot90(images: Tensor, k: Tensor) -> Tensor:
+    """Rotate sample b by ``k[b]`` x 90 degrees (``torch.rot90(images[b], k[b], dims=(-2, -1))``), square
+    images; no per-sample loop and no host sync (the four rotations are selected per sample)."""
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"rotations by 90 degrees need square images, got {tuple(images.shape[-2:])}")
+    k = _bcast(k.to(images.device).remainder(4))
+    out = images
+    for r in range(1, 4):
+        out = torch.where(k == r, torch.rot90(images, r, dims=(-2, -1)), out)
+    return out
+
+
+def sample_tile_offsets(batch_size: int, n_tiles: int, max_offset: int, generator=None, device=None) -> Tensor:
+    """long ``[N, n_tiles, 2]`` (dy, dx), each uniform in [0, max_offset] (``torch.randint(max_offset + 1, ...)``)."""
+    u = _rand((batch_size, n_tiles, 2), generator, device, torch.float64).to(torch.float64)
+    return torch.floor(u * (max_offset + 1)).clamp(max=max_offset).to(torch.long)
+
+
+def apply_jigsaw_tiles(images: Tensor, offsets: Tensor, cell: int, tile: int, standardize: bool = True) -> Tensor:
+    """The tiles of a jigsaw puzzle (Noroozi & Favaro 2016), one gather for the whole batch.
+
+    ``images`` [N, C, S, S] with S >= grid * cell; ``offsets`` long [N, grid * grid, 2]: tile k (row-major
+    cell k // grid, k % grid) is the ``tile`` x ``tile`` square at (cell row * cell + dy, cell col * cell + dx).
+    ``standardize``: each tile's channels get zero mean and unit (unbiased) std, ``(t - mean) / (std + 1e-5)``.
+    Returns [N, grid * grid, C, tile, tile].
+    """
+    n_tiles = offsets.shape[1]
+    grid = math.isqrt(n_tiles)
+    offsets = offsets.to(images.device)
+    position = torch.arange(n_tiles, device=images.device)
+    corner = torch.stack([position // grid, position % grid], dim=1) * cell + offsets  # [N, T, 2]
+    steps = torch.arange(tile, device=images.device)
+    rows = (corner[..., 0, None] + steps)[:, :, :, None]  # [N, T, t, 1]
+    cols = (corner[..., 1, None] + steps)[:, :, None, :]  # [N, T, 1, t]
+    batch = torch.arange(len(images), device=images.device)[:, None, None, None]
+    tiles = images[batch, :, rows, cols].permute(0, 1, 4, 2, 3)  # [N, T, t, t, C] -> [N, T, C, t, t]
+    if standardize:
+        mean = tiles.mean(dim=(-2, -1), keepdim=True)
+        std = tiles.std(dim=(-2, -1), keepdim=True)
+        tiles = (tiles - mean) / (std + 1e-5)
+    return tiles.contiguous()
+
+
+def sample_jigsaw_patch_boxes(
+    sizes: Tensor, crop_size: int, crop_scale: Tuple[float, float], patch_size: int, grid: int = 3,
+    generator=None, device=None,
+) -> Tensor:
+    """PIRL's jigsaw geometry per image, as float boxes ``[grid * grid, N, 4]`` in the image, in a random order.
+
+    The per-image pipeline: ``RandomResizedCrop(crop_size, crop_scale)``, a grid x grid of cells of
+    ``crop_size // grid`` px, in each a ``patch_size`` square at a uniform offset, patches shuffled.
+    Here each patch is one box of the image (resampling it equals resizing the crop and cutting the
+    patch, see ``sample_resize_crop_params``); view k of image n is the patch of cell ``order[n, k]``.
+    """
+    device = sizes.device if device is None else device
+    crop = sample_resized_crop_params(sizes, crop_scale, generator=generator, device=device).to(torch.float64)
+    cell, n_tiles, N = crop_size // grid, grid * grid, len(sizes)
+    offsets = sample_tile_offsets(N, n_tiles, cell - patch_size, generator, device)
+    position = torch.arange(n_tiles, device=device)
+    corner = (torch.stack([position // grid, position % grid], dim=1) * cell + offsets).to(torch.float64)
+    scale_h, scale_w = crop[:, 2, None] / crop_size, crop[:, 3, None] / crop_size  # image px per crop px
+    boxes = torch.stack([crop[:, 0, None] + corner[..., 0] * scale_h, crop[:, 1, None] + corner[..., 1] * scale_w,
+                         (patch_size * scale_h).expand(N, n_tiles), (patch_size * scale_w).expand(N, n_tiles)], -1)
+    order = torch.argsort(_rand((N, n_tiles), generator, device), dim=1)  # a uniform random shuffle per image
+    return boxes.gather(1, order[..., None].expand(N, n_tiles, 4)).transpose(0, 1)
+
+
 # --------------------------------------------------------------------------- #
 # composed pipelines
 # --------------------------------------------------------------------------- #
@@ -515,10 +665,11 @@ def apply_normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], inpl
 class ViewAugmentation:
     """One random view per image, the batched twin of the torchvision pipeline
 
-        T.RandomResizedCrop(size, scale, ratio, antialias=False)
-        T.RandomHorizontalFlip(flip_p)
+        T.RandomResizedCrop(size, scale, ratio, antialias=False)   # resize_size: T.Resize(resize_size);
+        T.RandomHorizontalFlip(flip_p)                             #   T.RandomCrop(size) instead
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p)
-        T.RandomGrayscale(grayscale_p)
+        RandomPhotometric(photometric_p)         # PIRL's: posterize, sharpness, solarize, autocontrast
+        T.RandomGrayscale(grayscale_p)           # grayscale_first=True: before the jitter (MoCo v1)
         T.RandomApply([T.GaussianBlur(blur_kernel_size, blur_sigma)], p=blur_p)
         T.RandomSolarize(solarize_threshold, solarize_p)
         T.ToTensor(); T.Normalize(mean, std)      # mean=None: no normalisation
@@ -548,8 +699,14 @@ class ViewAugmentation:
         mean: Optional[Sequence[float]] = IMAGENET_MEAN,
         std: Optional[Sequence[float]] = IMAGENET_STD,
         channels_last: bool = False,
+        grayscale_first: bool = False,
+        resize_size: Optional[int] = None,
+        photometric_p: float = 0.0,
     ):
         self.size = size
+        self.photometric_p = photometric_p
+        self.grayscale_first = grayscale_first
+        self.resize_size = resize_size
         self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
         self.jitter = (brightness, contrast, saturation, hue)
         self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
@@ -569,7 +726,10 @@ class ViewAugmentation:
         rep = sizes.to(device).repeat(num_views, 1)
         has_color = any(v > 0 for v in self.jitter) and self.jitter_p > 0
         return {
-            "boxes": sample_resized_crop_params(rep, self.scale, self.ratio, generator, device).reshape(num_views, B, 4),
+            "boxes": (sample_resized_crop_params(rep, self.scale, self.ratio, generator, device)
+                      if self.resize_size is None else
+                      sample_resize_crop_params(rep, self.resize_size, self.size, generator, device)
+                      ).reshape(num_views, B, 4),
             "flip": sample_hflip_params(N, self.flip_p, generator, device).reshape(num_views, B),
             "jitter": sample_color_jitter_params(N, *self.jitter, p=self.jitter_p, generator=generator,
                                                  device=device) if has_color else None,
@@ -577,14 +737,20 @@ class ViewAugmentation:
             "blur": sample_gaussian_blur_params(N, self.blur_sigma, self.blur_p, generator, device)
             if self.blur_p > 0 else None,
             "solarize": sample_solarize_params(N, self.solarize_p, generator, device) if self.solarize_p > 0 else None,
+            "photometric": sample_photometric_params(N, self.photometric_p, generator, device)
+            if self.photometric_p > 0 else None,
         }
 
     def apply(self, canvas: Tensor, params: Dict) -> Tensor:
         """[B, C, H, W] canvas -> [V * B, C, size, size] float32 (view-major)."""
         x = apply_resized_crop(canvas, params["boxes"], self.size, params["flip"])
+        if params["gray"] is not None and self.grayscale_first:
+            x = apply_grayscale(x, params["gray"], inplace=True)
         if params["jitter"] is not None:
             x = apply_color_jitter(x, params["jitter"])
-        if params["gray"] is not None:
+        if params.get("photometric") is not None:
+            x = apply_photometric(x, params["photometric"])
+        if params["gray"] is not None and not self.grayscale_first:
             x = apply_grayscale(x, params["gray"], inplace=True)
         if params["blur"] is not None:
             x = apply_gaussian_blur(x, params["blur"], self.blur_kernel_size)
@@ -605,6 +771,24 @@ class ViewAugmentation:
 
     def __call__(self, images: Images, generator: Optional[torch.Generator] = None) -> Tensor:
         return self.views(images, 1, generator)[0]
+
+
+class JigsawPatches(ViewAugmentation):
+    """PIRL's jigsaw branch: ``grid * grid`` views per image, its shuffled patches (``sample_jigsaw_patch_boxes``),
+    each through the colour pipeline of ``ViewAugmentation`` (``**kwargs``) on its own, flip included."""
+
+    def __init__(self, patch_size: int, crop_size: int, crop_scale: Tuple[float, float], grid: int = 3, **kwargs):
+        super().__init__(patch_size, scale=crop_scale, **kwargs)
+        self.crop_size, self.grid = crop_size, grid
+
+    def sample_params(self, sizes: Tensor, num_views: int = 9, generator=None, device=None) -> Dict:
+        if num_views != self.grid ** 2:
+            raise ValueError(f"JigsawPatches makes {self.grid ** 2} views per image, not {num_views}")
+        device = sizes.device if device is None else device
+        boxes = sample_jigsaw_patch_boxes(sizes, self.crop_size, self.scale, self.size, self.grid, generator, device)
+        params = super().sample_params(sizes, num_views, generator, device)
+        params["boxes"] = boxes
+        return params
 
 
 class MultiCrop:

@@ -65,14 +65,17 @@ class DeviceViews:
     def generator(self, epoch, indices):
         return torch.Generator().manual_seed(data.sample_seed(self.seed, epoch, int(indices[0])))
 
-    def __call__(self, batch, epoch, indices, device):
+    def __call__(self, batch, epoch, indices, device, generator=None):
+        """`generator`: this batch's generator (self.generator(epoch, indices)) when the caller draws
+        more from it afterwards (e.g. jigsaw tiles); made here otherwise."""
         canvas, sizes = batch
         if sizes is None:  # encoded JPEGs (DecodedImages(encoded=True)): decode on the device, then pad
             canvas, sizes = gpu_aug.to_canvas(data.decode_on_device(canvas, device))
         canvas = canvas.to(device, non_blocking=True)
         if len(self.groups) > 1:
             canvas = gpu_aug.to_float(canvas)  # convert once for all groups
-        generator, views = self.generator(epoch, indices), []
+        generator = self.generator(epoch, indices) if generator is None else generator
+        views = []
         for count, aug in self.groups:
             params = aug.sample_params(sizes, count, generator, device=canvas.device)
             x = aug.apply(canvas, params)
@@ -83,3 +86,11 @@ class DeviceViews:
 def compile_model(model, enabled):
     """torch.compile(model) when asked (the first steps are slow while it compiles); else the model."""
     return torch.compile(model) if enabled else model
+
+
+def compile_in_place(modules, enabled):
+    """nn.Module.compile() on each module (their state_dict keys stay unchanged): for scripts whose
+    top-level forward also updates buffers or talks to other processes (MoCo's key encoder, queue)."""
+    if enabled:
+        for module in modules:
+            module.compile()

@@ -252,13 +252,16 @@ def tv_view(img, aug, params, i):
     out = tv_resized_crop(img, params["boxes"][v, b], aug.size)
     if params["flip"][v, b]:
         out = TF.horizontal_flip(out)
-    out = tv_jitter(out, params["jitter"], i)
-    if params["gray"][i]:
+    gray_first = getattr(aug, "grayscale_first", False)
+    if gray_first and params["gray"][i]:
         out = TF.rgb_to_grayscale(out, out.shape[-3])
-    if params["blur"]["apply"][i]:
+    out = tv_jitter(out, params["jitter"], i)
+    if not gray_first and params["gray"][i]:
+        out = TF.rgb_to_grayscale(out, out.shape[-3])
+    if params["blur"] is not None and params["blur"]["apply"][i]:
         k = aug.blur_kernel_size
         out = TF.gaussian_blur(out, [k, k], [float(params["blur"]["sigma"][i])])
-    if params["solarize"][i]:
+    if params["solarize"] is not None and params["solarize"][i]:
         out = TF.solarize(out, aug.solarize_threshold)
     return out
 
@@ -278,6 +281,32 @@ def test_view_augmentation_matches_torchvision_pipeline():
     outn = norm.apply(x, params)
     ref = TF.normalize(out, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
     torch.testing.assert_close(outn, ref, atol=1e-5, rtol=0)
+
+
+def test_grayscale_before_jitter_matches_torchvision_pipeline():
+    """MoCo v1's order: RandomGrayscale, then ColorJitter (the hue of a gray image is not a no-op in the
+    other order, so the two orders give different images)."""
+    aug = A.ViewAugmentation(20, jitter_p=1.0, hue=0.4, grayscale_p=0.5, mean=None, grayscale_first=True)
+    x = rand_images(10, 30, 26, seed=57)
+    params = aug.sample_params(A.image_sizes(x), generator=gen(58))
+    assert params["gray"].any() and not params["gray"].all()
+    out = aug.apply(x, params)
+    for i in range(10):
+        torch.testing.assert_close(out[i], tv_view(x[i], aug, params, i), atol=ATOL, rtol=0)
+    later = A.ViewAugmentation(20, jitter_p=1.0, hue=0.4, grayscale_p=0.5, mean=None).apply(x, params)
+    assert (later - out).abs().max() > 0.05
+
+
+def test_rot90_per_sample_equals_torch_rot90_per_image():
+    x = rand_images(9, 12, 12, seed=59)
+    k = torch.tensor([0, 1, 2, 3, 5, -1, 2, 0, 3])  # any integer, taken mod 4 like torch.rot90
+    out = A.apply_rot90(x, k)
+    for b in range(9):
+        assert torch.equal(out[b], torch.rot90(x[b], int(k[b]), dims=(1, 2)))
+    u8 = (x * 255).to(torch.uint8)
+    assert torch.equal(A.apply_rot90(u8, k), (out * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="square"):
+        A.apply_rot90(rand_images(2, 12, 10), torch.tensor([1, 2]))
 
 
 def test_one_channel_images_match_torchvision():
@@ -336,3 +365,131 @@ def test_cuda_matches_cpu():
     for a, b in zip(cpu, cuda):
         assert b.is_cuda
         torch.testing.assert_close(b.cpu(), a, atol=ATOL / min(A.IMAGENET_STD), rtol=0)
+
+
+# --------------------------------------------------------------------------- #
+# Resize + RandomCrop (Jigsaw's image), jigsaw tiles
+# --------------------------------------------------------------------------- #
+
+def test_resize_then_random_crop_matches_torchvision_when_downscaling():
+    """Resize(40) + RandomCrop(30) of 60x80 and 90x50 images as one float box each, resampled in one call."""
+    x, sizes = A.to_canvas([*rand_images(6, 60, 80, seed=70), *rand_images(6, 90, 50, seed=71)])
+    boxes = A.sample_resize_crop_params(sizes, 40, 30, gen(72))
+    out = A.apply_resized_crop(x, boxes, 30)
+    for i in range(12):
+        h, w = sizes[i].tolist()
+        resized = TF.resize(x[i, :, :h, :w], [40], interpolation=InterpolationMode.BILINEAR, antialias=False)
+        scale_h, scale_w = h / resized.shape[-2], w / resized.shape[-1]
+        top, left = round(float(boxes[i, 0]) / scale_h), round(float(boxes[i, 1]) / scale_w)
+        assert abs(float(boxes[i, 2]) - 30 * scale_h) < 1e-9 and abs(float(boxes[i, 3]) - 30 * scale_w) < 1e-9
+        torch.testing.assert_close(out[i], TF.crop(resized, top, left, 30, 30), atol=ATOL, rtol=0)
+    # an image already at the resize size: integer boxes, exactly RandomCrop
+    same = A.sample_resize_crop_params(torch.tensor([[32, 32]] * 4), 32, 30, gen(73))
+    assert torch.equal(same[:, 2:], torch.full((4, 2), 30.0)) and torch.equal(same[:, :2], same[:, :2].round())
+
+
+def test_resize_then_random_crop_corner_distribution():
+    """The corner of the crop in the resized image is uniform over its range, as RandomCrop.get_params."""
+    n = 20000
+    boxes = A.sample_resize_crop_params(torch.tensor([[48, 96]]).expand(n, 2), 32, 30, gen(74))
+    scale = 48 / 32  # 48x96 -> 32x64
+    top, left = (boxes[:, 0] / scale).round().long(), (boxes[:, 1] / scale).round().long()
+    assert top.min() == 0 and top.max() == 2 and left.min() == 0 and left.max() == 34
+    torch.manual_seed(75)
+    ref = np.array([T.RandomCrop.get_params(torch.empty(1, 32, 64), (30, 30)) for _ in range(n)])
+    assert stats.ks_2samp(top.numpy(), ref[:, 0]).pvalue > 1e-3
+    assert stats.ks_2samp(left.numpy(), ref[:, 1]).pvalue > 1e-3
+
+
+def per_image_tiles(image, offsets, cell, tile):
+    """jigsaw.py's Puzzle, one image: tile at its offset inside each cell, standardised on its own."""
+    tiles = []
+    for position, (dy, dx) in enumerate(offsets.tolist()):
+        y, x = (position // 3) * cell + dy, (position % 3) * cell + dx
+        t = image[:, y:y + tile, x:x + tile]
+        tiles.append((t - t.mean(dim=(1, 2), keepdim=True)) / (t.std(dim=(1, 2), keepdim=True) + 1e-5))
+    return torch.stack(tiles)
+
+
+def test_jigsaw_tiles_match_the_per_image_reference():
+    x = rand_images(5, 31, 31, seed=76)
+    offsets = A.sample_tile_offsets(5, 9, 10 - 7, gen(77))
+    assert offsets.shape == (5, 9, 2) and offsets.min() == 0 and offsets.max() == 3
+    out = A.apply_jigsaw_tiles(x, offsets, cell=10, tile=7)
+    assert out.shape == (5, 9, 3, 7, 7)
+    for b in range(5):
+        torch.testing.assert_close(out[b], per_image_tiles(x[b], offsets[b], 10, 7), atol=1e-5, rtol=0)
+    raw = A.apply_jigsaw_tiles(x, offsets, cell=10, tile=7, standardize=False)
+    assert torch.equal(raw[2, 4], x[2, :, 10 + int(offsets[2, 4, 0]):17 + int(offsets[2, 4, 0]),
+                                     10 + int(offsets[2, 4, 1]):17 + int(offsets[2, 4, 1])])
+    # uniform offsets: every value in [0, max] about equally often
+    counts = torch.bincount(A.sample_tile_offsets(4000, 9, 3, gen(78)).flatten(), minlength=4).double()
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- #
+# PIRL: photometric ops, jigsaw patches
+# --------------------------------------------------------------------------- #
+
+def test_photometric_matches_torchvision_per_image():
+    x = rand_images(12, 20, 18, seed=80)
+    x[3, 1] = 0.25  # a constant channel: autocontrast leaves it
+    params = A.sample_photometric_params(12, 0.66, gen(81))
+    params["apply"][:4] = True
+    params["threshold"][0] = 256 / 255  # PIL's largest threshold: nothing inverted
+    out = A.apply_photometric(x, params)
+    for i in range(12):
+        ref = x[i]
+        if params["apply"][i]:
+            ref = TF.posterize(ref, int(params["bits"][i]))
+            ref = TF.adjust_sharpness(ref, float(params["sharpness"][i]))
+            if params["threshold"][i] <= 1:
+                ref = TF.solarize(ref, float(params["threshold"][i]))
+            ref = TF.autocontrast(ref)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+    assert not torch.equal(out[:4], x[:4]) and torch.equal(out[~params["apply"]], x[~params["apply"]])
+
+
+def test_photometric_params_distribution():
+    params = A.sample_photometric_params(30000, 0.66, gen(82))
+    assert abs(params["apply"].double().mean() - 0.66) < 0.015
+    assert torch.equal(torch.unique(params["bits"]), torch.arange(4, 9))
+    assert stats.chisquare(torch.bincount(params["bits"])[4:].numpy()).pvalue > 1e-3
+    thresholds = (params["threshold"] * 255).round().long()
+    assert thresholds.min() == 0 and thresholds.max() == 256
+    assert stats.kstest(params["sharpness"].numpy(), stats.uniform(0.1, 1.8).cdf).pvalue > 1e-3
+
+
+def test_jigsaw_patch_boxes_equal_cutting_the_resized_crop():
+    """PIRL's patches: RandomResizedCrop(48) of a 64x80 image, 3x3 cells of 16 px, 14 px patches, shuffled."""
+    sizes = torch.tensor([[64, 80]] * 6)
+    boxes = A.sample_jigsaw_patch_boxes(sizes, 48, (0.6, 1.0), 14, generator=gen(83))
+    assert boxes.shape == (9, 6, 4)
+    crops = A.sample_resized_crop_params(sizes, (0.6, 1.0), generator=gen(83)).double()  # its first draws
+    x = rand_images(6, 64, 80, seed=84)
+    patches = A.apply_resized_crop(x, boxes, 14).reshape(9, 6, 3, 14, 14)
+    for n in range(6):
+        top, left, h, w = crops[n].tolist()
+        # every patch lies inside its crop and inside one cell; the 9 cells are a permutation of the grid
+        rows = ((boxes[:, n, 0] - top) / (h / 48)).round().long()
+        cols = ((boxes[:, n, 1] - left) / (w / 48)).round().long()
+        assert set((rows // 16 * 3 + cols // 16).tolist()) == set(range(9))
+        assert ((rows % 16) <= 2).all() and ((cols % 16) <= 2).all()
+        # and each is the patch cut from the crop resized to 48 px (downscaling: bilinear resampling agrees)
+        resized = TF.resize(TF.crop(x[n], int(top), int(left), int(h), int(w)), [48, 48],
+                            interpolation=InterpolationMode.BILINEAR, antialias=False)
+        for k in range(9):
+            ref = TF.crop(resized, int(rows[k]), int(cols[k]), 14, 14)
+            torch.testing.assert_close(patches[k, n], ref, atol=ATOL, rtol=0)
+
+
+def test_jigsaw_patches_view_pipeline_shapes_and_independent_colour():
+    aug = A.JigsawPatches(14, 48, (0.6, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, jitter_p=1.0,
+                          photometric_p=0.66, grayscale_p=0.2)
+    x = rand_images(4, 64, 64, seed=85)
+    params = aug.sample_params(A.image_sizes(x), 9, gen(86))
+    assert params["jitter"]["factors"].shape == (36, 4) and params["photometric"]["apply"].shape == (36,)
+    out = aug.apply(x, params)
+    assert out.shape == (36, 3, 14, 14) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="9 views"):
+        aug.sample_params(A.image_sizes(x), 2, gen(86))

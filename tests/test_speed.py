@@ -116,3 +116,19 @@ def test_jpegs_decoded_on_the_device_give_the_same_views_as_decoded_in_workers()
     assert all(torch.equal(a, b) for a, b in zip(data.decode_on_device(jpegs, "cpu"), canvas))
     for a, b in zip(make_views(batches[0][0], 1, indices, "cpu"), make_views(batches[1][0], 1, indices, "cpu")):
         assert torch.equal(a, b)
+
+
+def test_compile_in_place_keeps_state_dict_keys_and_outputs():
+    """moco.py compiles its two encoders in place (nn.Module.compile): checkpoints keep their key names."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile (inductor, CPU) needs a C++ compiler, none on PATH")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    eager = copy.deepcopy(model)
+    speed.compile_in_place([model], False)
+    assert model.__dict__.get("_compiled_call_impl") is None  # not asked: untouched
+    speed.compile_in_place([model], True)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model(x), eager(x))
+    assert list(model.state_dict()) == list(eager.state_dict())
+    assert model.__dict__.get("_compiled_call_impl") is not None
