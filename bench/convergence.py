@@ -32,6 +32,9 @@ RUNS = {
     "pirl": (["--preset", "cifar", "--batch-size", "64"], 2),
     "rotnet": (["--preset", "cifar", "--batch-size", "32"], 3),
     "jigsaw": (["--preset", "cifar", "--batch-size", "128"], 2),
+    # clusters the features of a SimCLR run at its RUNS recipe (trained first), then trains a fresh trunk
+    "clusterfit": (["--preset", "cifar", "--num-clusters", "30", "--batch-size", "256", "--lr", "0.2",
+                    "--warmup-epochs", "1"], 14),
 }
 
 
@@ -61,7 +64,11 @@ def main():
     for method in args.methods:
         flags, epochs = RUNS[method]
         epochs = max(1, round(epochs * args.epochs_scale))
-        with tempfile.TemporaryDirectory() as out_dir:
+        with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryDirectory() as teacher_dir:
+            if method == "clusterfit":  # its pretrained network N_pre: SimCLR at its RUNS budget
+                simclr_flags, simclr_epochs = RUNS["simclr"]
+                run(["simclr.py", *COMMON, *simclr_flags, "--epochs", str(simclr_epochs), "--output-dir", teacher_dir])
+                flags = [*flags, "--weights", str(sorted(Path(teacher_dir).glob("checkpoint-*.pth"))[-1])]
             started = time.time()
             run([f"{method}.py", *COMMON, *flags, "--epochs", str(epochs), "--output-dir", out_dir])
             seconds = time.time() - started
