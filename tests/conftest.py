@@ -85,6 +85,24 @@ def random_knn_top1():
     return knn_top1("random")
 
 
+# the SimCLR convergence recipe (tests/test_convergence_simclr.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
+SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", "8",
+                            "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
+                            "--workers", "2", "--print-every", "40")
+
+
+@pytest.fixture(scope="session")
+def simclr_checkpoint(tmp_path_factory):
+    """A briefly trained SimCLR checkpoint (the SimCLR convergence recipe), trained once per session.
+
+    For tests that need a network better than random init, e.g. ClusterFit's features to cluster.
+    """
+    out = tmp_path_factory.mktemp("simclr-trained")
+    run_script("simclr.py", *SIMCLR_CONVERGENCE_FLAGS, "--output-dir", out)
+    from common import checkpoint
+    return str(checkpoint.latest(out))
+
+
 def swav_sinkhorn(scores, epsilon, n_iters):
     """SwAV's published Sinkhorn-Knopp (Caron et al. 2020, Alg. 1), single process, no stabilisation."""
     q = torch.exp(scores / epsilon).t()
