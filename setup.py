@@ -10,6 +10,7 @@ else "8.0;9.0". SSL_OPS_NO_CUDA=1 builds the CPU kernels only.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -42,6 +43,12 @@ if torch is not None:
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = cpp_extension.CUDA_HOME is not None and os.environ.get("SSL_OPS_NO_CUDA", "0") != "1"
     cxx_flags = ["-O3", "-g0"]  # -g0: no debug info (much faster build); the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline template over `#pragma omp parallel`: without -fopenmp it compiles to a
+        # serial loop. libgomp.so.1 resolves at run time to the copy torch has already loaded (same SONAME).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             if torch.cuda.is_available():
@@ -54,9 +61,11 @@ if torch is not None:
             define_macros=[("WITH_CUDA", None)],
             include_dirs=_cuda_library_includes(cpp_extension.CUDA_HOME),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = cpp_extension.CppExtension("common._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("common._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
     ext_modules = [ext]
     cmdclass = {"build_ext": cpp_extension.BuildExtension}
 

@@ -5,11 +5,13 @@
 // arithmetic. Advising the kernel to back the allocation with 2 MiB pages (MADV_HUGEPAGE,
 // honoured when /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always")
 // cuts that to a few dozen faults. PyTorch offers the same for every allocation behind
-// THP_MEM_ALLOC_ENABLE=1; here it is applied only to the outputs that need it.
+// THP_MEM_ALLOC_ENABLE=1; here it is applied only to the outputs that need it
+// (SSL_OPS_NO_HUGEPAGES=1 turns it off).
 #pragma once
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -22,7 +24,8 @@ inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opt
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && last > first)
+  static const bool off = std::getenv("SSL_OPS_NO_HUGEPAGES") && std::getenv("SSL_OPS_NO_HUGEPAGES")[0] == '1';
+  if (!off && t.nbytes() >= 4 * kHuge && last > first)
     madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: failure is harmless
 #endif
   return t;
