@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 # script -> (extra flags, network inputs per image at --preset cifar)
 SCRIPTS = {
     "simclr": ([], "2 views"),
-    "moco": ([], "2 views (query + key encoder)"),
+    "moco": (["--queue-size", "1024"], "2 views (query + key encoder)"),  # cifar10-mini has 4,000 images
     "swav": ([], "multi-crop (the preset's --crops)"),
     "deepcluster_v2": ([], "multi-crop (the preset's --crops)"),
     "npid": ([], "1 view"),
