@@ -82,6 +82,24 @@ def test_sinkhorn_extreme_ratio_stays_finite(device):
     assert torch.allclose(out.sum(1).double(), torch.ones(37, dtype=torch.float64, device=device), atol=1e-5)
 
 
+def test_sinkhorn_recycled_output_buffers_are_never_shared():
+    """Outputs of 8 MB and more come from a one-slot cache of freed buffers (csrc/memory.h):
+    a live result must never be overwritten, and a recycled buffer must be fully rewritten."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(701, 3001, generator=g) for _ in range(3))
+    qa = ops.sinkhorn(a, 0.05, 3)
+    kept = qa.clone()
+    qb = ops.sinkhorn(b, 0.05, 3)
+    assert qa.data_ptr() != qb.data_ptr() and torch.equal(qa, kept)
+    freed = qb.data_ptr()
+    del qb
+    qc = ops.sinkhorn(c, 0.05, 3)
+    truth = ops.sinkhorn_reference(c.double(), 0.05, 3)
+    assert torch.equal(qa, kept) and (qc.double() - truth).abs().max() < 1e-5
+    if ops.backend("cpu") == "compiled-cpu" and os.environ.get("SSL_OPS_NO_HUGEPAGES") != "1":
+        assert qc.data_ptr() == freed  # the freed buffer was reused
+
+
 def test_sinkhorn_thread_count_does_not_matter():
     scores = F.normalize(torch.randn(1037, 301, generator=torch.Generator().manual_seed(1)), dim=1)
     threads = torch.get_num_threads()
