@@ -135,13 +135,18 @@ SSLOPS_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// 8 bf16 values widened to float32 (bf16 is the top half of a float32)
+SSLOPS_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 SSLOPS_AVX2 float screened_max_avx2(const uint16_t* screened, const float* half, int64_t K) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + 8 <= K; j += 8) {
-    const __m256i w = _mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(screened + j))), 16);
-    m = _mm256_max_ps(m, _mm256_sub_ps(_mm256_castsi256_ps(w), _mm256_loadu_ps(half + j)));
+    const __m256 w = load_bf16x8(screened + j);
+    m = _mm256_max_ps(m, _mm256_sub_ps(w, _mm256_loadu_ps(half + j)));
   }
   float r = simd::hmax256(m);
   for (; j < K; ++j) r = std::max(r, bf16_to_float(screened[j]) - half[j]);
@@ -153,10 +158,9 @@ SSLOPS_AVX2 int64_t shortlist_avx2(const uint16_t* screened, const float* half, 
   const __m256 t = _mm256_set1_ps(threshold);
   int64_t n = 0, j = 0;
   for (; j + 8 <= K; j += 8) {
-    const __m256i w = _mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(screened + j))), 16);
+    const __m256 w = load_bf16x8(screened + j);
     int mask = _mm256_movemask_ps(
-        _mm256_cmp_ps(_mm256_sub_ps(_mm256_castsi256_ps(w), _mm256_loadu_ps(half + j)), t, _CMP_GE_OQ));
+        _mm256_cmp_ps(_mm256_sub_ps(w, _mm256_loadu_ps(half + j)), t, _CMP_GE_OQ));
     while (mask) {
       out[n++] = j + __builtin_ctz(mask);
       mask &= mask - 1;
