@@ -19,6 +19,11 @@ cosine assignment), as DeepCluster-v2 clusters; `--no-spherical` for plain Eucli
     torchrun --nproc_per_node=8 clusterfit.py --weights rotnet.pth --data /datasets/imagenet/train
     python clusterfit.py --preset cifar --weights runs/rotnet-cifar/checkpoint-00078000.pth --data cifar10
     python clusterfit.py --stage cluster --num-clusters 8000 --output-dir runs/clusterfit ...   # one stage
+
+Speed (common/speed.py): on CUDA the workers only decode images and the stage-3 training view is
+made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
+distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
+`--compile`.
 """
 from dataclasses import dataclass, field
 from pathlib import Path

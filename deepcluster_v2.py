@@ -19,6 +19,11 @@ forward pass over the data before training (as the swav repository's init_memory
     torchrun --nproc_per_node=8 --nnodes=8 ... deepcluster_v2.py --data /datasets/imagenet/train
     python deepcluster_v2.py --preset cifar --data cifar10 --epochs 800
     python deepcluster_v2.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
+batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
+distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
+`--compile`.
 """
 from dataclasses import dataclass, field
 

@@ -22,6 +22,11 @@ at most 9). It is saved in every checkpoint and reused on resume.
     torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
     python jigsaw.py --preset cifar --data cifar10
     python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and the crop and its nine
+standardised, permuted tiles are made batched on the GPU (`--gpu-aug`, default on with CUDA;
+common/gpu_aug.py, the same parameter distributions as the per-image PIL path kept for `--gpu-aug
+off`); channels_last, bf16 autocast, `--compile`.
 """
 import itertools
 import math

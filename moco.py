@@ -24,6 +24,10 @@ encoder sees P x S chunks; P processes x S splits equal one process with P x S s
     torchrun --nproc_per_node=8 moco.py --data /datasets/imagenet/train --epochs 200
     python moco.py --preset cifar --data cifar10 --epochs 800
     python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --queue-size 1024 --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and both views are made batched on
+the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as
+the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast, `--compile`.
 """
 import copy
 from dataclasses import dataclass, field

@@ -19,6 +19,11 @@ cross_entropy --temperature 0.1).
     torchrun --nproc_per_node=8 pirl.py --data /datasets/imagenet/train --mlp-head --loss-type cross_entropy --temperature 0.1
     python pirl.py --preset cifar --data cifar10
     python pirl.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and the image view and the nine
+shuffled patches are made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py,
+the same parameter distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last,
+bf16 autocast, `--compile`.
 """
 import math
 import random

@@ -13,6 +13,11 @@ rotation per image; the paper's four-at-once is used here (`--rotations 1` for V
     torchrun --nproc_per_node=8 rotnet.py --data /datasets/imagenet/train
     python rotnet.py --preset cifar --data cifar10
     python rotnet.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and the crop (then its four
+rotations) is made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the
+same parameter distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last,
+bf16 autocast, `--compile`.
 """
 from dataclasses import dataclass, field
 

@@ -20,6 +20,11 @@ batch (plus the queue) with ops.sinkhorn, which all-reduces its sums: no scores 
     torchrun --nproc_per_node=8 swav.py --preset small-batch --data /datasets/imagenet/train
     python swav.py --preset cifar --data cifar10 --epochs 800
     python swav.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+
+Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
+batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
+distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
+`--compile`.
 """
 from dataclasses import dataclass, field
 
