@@ -2,8 +2,9 @@
 
 Every rank builds the same model (seed 0) and the same global batch and takes its half; the
 key batch is shuffled across ranks (Shuffling BN, one chunk per rank), the loss is averaged
-by DDP, and the gathered keys are enqueued. Saved: initial weights, the batch, the all-reduced
-loss, the averaged gradients, the queue and its pointer after the step, and the key encoder.
+by DDP, and the gathered keys are enqueued. Saved: initial weights (with a queue two-thirds full),
+the batch, the all-reduced loss, the averaged gradients, the queue and its pointer after the step,
+and the key encoder.
 """
 import sys
 
@@ -18,6 +19,10 @@ args = moco.resolve_version_defaults(cli.parse_args(moco.Args, None, [
 n_per_rank = 6
 torch.manual_seed(0)
 model = moco.MoCo(args).double()
+with torch.no_grad():  # a queue two-thirds full: 24 negatives; the step's 12 gathered keys complete it
+    model.queue[:24] = torch.nn.functional.normalize(torch.randn(24, 16, dtype=torch.float64), dim=1)
+    model.queue_ptr.fill_(24)
+    model.queue_filled.fill_(24)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 images = [torch.randn(n_per_rank * runtime.world_size, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
 mine = [x[runtime.rank * n_per_rank:(runtime.rank + 1) * n_per_rank] for x in images]
@@ -25,7 +30,7 @@ mine = [x[runtime.rank * n_per_rank:(runtime.rank + 1) * n_per_rank] for x in im
 ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 torch.manual_seed(1)  # the Shuffling-BN permutation (rank 0's is broadcast)
 q, k = ddp(mine[0], mine[1], 0.9, 1)
-loss = moco.moco_loss(q, k, model.queue.clone(), 0.2)
+loss = moco.moco_loss(q, k, model.negatives(), 0.2)
 loss.backward()
 model.enqueue(dist.gather(k))
 loss = dist.all_reduce_mean(loss.detach())
@@ -33,6 +38,7 @@ if runtime.is_main:
     torch.save({"initial": initial, "images": images, "n_per_rank": n_per_rank, "world_size": runtime.world_size,
                 "loss": loss, "grads": {name: p.grad for name, p in model.named_parameters() if p.grad is not None},
                 "queue": model.queue.clone(), "queue_ptr": int(model.queue_ptr),
+                "queue_filled": int(model.queue_filled),
                 "key_encoder": {k: v.clone() for k, v in model.key_encoder.state_dict().items()}}, sys.argv[1])
 dist.barrier()  # let every rank finish its collectives before tearing gloo down
 dist.cleanup()

@@ -53,12 +53,23 @@ def test_momentum_update_and_queue_wraps_around():
     for pk, bk, bq in zip(model.key_encoder.parameters(), before_k, before_q):
         torch.testing.assert_close(pk, 0.9 * bk + 0.1 * bq)
     assert not any(p.requires_grad for p in model.key_encoder.parameters())
-    keys = [torch.full((16, 16), float(i)) for i in range(3)]  # queue of 32
+    keys = [torch.full((16, 16), float(i + 1)) for i in range(3)]  # queue of 32
+    assert len(model.negatives()) == 0  # the queue starts empty: no negatives at the first step
     model.enqueue(keys[0])
+    assert int(model.queue_filled) == 16 and torch.equal(model.negatives(), keys[0])
     model.enqueue(keys[1])
-    assert int(model.queue_ptr) == 0 and (model.queue[:16] == 0).all() and (model.queue[16:] == 1).all()
+    assert int(model.queue_ptr) == 0 and (model.queue[:16] == 1).all() and (model.queue[16:] == 2).all()
     model.enqueue(keys[2])  # replaces the oldest
-    assert int(model.queue_ptr) == 16 and (model.queue[:16] == 2).all() and (model.queue[16:] == 1).all()
+    assert int(model.queue_ptr) == 16 and (model.queue[:16] == 3).all() and (model.queue[16:] == 2).all()
+    assert int(model.queue_filled) == 32 and torch.equal(model.negatives(), model.queue)
+
+
+def test_first_step_without_negatives_has_zero_loss_and_gradient():
+    q = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    loss = moco.moco_loss(q, k, torch.empty(0, 8, dtype=torch.float64), 0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(q.grad, torch.zeros_like(q))
 
 
 def test_shuffling_bn_encodes_each_chunk_of_the_permuted_batch_and_unshuffles():
@@ -80,11 +91,12 @@ def test_shuffling_bn_encodes_each_chunk_of_the_permuted_batch_and_unshuffles():
 
 
 def test_loss_falls_on_a_fixed_batch():
-    """Against a fixed queue: enqueuing keys of the same 32 images would make stale copies of each
-    positive into negatives, which a fixed batch cannot learn to beat."""
+    """Against a fixed queue of random unit keys: enqueuing keys of the same 32 images would make stale
+    copies of each positive into negatives, which a fixed batch cannot learn to beat."""
     torch.manual_seed(0)
     args = tiny_args("--image-size", "32", "--blur-p", "0", "--queue-size", "64", "--key-momentum", "0.9")
     model = moco.MoCo(args)
+    fixed_queue = torch.nn.functional.normalize(torch.randn(64, args.embedding_dim), dim=1)
     base = data.build_dataset("cifar10-mini", "train")
     views = data.ViewDataset(base, moco.TwoViews(args), seed=0)
     queries, keys = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images
@@ -93,7 +105,7 @@ def test_loss_falls_on_a_fixed_batch():
     model.train()
     for _ in range(8):
         q, k = model(queries, keys, args.key_momentum, 4)
-        loss = moco.moco_loss(q, k, model.queue.clone(), args.temperature)
+        loss = moco.moco_loss(q, k, fixed_queue, args.temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -103,7 +115,8 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
-    """2 ranks x 1 Shuffling-BN chunk == 1 process x 2 chunks with the same permutation; same queue after."""
+    """2 ranks x 1 Shuffling-BN chunk == 1 process x 2 chunks with the same permutation; same queue after
+    (which starts two-thirds full, so the step uses 24 negatives and completes the queue)."""
     out = tmp_path / "dist.pt"
     run_torchrun(2, "tests/dist_moco_worker.py", out)
     saved = torch.load(out, weights_only=False)
@@ -118,7 +131,7 @@ def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
     model.momentum_update(0.9)
     torch.manual_seed(1)
     k = model.encode_keys(key_images, world)
-    loss = moco.moco_loss(q, k, model.queue.clone(), 0.2)
+    loss = moco.moco_loss(q, k, model.negatives(), 0.2)
     loss.backward()
     model.enqueue(k)
     torch.testing.assert_close(saved["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
@@ -126,7 +139,7 @@ def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-8, atol=1e-11, msg=name)
     torch.testing.assert_close(saved["queue"], model.queue, rtol=1e-10, atol=1e-12)
-    assert saved["queue_ptr"] == int(model.queue_ptr) == n * world
+    assert saved["queue_ptr"] == int(model.queue_ptr) == 0 and saved["queue_filled"] == int(model.queue_filled) == 36
     for name, v in model.key_encoder.state_dict().items():
         if v.is_floating_point() and "running" not in name:
             torch.testing.assert_close(saved["key_encoder"][name], v, rtol=1e-10, atol=1e-12, msg=name)
@@ -134,18 +147,19 @@ def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
 
 def test_interrupted_run_resumes_exactly(tmp_path):
     run_script("moco.py", *SMALL, "--output-dir", tmp_path / "full", "--max-steps", "9")
-    run_script("moco.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "4")
+    run_script("moco.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "3")  # queue 48 of 64 full
     resumed = run_script("moco.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "9")
     assert "resumed from" in resumed.stdout
     full = {r["step"]: r["loss"] for r in metrics(tmp_path / "full")}
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}
     assert sorted(full) == sorted(split) == list(range(1, 10))
-    assert full == split  # bit-identical losses, across the epoch boundary at step 7 and a full queue at step 4
+    assert full == split  # bit-identical: the partly filled queue was restored; epoch boundary at step 7
     ckpt = torch.load(tmp_path / "split" / "checkpoint-00000009.pth", weights_only=False)
     ref = torch.load(tmp_path / "full" / "checkpoint-00000009.pth", weights_only=False)
     torchvision.models.resnet18().load_state_dict(ckpt["trunk"])
     assert ckpt["method"] == "moco" and ckpt["step"] == 9 and ckpt["queue_ptr"] == (9 * 16) % 64
     torch.testing.assert_close(ckpt["model"]["queue"], ref["model"]["queue"], rtol=0, atol=0)
+    assert int(ckpt["model"]["queue_filled"]) == 64
 
 
 def test_v1_switches_head_temperature_and_blur():
