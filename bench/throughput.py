@@ -15,13 +15,17 @@ SimCLRProjectionHead + NTXentLoss + lightly's LARS, under the same autocast
 (lightly's examples run one forward per view and use NCHW; so does the peer here).
 Ours uses channels_last on CUDA and the multi-tensor LARS (common.optim).
 
-The other training scripts (--scripts, default moco,swav,npid,rotnet; "" for none) at
-ResNet-18 32 px (each script's --preset cifar): their --gpu-aug data path, their model step
-(the script's own model, loss and optimiser, as its loop runs them) and both together; and
-lightly's equivalent steps as peers on the same trunk and autocast, with lightly's
-per-image transforms: MoCo (MoCoV2Transform, MoCoProjectionHead, momentum encoder,
-NTXentLoss with a memory bank of the script's queue size, SGD) and SwAV (SwaVTransform
-with the script's crops, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, LARS). A script
+The other training scripts (--scripts, default all: moco, swav, deepcluster_v2, pirl, npid,
+rotnet, jigsaw, clusterfit; "" for none) at ResNet-18 32 px (each script's --preset cifar):
+their --gpu-aug data path (device_views; jigsaw's device_puzzles), their model step (the
+script's own model, loss, optimiser and per-step state updates, as its loop runs them; memory
+banks of 50k images with random indices and pseudo-labels; deepcluster_v2's per-epoch k-means
+and clusterfit's stages 1-2 are not per-step costs and are left out, clusterfit is its stage 3)
+and both together; and, where lightly has them, its equivalent steps as peers on the same
+trunk and autocast, with lightly's per-image transforms: MoCo (MoCoV2Transform,
+MoCoProjectionHead, momentum encoder, NTXentLoss with a memory bank of the script's queue
+size, SGD) and SwAV (SwaVTransform with the script's crops, SwaVProjectionHead,
+SwaVPrototypes, SwaVLoss, LARS); the other scripts have no lightly peer. A script
 case costs at most 3 x (warmup + drain + steps) batches per side, so its time is bounded
 by the batch counts (a few seconds per script on an H100).
 
@@ -39,14 +43,19 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Callable, NamedTuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/augment.py: spinning OpenMP stalls on shared cores
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clusterfit  # noqa: E402
+import deepcluster_v2  # noqa: E402
+import jigsaw  # noqa: E402
 import moco  # noqa: E402
 import npid  # noqa: E402
+import pirl  # noqa: E402
 import rotnet  # noqa: E402
 import simclr  # noqa: E402
 import swav  # noqa: E402
@@ -223,7 +232,8 @@ def lightly_step(args, device, precision):
 # ----------------------------------------------------------------------------- the other scripts and their peers
 
 def script_views(module, args, crop_sizes, dataset, device, workers, total):
-    """The script's --gpu-aug path: decode-only workers, views made by its device_views() on the device."""
+    """The script's --gpu-aug path: decode-only workers (images shrunk to speed.max_side(crop_sizes), as the
+    script does), views made by its device_views() on the device."""
     views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side(crop_sizes)), None, seed=args.seed)
     make_views = module.device_views(args, speed.channels_last(device))
     batches = iter(loader_of(views, args.batch_size, workers, device, total, data.collate_canvas))
@@ -314,6 +324,139 @@ def rotnet_step(args, device, precision, memory_format):
     return step
 
 
+def deepcluster_v2_step(args, device, precision, memory_format, n_data=50_000):
+    """deepcluster_v2.py's step within an epoch: multi-crop forward, cross-entropy of every crop against its
+    image's pseudo-labels of each clustering (prototype heads fixed), LARS, the batch's embeddings written
+    into the memory bank.
+
+    The per-epoch k-means (cluster_memory: ops.kmeans of the bank into --num-clusters, once per head) is not
+    a per-step cost and is not measured: the heads are set to random unit centroids and the pseudo-labels of
+    n_data images are random, which costs the step the same as real ones.
+    """
+    model = deepcluster_v2.DeepClusterV2(args).to(device, memory_format=memory_format).train()
+    optimizer = optim.LARS(optim.param_groups(model, args.weight_decay, args.exclude_bias_and_norm), lr=0.1,
+                           momentum=args.momentum)
+    n_crops = sum(count for count, _ in deepcluster_v2.parse_crops(args.crops))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for head in model.prototypes:
+            centroids = torch.randn(head.out_features, args.embedding_dim, generator=generator)
+            head.weight.copy_(torch.nn.functional.normalize(centroids, dim=1))
+    labels = torch.stack([torch.randint(k, (n_data,), generator=generator) for k in args.num_clusters]).to(device)
+    bank = torch.zeros(len(args.crops_for_mb), n_data, args.embedding_dim, device=device)
+    bank_indices = torch.zeros(n_data, dtype=torch.long, device=device)
+    count = [0]
+
+    def step(crops):
+        n = len(crops[0])
+        indices = torch.randint(n_data, (n,), generator=torch.Generator().manual_seed(count[0])).to(device)
+        with dist.autocast(device, precision):
+            z, scores = model(crops)
+        loss = deepcluster_v2.deepcluster_loss(scores, labels[:, indices], n_crops, args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        row = (count[0] * n) % (n_data - n + 1)
+        bank[:, row:row + n] = torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_mb])
+        bank_indices[row:row + n] = indices
+        count[0] += 1
+    return step
+
+
+def pirl_views(args, dataset, device, workers, total):
+    """pirl.py's --gpu-aug path (script_views: [image, patch 1, ..., patch 9]), the images decoded at the
+    script's side, which follows the jigsaw crop (larger than the patches)."""
+    return script_views(pirl, args, [args.image_size, args.patch_crop_size], dataset, device, workers, total)
+
+
+def pirl_step(args, device, precision, memory_format, n_data=50_000):
+    """pirl.py's step: the image view and its 9 patches (stacked [B, 9, 3, P, P]) through the shared trunk,
+    positives and noise from the memory bank, Eq. 5 (NCE, Z estimated on the first batch), SGD, bank update."""
+    model = pirl.PIRL(args).to(device, memory_format=memory_format).train()
+    memory = pirl.MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
+    optimizer = torch.optim.SGD(optim.param_groups(model, args.weight_decay), lr=0.03, momentum=args.momentum)
+    count, z_estimated = [0], [args.loss_type == "cross_entropy"]
+
+    def step(views):
+        images, *patches = views
+        patches = torch.stack(patches, dim=1)
+        indices = torch.randint(n_data, (len(images),), generator=torch.Generator().manual_seed(count[0])).to(device)
+        with dist.autocast(device, precision):
+            image_embeddings, jigsaw_embeddings = model(images, patches)
+        noise = memory.bank[pirl.noise_indices(n_data, args.num_negatives, args.seed, count[0], 0, device)]
+        if not z_estimated[0]:
+            memory.z.fill_(pirl.estimate_z(image_embeddings.detach(), noise, args.temperature, n_data))
+            z_estimated[0] = True
+        loss = pirl.pirl_loss(image_embeddings, jigsaw_embeddings, memory.bank[indices], noise, memory.z, args,
+                              n_data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        memory.update(image_embeddings, indices)
+        count[0] += 1
+    return step
+
+
+def jigsaw_puzzles(args, dataset, device, workers, total):
+    """jigsaw.py's --gpu-aug path: decode-only workers, then device_puzzles() on the device; the next batch's
+    (tiles [B, 9, 3, t, t], permutation labels [B])."""
+    permutations = jigsaw.hamming_permutations(args.num_permutations, seed=args.seed)
+    images = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.resize_size])), None, seed=args.seed)
+    make_views = jigsaw.device_views(args)
+    batches = iter(loader_of(images, args.batch_size, workers, device, total, data.collate_canvas))
+
+    def next_puzzles():
+        batch, _, indices, _ = next(batches)
+        return jigsaw.device_puzzles(make_views, batch, 0, indices, device, permutations, args)
+    return next_puzzles
+
+
+def jigsaw_fixed_puzzles(args, batch, device, memory_format):
+    """Fixed random tiles and permutation labels in device_puzzles' shapes."""
+    tiles = torch.randn(batch, jigsaw.GRID ** 2, 3, args.tile_size, args.tile_size, device=device)
+    return tiles, torch.randint(args.num_permutations, (batch,), device=device)
+
+
+def jigsaw_step(args, device, precision, memory_format):
+    """jigsaw.py's step: the 9 tiles of every puzzle through the siamese trunk and tile head, permutation
+    cross-entropy, SGD (no weight decay on BatchNorm)."""
+    model = jigsaw.JigsawNet(args).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(jigsaw.sgd_param_groups(model, args.weight_decay), lr=0.1, momentum=args.momentum)
+
+    def step(puzzles):
+        tiles, labels = puzzles
+        with dist.autocast(device, precision):
+            logits = model(tiles)
+        loss = jigsaw.permutation_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def clusterfit_step(args, device, precision, memory_format, n_data=50_000):
+    """clusterfit.py's stage 3 (training a fresh trunk on the pseudo-labels): cross-entropy over
+    --num-clusters classes, SGD (no weight decay on BatchNorm). Stages 1 and 2 (feature extraction, k-means)
+    run once before training and are not measured; the pseudo-labels of n_data images are random here."""
+    model = clusterfit.ClusterFitNet(args).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(clusterfit.sgd_param_groups(model, args.weight_decay), lr=0.1,
+                                momentum=args.momentum)
+    pseudo_labels = torch.randint(args.num_clusters, (n_data,), generator=torch.Generator().manual_seed(0)).to(device)
+    count = [0]
+
+    def step(views):
+        indices = torch.randint(n_data, (len(views[0]),), generator=torch.Generator().manual_seed(count[0]))
+        targets = pseudo_labels[indices.to(device, non_blocking=True)]
+        with dist.autocast(device, precision):
+            logits = model(views[0])
+        loss = clusterfit.pseudo_label_loss(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        count[0] += 1
+    return step
+
+
 def lightly_moco(args, device, precision):
     """lightly's MoCo v2 step (its examples/pytorch/moco.py, on our trunk): MoCoV2Transform, MoCoProjectionHead,
     momentum copies updated by update_momentum, NTXentLoss with a memory bank of --queue-size, SGD."""
@@ -383,39 +526,64 @@ def lightly_swav(args, device, precision):
     return transform, step
 
 
-# name: (module, crop sizes of its views (in order), our step, lightly's peer or None)
+class Script(NamedTuple):
+    """How to measure one training script (a SCRIPTS entry)."""
+    module: object
+    view_sizes: Callable  # args -> side of each view its step takes, in order (the fixed views; the decode side)
+    step: Callable  # (args, device, precision, memory_format) -> step(views): the script's training step
+    peer: Callable = None  # (args, device, precision) -> (lightly's per-image transform, its step), or None
+    views: Callable = None  # (args, dataset, device, workers, total) -> next batch, when not script_views' views
+    fixed: Callable = None  # (args, batch, device, memory_format) -> fixed input, when not random views
+
+
+def crop_sizes(parse_crops):
+    """args -> the side of every crop of a '2x224,6x96' --crops spec, in order."""
+    return lambda args: [size for count, size in parse_crops(args.crops) for _ in range(count)]
+
+
 SCRIPTS = {
-    "moco": (moco, lambda a: [a.image_size] * 2, moco_step, lightly_moco),
-    "swav": (swav, lambda a: [size for count, size in swav.parse_crops(a.crops) for _ in range(count)], swav_step,
-             lightly_swav),
-    "npid": (npid, lambda a: [a.image_size], npid_step, None),
-    "rotnet": (rotnet, lambda a: [a.crop_size], rotnet_step, None),
+    "moco": Script(moco, lambda a: [a.image_size] * 2, moco_step, lightly_moco),
+    "swav": Script(swav, crop_sizes(swav.parse_crops), swav_step, lightly_swav),
+    "deepcluster_v2": Script(deepcluster_v2, crop_sizes(deepcluster_v2.parse_crops), deepcluster_v2_step),
+    "pirl": Script(pirl, lambda a: [a.image_size] + [a.patch_size] * pirl.GRID ** 2, pirl_step, views=pirl_views),
+    "npid": Script(npid, lambda a: [a.image_size], npid_step),
+    "rotnet": Script(rotnet, lambda a: [a.crop_size], rotnet_step),
+    "jigsaw": Script(jigsaw, lambda a: [a.tile_size] * jigsaw.GRID ** 2, jigsaw_step, views=jigsaw_puzzles,
+                     fixed=jigsaw_fixed_puzzles),
+    "clusterfit": Script(clusterfit, lambda a: [a.crop_size], clusterfit_step),
 }
 
 
 def run_script_case(name, opts, device):
     """One script at ResNet-18 32 px (its --preset cifar, batch 512 on CUDA): ours (--gpu-aug) and its lightly peer."""
-    module, sizes_of, our_step_of, peer_of = SCRIPTS[name]
+    script = SCRIPTS[name]
     batch = opts.batch_size or CASES["resnet18_32"]["batch"][device.type]
-    args = cli.parse_args(module.Args, module.PRESETS, ["--preset", "cifar", "--batch-size", str(batch)])
-    if module is moco:
+    args = cli.parse_args(script.module.Args, script.module.PRESETS, ["--preset", "cifar", "--batch-size", str(batch)])
+    if script.module is moco:
         args = moco.resolve_version_defaults(args)
     precision = "bf16" if device.type == "cuda" else "fp32"
     memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
     dataset = data.build_dataset("cifar10-mini", "train")
     drain = opts.workers * 4
     total = batch * ((opts.warmup + drain + opts.steps) * 2 + 1)
-    sizes = sizes_of(args)
+    sizes = script.view_sizes(args)
     torch.manual_seed(0)
-    fixed = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format) for size in sizes]
+    if script.fixed is not None:
+        fixed = script.fixed(args, batch, device, memory_format)
+    else:
+        fixed = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+                 for size in sizes]
+    if script.views is not None:
+        pipeline = script.views(args, dataset, device, opts.workers, total)
+    else:
+        pipeline = script_views(script.module, args, set(sizes), dataset, device, opts.workers, total)
     out = {"batch_size": batch, "view_sizes": sizes, "arch": args.arch, "cifar_stem": args.cifar_stem,
            "precision": precision, "images": len(dataset)}
-    out["ours_gpu_aug"] = measure(script_views(module, args, set(sizes), dataset, device, opts.workers, total),
-                                  our_step_of(args, device, precision, memory_format), fixed, opts.steps, opts.warmup,
-                                  drain, batch, device)
+    out["ours_gpu_aug"] = measure(pipeline, script.step(args, device, precision, memory_format), fixed, opts.steps,
+                                  opts.warmup, drain, batch, device)
     print(name, "ours_gpu_aug", out["ours_gpu_aug"], flush=True)
-    if peer_of is not None:
-        transform, peer_step = peer_of(args, device, precision)
+    if script.peer is not None:
+        transform, peer_step = script.peer(args, device, precision)
         out["lightly"] = measure(peer_views(transform, dataset, batch, device, opts.workers, total), peer_step,
                                  [f.contiguous() for f in fixed], opts.steps, opts.warmup, drain, batch, device)
         print(name, "lightly", out["lightly"], flush=True)
@@ -483,7 +651,7 @@ def run_case(name, opts, device, tmp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(CASES), help=f"simclr cases, of {','.join(CASES)} ('': none)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: per-case default for the device")
     parser.add_argument("--steps", type=int, default=0, help="timed batches per measurement (0: 20 CUDA, 2 CPU)")
     parser.add_argument("--warmup", type=int, default=-1, help="untimed batches first (-1: 5 CUDA, 1 CPU)")
