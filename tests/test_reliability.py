@@ -278,9 +278,11 @@ def test_every_script_stops_on_a_non_finite_loss(tmp_path, method):
 
 
 # (max steps, the step during which SIGTERM arrives, extra flags): preempted mid-epoch, with the queue / memory
-# bank in use; DeepCluster-v2 after its second k-means (epoch 1 starts at step 7), the others cross epochs of 2 steps
-PREEMPT = {"moco": (5, 3, []), "swav": (5, 3, ["--epoch-queue-starts", "0"]), "deepcluster_v2": (9, 8, []),
-           "npid": (5, 3, []), "pirl": (5, 3, []), "rotnet": (5, 3, []), "jigsaw": (5, 3, []),
+# bank in use. MoCo and NPID: 7 steps per epoch, the resumed run crosses the epoch boundary (and MoCo's queue of
+# 4 batches wraps); SwAV's queue is used from the first step; DeepCluster-v2 after its second k-means (epoch 1
+# starts at step 7); RotNet one random rotation per image (drawn from the batch's generator, applied batched).
+PREEMPT = {"moco": (8, 3, []), "swav": (5, 3, ["--epoch-queue-starts", "0"]), "deepcluster_v2": (9, 8, []),
+           "npid": (8, 3, []), "pirl": (5, 3, []), "rotnet": (5, 3, ["--rotations", "1"]), "jigsaw": (5, 3, []),
            "clusterfit": (5, 3, ["--weights", "{resnet18}"])}
 
 
@@ -305,12 +307,16 @@ def _same_state(a, b, where="checkpoint"):
 def test_every_script_preempted_by_sigterm_resumes_exactly(tmp_path, placeholders, method):
     """SIGTERM in step k: the step finishes, checkpoint-k is written, exit 75; the same command resumes and its
     losses, and its final checkpoint (weights, optimiser, RNG, queue / memory bank / pseudo-labels), equal an
-    uninterrupted run's."""
+    uninterrupted run's. With --gpu-aug on (views made batched by common.gpu_aug on the CPU here), so the
+    batched path's per-batch generators (seeded by the epoch and the batch's first index) resume exactly too;
+    each tests/test_<method>.py resumes the per-image --gpu-aug off path."""
     max_steps, signal_step, extra = PREEMPT[method]
     extra = [str(placeholders["resnet18"]) if a == "{resnet18}" else a for a in extra]
-    args = [f"{method}.py", *_small_args(method), *extra, "--max-steps", max_steps, "--workers", "0"]
+    args = [f"{method}.py", *_small_args(method), *extra, "--max-steps", max_steps, "--workers", "0",
+            "--gpu-aug", "on"]
     full, preempted = tmp_path / "full", tmp_path / "preempted"
-    run_script(*args, "--output-dir", full)
+    full_run = run_script(*args, "--output-dir", full)
+    assert "gpu-aug on" in full_run.stdout + full_run.stderr
     if method == "clusterfit":  # the train stage only: reuse the features and clusters of the uninterrupted run
         preempted.mkdir()
         for name in ("features.pth", "clusters.pth"):
