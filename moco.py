@@ -18,8 +18,9 @@ and each process encodes its slice of the permuted batch (own BatchNorm statisti
 the keys are un-shuffled. On one process the permuted key batch is split into
 `--shuffle-bn-splits` chunks (8: the paper's 8 GPUs) and the key encoder runs once per chunk,
 the "split/ghost BatchNorm" of MoCo's single-GPU CIFAR demo: a key never shares BatchNorm
-statistics with exactly the images its query saw. With P processes and S splits, the key
-encoder sees P x S chunks; P processes x S splits equal one process with P x S splits.
+statistics with exactly the images its query saw. The query encoder runs on the same number of
+(unshuffled) chunks, as on S GPUs. With P processes and S splits, each encoder sees P x S
+chunks; P processes x S splits equal one process with P x S splits.
 
 The queue starts empty and only the keys enqueued so far are negatives (after K / global batch
 steps this is the paper's loss exactly). The official code starts from K random unit vectors
@@ -72,7 +73,8 @@ class Args:
     grayscale_p: float = 0.2
     blur_p: Optional[float] = field(default=None, metadata={"help": "default: 0.5 (v2), 0 (v1)"})
     shuffle_bn_splits: int = field(default=0, metadata={
-        "help": "key-encoder BatchNorm chunks per process after shuffling (0: 8 on one process, 1 with several)"})
+        "help": "BatchNorm chunks per process of both encoders, the keys' after shuffling (0: 8 on one process, 1 "
+                "with several)"})
     workers: int = 8
     gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
     compile: bool = False  # torch.compile the query and key encoders
@@ -205,8 +207,12 @@ class MoCo(nn.Module):
         return unshuffled.view(world, -1, unshuffled.shape[1])[dist.rank()]
 
     def forward(self, query_images, key_images, key_momentum, splits, generator=None):
-        """q of the query views (with gradient) and k of the key views (without), both [n, d]."""
-        q = self.query_encoder(query_images)
+        """q of the query views (with gradient) and k of the key views (without), both [n, d].
+
+        The queries are encoded in the same `splits` chunks (unshuffled), so both encoders normalise
+        over as many images as one of the paper's GPUs does (measured on one process, batch 256 in 8
+        chunks, 8 short CPU epochs: kNN top-1 31.7 against 30.3 with the queries normalised as one batch)."""
+        q = torch.cat([self.query_encoder(chunk) for chunk in query_images.chunk(splits)])
         self.momentum_update(key_momentum)
         k = self.encode_keys(key_images, splits, generator)
         return q, k.to(q.dtype)

@@ -16,6 +16,13 @@ three quoted per 256 images (0.0375, 0.3, 0.0003) and scaled linearly, SyncBN on
 a queue of 3840 embeddings from epoch 15, 200 epochs). Sinkhorn runs in fp32 over the global
 batch (plus the queue) with ops.sinkhorn, which all-reduces its sums: no scores are gathered.
 
+Epsilon on small data: "a strong entropy regularization (i.e. using a high epsilon) generally
+leads to a trivial solution where all samples collapse into an unique representation and are all
+assigned uniformly to all prototypes" (the paper, on its choice of epsilon). A fresh network's
+scores barely differ between images, so 0.05 keeps the codes near uniform for short runs:
+ResNet-18, cifar10-mini, 8 epochs gave kNN top-1 30.1 / 31.7 / 33.2 / 34.1 at --epsilon 0.05 /
+0.03 / 0.02 / 0.01.
+
     torchrun --nproc_per_node=8 --nnodes=8 ... swav.py --data /datasets/imagenet/train
     torchrun --nproc_per_node=8 swav.py --preset small-batch --data /datasets/imagenet/train
     python swav.py --preset cifar --data cifar10 --epochs 800
