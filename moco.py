@@ -16,11 +16,11 @@ schedule is replaced by the cosine one; pass --lr and --epochs as wanted).
 Shuffling BN (paper Sec. 3.3): with several processes the key batch is gathered, permuted,
 and each process encodes its slice of the permuted batch (own BatchNorm statistics), then
 the keys are un-shuffled. On one process the permuted key batch is split into
-`--shuffle-bn-splits` chunks (8: the paper's 8 GPUs) and the key encoder runs once per chunk,
-the "split/ghost BatchNorm" of MoCo's single-GPU CIFAR demo: a key never shares BatchNorm
-statistics with exactly the images its query saw. The query encoder runs on the same number of
-(unshuffled) chunks, as on S GPUs. With P processes and S splits, each encoder sees P x S
-chunks; P processes x S splits equal one process with P x S splits.
+`--shuffle-bn-splits` chunks (8: the paper's 8 GPUs), each normalised with its own statistics in
+one pass (SplitBatchNorm2d, the "split/ghost BatchNorm" of MoCo's single-GPU CIFAR demo): a key
+never shares BatchNorm statistics with exactly the images its query saw. The query encoder uses
+the same number of (unshuffled) chunks, as on S GPUs. With P processes and S splits, each
+encoder's outputs are those of P x S chunks; P processes x S splits equal one process with P x S.
 
 The queue starts empty and only the keys enqueued so far are negatives (after K / global batch
 steps this is the paper's loss exactly). The official code starts from K random unit vectors
@@ -169,12 +169,64 @@ class Encoder(nn.Module):
         return nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
 
 
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises each of `splits` contiguous chunks of the batch with the
+    chunk's own statistics, in one pass (MoCo's CIFAR demo's SplitBatchNorm: S GPUs' BatchNorm on one
+    device). Outputs equal encoding the chunks one by one; the running statistics take the mean of the
+    chunks' updates. Same parameters and buffers as nn.BatchNorm2d, so the trunk loads into torchvision."""
+
+    splits = 1
+
+    def forward(self, x):
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.splits
+        if n % s:
+            raise ValueError(f"a batch of {n} does not split into {s} BatchNorm chunks.")
+        # chunk j's channels become channels j*C..(j+1)*C of a batch of n/s: one batch_norm call normalises each
+        grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = nn.functional.batch_norm(grouped, mean, var, self.weight.repeat(s), self.bias.repeat(s), True,
+                                       self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(s, c).mean(dim=0))
+            self.running_var.copy_(var.view(s, c).mean(dim=0))
+            self.num_batches_tracked.add_(1)
+        return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+
+def split_batch_norms(module):
+    """Replace every BatchNorm2d of `module` by a SplitBatchNorm2d with the same state (in place)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(child.num_features, child.eps, child.momentum, device=child.weight.device,
+                                     dtype=child.weight.dtype)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batch_norms(child)
+    return module
+
+
+def encode(encoder, images, splits):
+    """encoder(images) with BatchNorm over `splits` contiguous chunks of the batch (= encoding each chunk)."""
+    split_norms = [m for m in encoder.modules() if isinstance(m, SplitBatchNorm2d)]
+    for m in split_norms:
+        m.splits = splits
+    try:
+        return encoder(images)
+    finally:
+        for m in split_norms:
+            m.splits = 1
+
+
 class MoCo(nn.Module):
     """Query encoder f_q, its momentum copy f_k, and the queue of keys (a buffer, so it is checkpointed)."""
 
     def __init__(self, args):
         super().__init__()
-        self.query_encoder = Encoder(args)
+        self.query_encoder = split_batch_norms(Encoder(args))
         self.key_encoder = copy.deepcopy(self.query_encoder)
         for p in self.key_encoder.parameters():
             p.requires_grad = False
@@ -194,13 +246,14 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, images, splits, generator=None):
-        """Keys of `images` with Shuffling BN: shuffle the global key batch, encode in chunks, un-shuffle."""
+        """Keys of `images` with Shuffling BN: shuffle the global key batch, encode it in `splits` BatchNorm
+        chunks per process, un-shuffle."""
         world = dist.world_size()
         everyone = dist.gather(images)  # [world * n, ...], rank-major
         permutation = torch.randperm(len(everyone), generator=generator).to(images.device)
         dist.broadcast(permutation, 0)  # every process uses rank 0's permutation
         mine = permutation.view(world, -1)[dist.rank()]
-        keys = torch.cat([self.key_encoder(chunk) for chunk in everyone[mine].chunk(splits)])
+        keys = encode(self.key_encoder, everyone[mine], splits)
         shuffled = dist.gather(keys)  # row j is the key of image permutation[j]
         unshuffled = torch.empty_like(shuffled)
         unshuffled[permutation] = shuffled
@@ -212,7 +265,7 @@ class MoCo(nn.Module):
         The queries are encoded in the same `splits` chunks (unshuffled), so both encoders normalise
         over as many images as one of the paper's GPUs does (measured on one process, batch 256 in 8
         chunks, 8 short CPU epochs: kNN top-1 31.7 against 30.3 with the queries normalised as one batch)."""
-        q = torch.cat([self.query_encoder(chunk) for chunk in query_images.chunk(splits)])
+        q = encode(self.query_encoder, query_images, splits)
         self.momentum_update(key_momentum)
         k = self.encode_keys(key_images, splits, generator)
         return q, k.to(q.dtype)

@@ -1,7 +1,9 @@
 """moco.py: the loss against VISSL's formula, Shuffling BN, the momentum update and the queue,
 learning on a fixed batch, 2 ranks = 1 process, exact resume, bad input."""
+import copy
 import math
 
+import pytest
 import torch
 import torchvision
 
@@ -88,6 +90,39 @@ def test_shuffling_bn_encodes_each_chunk_of_the_permuted_batch_and_unshuffles():
     torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
     # and the chunks really have their own statistics: 4 chunks differ from one batch
     assert (keys - model.key_encoder(images)).abs().max() > 1e-3
+
+
+def test_split_batch_norm_equals_batch_norm_per_chunk_in_one_pass():
+    """Outputs and gradients equal nn.BatchNorm2d applied to each contiguous chunk; the running statistics
+    move by the mean of the chunks' updates; eval mode is plain BatchNorm; the state loads into torchvision."""
+    torch.manual_seed(0)
+    x = (torch.randn(12, 5, 3, 2, dtype=torch.float64) * 3 + 1).requires_grad_()
+    reference = torch.nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2)
+        reference.bias.uniform_(-1, 1)
+    split = moco.split_batch_norms(torch.nn.Sequential(copy.deepcopy(reference)))[0]
+    assert type(split) is moco.SplitBatchNorm2d
+    split.splits = 3
+    out = split(x)
+    chunks = [copy.deepcopy(reference) for _ in range(3)]
+    expected = torch.cat([bn(c) for bn, c in zip(chunks, x.chunk(3))])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    grad_split = torch.autograd.grad((out * weights).sum(), [x, split.weight, split.bias])
+    grad_chunks = torch.autograd.grad((expected * weights).sum(), [x] + [p for bn in chunks for p in (bn.weight,
+                                                                                                     bn.bias)])
+    torch.testing.assert_close(grad_split[0], grad_chunks[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_split[1], sum(grad_chunks[1::2]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_split[2], sum(grad_chunks[2::2]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split.running_mean, sum(bn.running_mean for bn in chunks) / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(split.running_var, sum(bn.running_var for bn in chunks) / 3, rtol=1e-12, atol=0)
+    split.eval()
+    plain = torch.nn.BatchNorm2d(5).double().eval()
+    plain.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not split into 3"):
+        split.train()(x[:10])
 
 
 def test_loss_falls_on_a_fixed_batch():
