@@ -138,10 +138,8 @@ def test_interrupted_run_with_a_queue_resumes_exactly_and_prototypes_wait_one_ep
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
+    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
     cases = [
-        (["--crops", "1x32"], "at least two crops"),
-        (["--crops-for-assign", "0", "4"], "must name crops in [0, 4)"),
-        (["--queue-length", "8"], "shorter than the global batch"),
         (["--batch-size", "100000", "--queue-length", "0"], "larger than this process's share"),
     ]
     for extra, message in cases:
