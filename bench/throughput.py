@@ -282,6 +282,12 @@ def swav_step(args, device, precision, memory_format):
     return step
 
 
+def batch_indices(n_data, batch, step, device):
+    """The data indices of step `step`'s batch, for steps that keep per-image state (memory banks, pseudo-labels):
+    random, seeded by the step (the loader's indices are not passed to a step)."""
+    return torch.randint(n_data, (batch,), generator=torch.Generator().manual_seed(step)).to(device)
+
+
 def npid_step(args, device, precision, memory_format, n_data=50_000):
     """npid.py's step: embeddings, positives and noise from the memory bank, NCE loss, SGD, bank update."""
     model = npid.NPID(args).to(device, memory_format=memory_format).train()
@@ -290,7 +296,7 @@ def npid_step(args, device, precision, memory_format, n_data=50_000):
     count = [0]
 
     def step(views):
-        indices = torch.randint(n_data, (len(views[0]),), generator=torch.Generator().manual_seed(count[0])).to(device)
+        indices = batch_indices(n_data, len(views[0]), count[0], device)
         with dist.autocast(device, precision):
             embeddings = model(views[0])
         positives = memory.bank[indices]
@@ -349,7 +355,7 @@ def deepcluster_v2_step(args, device, precision, memory_format, n_data=50_000):
 
     def step(crops):
         n = len(crops[0])
-        indices = torch.randint(n_data, (n,), generator=torch.Generator().manual_seed(count[0])).to(device)
+        indices = batch_indices(n_data, n, count[0], device)
         with dist.autocast(device, precision):
             z, scores = model(crops)
         loss = deepcluster_v2.deepcluster_loss(scores, labels[:, indices], n_crops, args.temperature)
@@ -380,7 +386,7 @@ def pirl_step(args, device, precision, memory_format, n_data=50_000):
     def step(views):
         images, *patches = views
         patches = torch.stack(patches, dim=1)
-        indices = torch.randint(n_data, (len(images),), generator=torch.Generator().manual_seed(count[0])).to(device)
+        indices = batch_indices(n_data, len(images), count[0], device)
         with dist.autocast(device, precision):
             image_embeddings, jigsaw_embeddings = model(images, patches)
         noise = memory.bank[pirl.noise_indices(n_data, args.num_negatives, args.seed, count[0], 0, device)]
@@ -445,8 +451,7 @@ def clusterfit_step(args, device, precision, memory_format, n_data=50_000):
     count = [0]
 
     def step(views):
-        indices = torch.randint(n_data, (len(views[0]),), generator=torch.Generator().manual_seed(count[0]))
-        targets = pseudo_labels[indices.to(device, non_blocking=True)]
+        targets = pseudo_labels[batch_indices(n_data, len(views[0]), count[0], device)]
         with dist.autocast(device, precision):
             logits = model(views[0])
         loss = clusterfit.pseudo_label_loss(logits, targets)
