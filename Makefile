@@ -21,8 +21,10 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*)
 
 install: $(VENV)/.installed
 
+# two pytest workers (pytest-xdist): most tests wait on a subprocess importing torch, so two share 2 cores well;
+# the convergence runs stay on one worker (conftest.py) and share the session's trained SimCLR and random baseline
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: install
 	$(PY) demo.py

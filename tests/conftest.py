@@ -25,6 +25,14 @@ def run_script(*argv, env=None, check=True, timeout=900):
     return proc
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the Makefile's command) every convergence test runs on one
+    worker, so the session fixtures it shares (the trained SimCLR, the random-init kNN) are computed once."""
+    for item in items:
+        if item.get_closest_marker("convergence"):
+            item.add_marker(pytest.mark.xdist_group("convergence"))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
