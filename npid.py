@@ -15,7 +15,8 @@ T 0.07, 4096 negatives, SGD 0.03 x batch/256, wd 1e-4, 200 epochs, lr / 10 at 12
     torchrun --nproc_per_node=8 npid.py --data /datasets/imagenet/train
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 npid.py --npid++ --data /datasets/imagenet/train
     python npid.py --preset cifar --data cifar10
-    python npid.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python npid.py --preset cifar --data cifar10-mini --no-cifar-stem --data-fraction 0.125 --epochs 100 \\
+        --lr 0.03 --lr-schedule cosine --loss-type cross_entropy --num-negatives 256   # 2-core CPU, ~100 s
 
 Speed (common/speed.py): on CUDA the workers only decode images and the view is made batched on the
 GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as the
