@@ -40,8 +40,9 @@ RUNS = {
               "cross_entropy", "--num-negatives", "256", "--data-fraction", "0.125"], 100),
     # pirl, jigsaw: no CPU recipe found that beats random init (31.77); best measured noted per entry.
     # pirl: batch 128, cross_entropy, --crop-scale 0.2 1: lr 0.06, 1024 negatives, 5 epochs 26.36 (the same trunk
-    # with its BatchNorm statistics re-estimated on 32-px images: 25.54); lr 0.03, 1024 negatives, --data-fraction 0.5, 10 epochs
-    # 28.77; NPID's recipe (256 negatives, --data-fraction 0.125, 40 epochs) 28.11, the loss near chance throughout
+    # with its BatchNorm statistics re-estimated on 32-px images: 25.54); lr 0.03, 1024 negatives,
+    # --data-fraction 0.5, 10 epochs 28.77; NPID's recipe (256 negatives, --data-fraction 0.125, 40 epochs) 28.11,
+    # the loss near chance (ln 257) throughout
     "pirl": (["--preset", "cifar", "--batch-size", "64"], 2),
     # tests/test_convergence_rotnet.py's recipe: 34.54 / 33.65 (seeds 0 / 1)
     "rotnet": (["--preset", "cifar", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine"], 4),

@@ -4,9 +4,10 @@ Budget: 28 epochs over a quarter of cifar10-mini (--data-fraction 0.25: 1,000 tr
 class), 196 steps of 128 images x 2 crops of 32 px (ResNet-18 with the ImageNet stem), 50,000 training
 views plus 28 forward passes over the 1,000 images for the memory bank, roughly 100 s on 2 idle cores.
 Recipe: --preset cifar with 2x32 crops only (no 16-px crops, whose passes would also feed BatchNorm's
-running statistics), 3 clusterings of 30 centroids, lr 1.0 per 256 images (0.5 at batch 128) after a half-epoch warmup, and SimCLR's
-optimiser groups (--exclude-bias-and-norm: biases and BN get plain SGD without decay); with LARC on
-every parameter (the swav repository's default) the whole set for 7 epochs measured 30.64 %.
+running statistics), 3 clusterings of 30 centroids, lr 1.0 per 256 images (0.5 at batch 128) after a
+half-epoch warmup, and SimCLR's optimiser groups (--exclude-bias-and-norm: biases and BN get plain SGD
+without decay); with LARC on every parameter (the swav repository's default) the whole set for 7 epochs
+measured 30.64 %.
 
 Why a quarter of the images for four times the epochs: the k-means of every epoch clusters the memory
 bank of the previous one, so a smaller set gives targets from a fresher network for the same compute
