@@ -22,9 +22,10 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*)
 install: $(VENV)/.installed
 
 # two pytest workers (pytest-xdist): most tests wait on a subprocess importing torch, so two share 2 cores well;
-# the convergence runs stay on one worker (conftest.py) and share the session's trained SimCLR and random baseline
+# --dist loadfile keeps tests/test_convergence.py on one worker, sharing the session's trained SimCLR and random
+# baseline (xdist's loadgroup marks do not reach the scheduler under pytest 9)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: install
 	$(PY) demo.py

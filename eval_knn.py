@@ -53,6 +53,8 @@ class Args:
     report_k: int = 20  # the k whose accuracy is the headline top1/top5
     image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = field(default=0, metadata={"help": "short-side resize (0: image-size, or x256/224 above 64 px)"})
+    precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
+                                                          "images before extracting (0: the checkpoint's)"})
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"

@@ -80,6 +80,8 @@ class Args:
     head: str = field(default="", metadata={"help": "with --eval-only: a head saved by --save-head"})
     image_size: int = field(default=0, metadata={"help": "crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = 0
+    precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
+                                                          "images before extracting (0: the checkpoint's)"})
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
@@ -361,9 +363,14 @@ def main(argv=None):
         cache = features.compute_or_load(args, runtime, *(datasets or ()))
         if args.augment:
             torch.manual_seed(args.seed)
-            trunk, _ = features.load_trunk(args.weights, args.arch or None, args.cifar_stem,
-                                           args.state_dict_key or None, args.remove_prefix or None,
-                                           args.append_prefix or None)
+            trunk, info = features.load_trunk(args.weights, args.arch or None, args.cifar_stem,
+                                              args.state_dict_key or None, args.remove_prefix or None,
+                                              args.append_prefix or None)
+            if args.precise_bn:  # the same statistics as the cached val/test features
+                transform = features.eval_transform(args.image_size or info.get("train_crop_size", 224),
+                                                    args.resize_size or None)
+                features.precise_bn(trunk, datasets[0], transform, args.precise_bn, args.batch_size, args.workers,
+                                    runtime.device, args.precision, args.seed)
             trunk = trunk.to(runtime.device).eval().requires_grad_(False)
         if not runtime.is_main:
             return None

@@ -61,6 +61,8 @@ class Args:
     tol: float = 1e-4
     image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = 0
+    precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
+                                                          "images before extracting (0: the checkpoint's)"})
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"

@@ -15,6 +15,12 @@ conv1 AvgPool(10, 10, 4) -> 6x6, res2 AvgPool(16, 8) -> 6x6, res3 AvgPool(13, 5)
 res4 AvgPool(8, 3) -> 3x3, res5 AvgPool(6, 1) -> 2x2, flattened). On feature maps smaller
 than VISSL's kernel (small images) the map is adaptively average-pooled to the same grid.
 
+`--precise-bn N` (every eval script) first re-estimates every BatchNorm layer's running
+statistics on N training images under the eval transform ("precise BN", Wu & Johnson 2021,
+"Rethinking 'Batch' in BatchNorm", Sec. 3): a trunk trained on other inputs than the
+images it embeds (Jigsaw's tiles, PIRL's patches, another resolution) is then compared
+on its weights rather than on stale statistics. Off (0) by default.
+
 Cached features (`--save-features PATH` in every eval script, read back with
 `--features PATH`) are one torch.save'd dict:
 
@@ -175,9 +181,14 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
     """The features an eval script works on: from `args.features`, else extracted (and saved if asked).
 
     Returns the cache dict. `args` needs weights, arch, cifar_stem, state_dict_key, remove_prefix,
-    append_prefix, layers, image_size, resize_size, batch_size, workers, seed, features, save_features.
+    append_prefix, layers, image_size, resize_size, precise_bn, batch_size, workers, seed, features,
+    save_features.
     """
+    if args.precise_bn < 0:
+        raise ValueError(f"--precise-bn is a number of training images (0: off), got {args.precise_bn}.")
     if args.features:
+        if args.precise_bn:
+            raise ValueError("--precise-bn needs the trunk; cached --features were extracted with fixed statistics.")
         return load_features(args.features, args.layers)
     from common import data
 
@@ -199,9 +210,12 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
     transform = eval_transform(image_size, args.resize_size or None)
     kw = dict(batch_size=args.batch_size, workers=args.workers, device=runtime.device,
               precision=getattr(args, "precision", "auto"))
+    if args.precise_bn:
+        precise_bn(trunk, train_set, transform, args.precise_bn, seed=args.seed, **kw)
     train = extract(trunk, train_set, args.layers, transform, **kw)
     test = extract(trunk, test_set, args.layers, transform, **kw)
     meta = {"weights": args.weights, "arch": trunk.arch, "cifar_stem": trunk.cifar_stem, "image_size": image_size,
+            "precise_bn": min(args.precise_bn, len(train_set)),
             "train_data": args.train_data, "test_data": args.test_data or args.train_data,
             "missing_keys": info.get("missing_keys", []), "unexpected_keys": info.get("unexpected_keys", [])}
     if args.save_features and runtime.is_main:
@@ -220,6 +234,36 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         return self.transform(image), torch.as_tensor(label), index
+
+
+@torch.no_grad()
+def precise_bn(trunk, dataset, transform, n_images, batch_size=256, workers=4, device="cpu", precision="auto", seed=0):
+    """Re-estimate every BatchNorm's running mean and variance on `n_images` of `dataset` (Wu & Johnson 2021).
+
+    The images (a seeded random subset, the same on every rank, so every rank ends with the same
+    statistics) pass through the trunk in train mode with momentum None: each layer's running
+    statistics become the average of its per-batch statistics. The weights are untouched.
+    """
+    trunk = getattr(trunk, "module", trunk)
+    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_Images(dataset, transform), chosen),
+                                         batch_size=batch_size, num_workers=workers)
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    trunk.to(device).train()
+    try:
+        for images, _, _ in loader:
+            with dist.autocast(torch.device(device), precision):
+                taps(trunk, images.to(device, non_blocking=True), ("pooled",))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        trunk.eval()
 
 
 @torch.no_grad()

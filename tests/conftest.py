@@ -25,14 +25,6 @@ def run_script(*argv, env=None, check=True, timeout=900):
     return proc
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, the Makefile's command) every convergence test runs on one
-    worker, so the session fixtures it shares (the trained SimCLR, the random-init kNN) are computed once."""
-    for item in items:
-        if item.get_closest_marker("convergence"):
-            item.add_marker(pytest.mark.xdist_group("convergence"))
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +85,7 @@ def random_knn_top1():
     return knn_top1("random")
 
 
-# the SimCLR convergence recipe (tests/test_convergence_simclr.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
+# the SimCLR convergence recipe (tests/test_convergence.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
 SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", "8",
                             "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
                             "--workers", "2", "--print-every", "40")

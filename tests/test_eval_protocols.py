@@ -214,6 +214,35 @@ def test_linear_cli_protocols_and_saved_head(feats, tmp_path):
     assert frac["n_train"] == 100
 
 
+@pytest.mark.parametrize("batch_size", [24, 7])
+def test_precise_bn_running_statistics_are_the_average_of_batch_statistics(tiny_folder, batch_size):
+    """bn1 after precise BN = the mean over batches of conv1's per-channel batch mean / unbiased variance
+    (float64 truth); the weights and every BN's momentum are untouched and the trunk is left in eval mode."""
+    torch.manual_seed(0)
+    trunk = models.build_trunk("resnet18")
+    for m in trunk.modules():  # stale statistics, as a trunk trained on other inputs would have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(5.0)
+    weights = {k: v.clone() for k, v in trunk.state_dict().items() if "running" not in k and "num_batches" not in k}
+    dataset = data.build_dataset(str(tiny_folder))
+    transform = features.eval_transform(32)
+    features.precise_bn(trunk, dataset, transform, 24, batch_size=batch_size, workers=0, seed=3)
+
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()
+    images = torch.stack([transform(dataset[i][0]) for i in order]).double()
+    conv = torch.nn.functional.conv2d(images, trunk.conv1.weight.double(), stride=2, padding=3)
+    batches = conv.split(batch_size)
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in batches]).mean(0)
+    torch.testing.assert_close(trunk.bn1.running_mean.double(), means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trunk.bn1.running_var.double(), variances, rtol=1e-5, atol=1e-5)
+    assert not trunk.training and all(m.momentum == 0.1 for m in trunk.modules()
+                                      if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in weights.items())
+    assert float(trunk.layer4[1].bn2.running_var.mean()) != 5.0  # the deepest layer was re-estimated too
+
+
 def test_scripts_from_images_end_to_end_and_bad_input(tiny_folder, tmp_path):
     cached = tmp_path / "tiny.pth"
     base = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0",
@@ -222,11 +251,13 @@ def test_scripts_from_images_end_to_end_and_bad_input(tiny_folder, tmp_path):
     assert knn["n_train"] == 24 and features.load_features(cached)["train_features"]["vissl-res4"].shape == (24, 2304)
     assert last_json(run_script("eval_knn.py", "--features", cached, "--preset", "vissl").stdout)["k"] == 200
     linear = last_json(run_script("eval_linear.py", *base, "--augment", "--epochs", "2", "--batch-size", "8",
-                                  "--lrs", "0.1", "--weight-decays", "0", "--val-fraction", "0.25").stdout)
+                                  "--lrs", "0.1", "--weight-decays", "0", "--val-fraction", "0.25",
+                                  "--precise-bn", "16").stdout)
     assert 0 <= linear["top1"] <= 100
     for script, extra in (("eval_svm.py", ["--features", tmp_path / "missing.pth"]),
                           ("eval_linear.py", ["--features", cached, "--protocol", "vtab"]),
-                          ("eval_knn.py", ["--features", cached, "--layers", "res2"])):
+                          ("eval_knn.py", ["--features", cached, "--layers", "res2"]),
+                          ("eval_knn.py", ["--features", cached, "--precise-bn", "16"])):
         proc = run_script(script, *extra, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
