@@ -22,8 +22,8 @@ $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*)
 install: $(VENV)/.installed
 
 # two pytest workers (pytest-xdist): most tests wait on a subprocess importing torch, so two share 2 cores well;
-# --dist loadfile keeps tests/test_convergence.py on one worker, sharing the session's trained SimCLR and random
-# baseline (xdist's loadgroup marks do not reach the scheduler under pytest 9)
+# --dist loadfile sends each file to one worker: the convergence runs are two files of similar length, and
+# tests/conftest.py runs every script on one thread under xdist (no OpenMP oversubscription)
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 

@@ -23,18 +23,18 @@ COMMON = ["--data", "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--prin
 RUNS = {
     "simclr": (["--preset", "cifar", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
                 "--warmup-epochs", "1"], 8),
-    # the moco recipe of tests/test_convergence.py: 33.78 / 33.84 (seeds 0 / 1); 8 epochs 31.70
+    # the moco recipe of tests/test_convergence_*.py: 33.78 / 33.84 (seeds 0 / 1); 8 epochs 31.70
     "moco": (["--preset", "cifar", "--batch-size", "256", "--lr", "0.06", "--queue-size", "1024"], 16),
-    # the swav recipe of tests/test_convergence.py; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 (seed 0)
+    # the swav recipe of tests/test_convergence_*.py; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 (seed 0)
     "swav": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32", "--lr", "1.0",
               "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm", "--epsilon", "0.01"], 8),
-    # the deepcluster_v2 recipe of tests/test_convergence.py: 33.66 / 33.41 (seeds 0 / 1); the whole set for 7 epochs
+    # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.66 / 33.41 (seeds 0 / 1); the whole set for 7 epochs
     # with 3 x 100 centroids 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93
     "deepcluster_v2": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32",
                         "--lr", "1.0", "--num-clusters", "30", "30", "30", "--exclude-bias-and-norm",
                         "--data-fraction", "0.25"], 28),
-    # the npid recipe of tests/test_convergence.py: 35.87 / 35.36 (seeds 0 / 1). An eighth of the images for many epochs
-    # keeps the memory bank fresh (each entry is refreshed once per epoch); --data-fraction 0.5, 28 epochs,
+    # the npid recipe of tests/test_convergence_*.py: 35.87 / 35.36 (seeds 0 / 1). An eighth of the images for
+    # many epochs keeps the memory bank fresh (each entry is refreshed once per epoch); --data-fraction 0.5, 28 epochs,
     # 1024 negatives gave 33.62 / 32.11, and lr 0.06 29.58
     "npid": (["--preset", "cifar", "--batch-size", "128", "--lr", "0.03", "--lr-schedule", "cosine", "--loss-type",
               "cross_entropy", "--num-negatives", "256", "--data-fraction", "0.125"], 100),
@@ -44,7 +44,7 @@ RUNS = {
     # --data-fraction 0.5, 10 epochs 28.77; NPID's recipe (256 negatives, --data-fraction 0.125, 40 epochs) 28.11,
     # the loss near chance (ln 257) throughout
     "pirl": (["--preset", "cifar", "--batch-size", "64"], 2),
-    # the rotnet recipe of tests/test_convergence.py: 34.54 / 33.65 (seeds 0 / 1)
+    # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1)
     "rotnet": (["--preset", "cifar", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine"], 4),
     # jigsaw: this entry 28.06; 16-px tiles of a 54-px resize, warmup 0.5, 6 epochs: lr 0.1 26.75, lr 0.025 29.18 /
     # 29.45 (res3 33.23 and res4 31.34 vs random 33.66 / 34.43; with BatchNorm statistics re-estimated on 32-px

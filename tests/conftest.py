@@ -15,9 +15,14 @@ SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(ROOT))
 
 
+# Under pytest-xdist (`make test`: two workers on CI's 2 cores) every script runs on one thread: two processes
+# with two OpenMP threads each on 2 cores spin-wait on each other (the suite's CPU time grew from 46 to 60 min).
+SCRIPT_THREADS = {"OMP_NUM_THREADS": "1"} if "PYTEST_XDIST_WORKER" in os.environ else {}
+
+
 def run_script(*argv, env=None, check=True, timeout=900):
     """Run `python <script> args...` from the repo root; returns the CompletedProcess."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})}
     proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -85,7 +90,7 @@ def random_knn_top1():
     return knn_top1("random")
 
 
-# the SimCLR convergence recipe (tests/test_convergence.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
+# the SimCLR convergence recipe (tests/test_convergence_instance.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
 SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", "8",
                             "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
                             "--workers", "2", "--print-every", "40")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from common import checkpoint
 from common.guard import EXIT_PREEMPTED
-from tests.conftest import ROOT, free_port, metrics, run_script
+from tests.conftest import ROOT, SCRIPT_THREADS, free_port, metrics, run_script
 
 SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0",
          "--workers", "0", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1.0", "--print-every", "1"]
@@ -26,7 +26,8 @@ SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embed
 
 def _popen(argv, env=None):
     return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})})
 
 
 def _wait_for_steps(output_dir, n, proc, timeout=300):
