@@ -38,8 +38,7 @@ RUNS = {
     # 1024 negatives gave 33.62 / 32.11, and lr 0.06 29.58
     "npid": (["--preset", "cifar", "--batch-size", "128", "--lr", "0.03", "--lr-schedule", "cosine", "--loss-type",
               "cross_entropy", "--num-negatives", "256", "--data-fraction", "0.125"], 100),
-    # pirl: no CPU recipe found that beats random init (31.77); best measured noted below. jigsaw: only with
-    # BatchNorm statistics re-estimated for both trunks (eval_knn.py --precise-bn 4000; see its test)
+    # pirl, jigsaw: no CPU recipe found that beats random init (31.77); best measured noted per entry.
     # pirl: batch 128, cross_entropy, --crop-scale 0.2 1: lr 0.06, 1024 negatives, 5 epochs 26.36 (the same trunk
     # with its BatchNorm statistics re-estimated on 32-px images: 25.54); lr 0.03, 1024 negatives,
     # --data-fraction 0.5, 10 epochs 28.77; NPID's recipe (256 negatives, --data-fraction 0.125, 40 epochs) 28.11,
