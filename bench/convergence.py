@@ -49,6 +49,8 @@ RUNS = {
     # jigsaw: this entry 28.06; 16-px tiles of a 54-px resize, warmup 0.5, 6 epochs: lr 0.1 26.75, lr 0.025 29.18 /
     # 29.45 (res3 33.23 and res4 31.34 vs random 33.66 / 34.43; with BatchNorm statistics re-estimated on 32-px
     # images res3 35.95, res4 33.93, pooled 29.53: the tiles' statistics hurt the inner layers, not the pooled one)
+    # Both trunks with eval_knn.py --precise-bn 4000 (random init 27.79), 3 epochs at lr 0.025: 29.77 / 30.18 (seeds
+    # 0 / 1, 2 threads) but 28.65 on one thread (CI under xdist): +0.9 to +2.4, too spread for a +1 test yet
     "jigsaw": (["--preset", "cifar", "--batch-size", "128"], 2),
     # clusters the features of a SimCLR run at its RUNS recipe (trained first), then trains a fresh trunk
     "clusterfit": (["--preset", "cifar", "--num-clusters", "30", "--batch-size", "256", "--lr", "0.2",
