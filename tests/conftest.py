@@ -85,6 +85,13 @@ def knn_top1(weights, arch="resnet18", *extra):
     return last_json(proc.stdout)["top1"]
 
 
+def pretrain_knn_top1(output_dir, script, *flags):
+    """Pretrain with `script flags... --output-dir output_dir`, then `knn_top1` of its last checkpoint."""
+    run_script(script, *flags, "--output-dir", output_dir)
+    from common import checkpoint
+    return knn_top1(str(checkpoint.latest(output_dir)))
+
+
 @pytest.fixture(scope="session")
 def random_knn_top1():
     return knn_top1("random")

@@ -13,8 +13,7 @@ tests/test_convergence_instance.py (two files of similar length for `make test`'
 """
 import pytest
 
-from common import checkpoint
-from tests.conftest import knn_top1, run_script
+from tests.conftest import pretrain_knn_top1
 
 
 SWAV_MARGIN = 0.5
@@ -36,11 +35,10 @@ def test_swav_beats_random_init(tmp_path, random_knn_top1):
     CIFAR-10 test images): 34.06 (seed 0) and 33.09 (seed 1) vs random init 31.77, i.e. +2.3 and +1.3
     points. The assertion asks for +0.5 points, below both.
     """
-    run_script("swav.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--crops", "2x32",
-               "--batch-size", "128", "--epochs", "8", "--warmup-epochs", "0.5", "--lr", "1.0", "--n-prototypes", "100",
-               "--queue-length", "0", "--exclude-bias-and-norm", "--epsilon", "0.01", "--workers", "2",
-               "--print-every", "40", "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "swav.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--crops", "2x32", "--batch-size", "128", "--epochs", "8", "--warmup-epochs", "0.5",
+                             "--lr", "1.0", "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm",
+                             "--epsilon", "0.01", "--workers", "2", "--print-every", "40")
     print(f"swav kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + SWAV_MARGIN, (top1, random_knn_top1)
 
@@ -73,11 +71,10 @@ def test_deepcluster_v2_beats_random_init(tmp_path, random_knn_top1):
     lr 0 (BatchNorm statistics of augmented training crops, weights untouched) scores 27.9 %. The
     assertion asks for +0.5 points, about one point below both measurements.
     """
-    run_script("deepcluster_v2.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--crops", "2x32",
-               "--data-fraction", "0.25", "--batch-size", "128", "--epochs", "28", "--warmup-epochs", "0.5",
-               "--lr", "1.0", "--num-clusters", "30", "30", "30", "--exclude-bias-and-norm", "--workers", "2",
-               "--print-every", "40", "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "deepcluster_v2.py", "--preset", "cifar", "--data", "cifar10-mini",
+                             "--no-cifar-stem", "--crops", "2x32", "--data-fraction", "0.25", "--batch-size", "128",
+                             "--epochs", "28", "--warmup-epochs", "0.5", "--lr", "1.0", "--num-clusters", "30", "30",
+                             "30", "--exclude-bias-and-norm", "--workers", "2", "--print-every", "40")
     print(f"deepcluster_v2 kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + DEEPCLUSTER_V2_MARGIN, (top1, random_knn_top1)
 
@@ -99,9 +96,8 @@ def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
     for +1 point, below both (CPU runs are deterministic per seed; the test runs seed 0 and got 34.54 again
     through pytest). Wall time on the shared 2-core machine: 2 min 43 s.
     """
-    run_script("rotnet.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", "4",
-               "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine", "--workers", "2",
-               "--print-every", "100", "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--epochs", "4", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine",
+                             "--workers", "2", "--print-every", "100")
     print(f"rotnet kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + ROTNET_MARGIN, (top1, random_knn_top1)

@@ -15,8 +15,7 @@ PIRL and Jigsaw have no CPU recipe yet that beats random init (bench/convergence
 """
 import pytest
 
-from common import checkpoint
-from tests.conftest import knn_top1, run_script
+from tests.conftest import knn_top1, pretrain_knn_top1
 
 
 SIMCLR_MARGIN = 3.0
@@ -61,10 +60,9 @@ def test_moco_beats_random_init(tmp_path, random_knn_top1):
     points (the chunks encoded one after another instead of SplitBatchNorm2d's one pass: 34.50 / 33.77;
     8 epochs: 31.70). The assertion asks for +1 point, below both.
     """
-    run_script("moco.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--batch-size", "256",
-               "--queue-size", "1024", "--lr", "0.06", "--epochs", "16", "--workers", "2", "--print-every", "40",
-               "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "moco.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--batch-size", "256", "--queue-size", "1024", "--lr", "0.06", "--epochs", "16",
+                             "--workers", "2", "--print-every", "40")
     print(f"moco kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + MOCO_MARGIN, (top1, random_knn_top1)
 
@@ -92,11 +90,10 @@ def test_npid_beats_random_init(tmp_path, random_knn_top1):
     points; the whole set (--data-fraction 0.5 for 28 epochs, 1024 negatives) gave only 33.62 / 32.11.
     The assertion asks for +2 points, below both.
     """
-    run_script("npid.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--data-fraction", "0.125",
-               "--epochs", "100", "--batch-size", "128", "--lr", "0.03", "--lr-schedule", "cosine",
-               "--loss-type", "cross_entropy", "--num-negatives", "256", "--workers", "2", "--print-every", "50",
-               "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "npid.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--data-fraction", "0.125", "--epochs", "100", "--batch-size", "128", "--lr", "0.03",
+                             "--lr-schedule", "cosine", "--loss-type", "cross_entropy", "--num-negatives", "256",
+                             "--workers", "2", "--print-every", "50")
     print(f"npid kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + NPID_MARGIN, (top1, random_knn_top1)
 
@@ -125,8 +122,7 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
     deterministic on CPU). The assertion asks for +1 point, below both. Wall time on the shared 2-core
     machine: 6 min, half of it the session's SimCLR fixture.
     """
-    run_script("clusterfit.py", "--weights", simclr_checkpoint, *CLUSTERFIT_RECIPE, "--data", "cifar10-mini",
-               "--no-cifar-stem", "--workers", "2", "--print-every", "50", "--output-dir", tmp_path)
-    top1 = knn_top1(str(checkpoint.latest(tmp_path)))
+    top1 = pretrain_knn_top1(tmp_path, "clusterfit.py", "--weights", simclr_checkpoint, *CLUSTERFIT_RECIPE, "--data",
+                             "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50")
     print(f"clusterfit kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + CLUSTERFIT_MARGIN, (top1, random_knn_top1)
