@@ -112,7 +112,7 @@ def _sinkhorn_compiled(scores, epsilon, n_iters, group):
         s = _kernel_dtype(scores.detach()).contiguous()
         n_prototypes = s.shape[1]
         if s.shape[0]:
-            colmax = s.amax(dim=0).float()
+            colmax = _C.column_max(s) if s.device.type == "cpu" else s.amax(dim=0).float()
         else:
             colmax = torch.full((n_prototypes,), -math.inf, device=s.device)
         colmax = _all_reduce(colmax, dist.ReduceOp.MAX, group)

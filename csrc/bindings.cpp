@@ -63,6 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "Compiled kernels of common/ops.py (Sinkhorn, fused contrastive loss, k-means)";
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were built");
+  m.def("column_max", &column_max_cpu, py::arg("scores"), "CPU only: the max of each column (NaN propagates)");
   m.def("sinkhorn_init", &sinkhorn_init, py::arg("scores"), py::arg("eps"), py::arg("colmax"));
   m.def("sinkhorn_step", &sinkhorn_step, py::arg("q"), py::arg("u"));
   m.def("sinkhorn_finish", &sinkhorn_finish, py::arg("q"), py::arg("u"));

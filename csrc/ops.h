@@ -10,6 +10,8 @@ namespace sslops {
 
 // ---- sinkhorn: Q = exp(scores/eps - colmax[k] - rowshift[b]) kept once (fp32), then
 // scaling vectors u (prototypes) and v (samples) instead of rewriting Q each pass.
+// column_max (CPU only; CUDA uses torch.amax): max over rows, a NaN propagates.
+at::Tensor column_max_cpu(const at::Tensor& scores);
 // init: returns (Q, colsum of Q) ; colmax is the (global) column max of scores/eps.
 std::vector<at::Tensor> sinkhorn_init_cpu(const at::Tensor& scores, double eps, const at::Tensor& colmax);
 // step: v_b = 1/sum_k Q[b,k] u_k ; returns colsum_k = sum_b Q[b,k] v_b (float64)

@@ -100,6 +100,18 @@ def test_sinkhorn_recycled_output_buffers_are_never_shared():
         assert qc.data_ptr() == freed  # the freed buffer was reused
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 37), (37, 3), (1037, 301)])
+def test_column_max_equals_amax_with_nan_and_inf(shape):
+    """The CPU kernel's column max (Sinkhorn's shift) is torch.amax, a NaN propagating."""
+    g = torch.Generator().manual_seed(shape[0])
+    scores = torch.randn(*shape, generator=g)
+    assert torch.equal(ops._C.column_max(scores), scores.amax(dim=0))
+    scores[-1, 0], scores[0, -1] = float("nan"), float("inf")
+    scores[shape[0] // 2, shape[1] // 2] = float("-inf")
+    got, want = ops._C.column_max(scores), scores.amax(dim=0)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
 def test_sinkhorn_thread_count_does_not_matter():
     scores = F.normalize(torch.randn(1037, 301, generator=torch.Generator().manual_seed(1)), dim=1)
     threads = torch.get_num_threads()
