@@ -30,7 +30,13 @@ def save_atomic(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RememberWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch.save reports a failed write as a RuntimeError
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,6 +49,23 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class _RememberWriteError:
+    """A file wrapper that keeps the OSError of a failed write (full disk, quota, I/O error)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
 
 
 def prepare_output_dir(output_dir):
@@ -74,7 +97,13 @@ def latest(output_dir):
 def save_training(state, output_dir, step, keep=3):
     """Save `state` as checkpoint-<step>.pth and delete all but the newest `keep` (0 = keep all)."""
     path = Path(output_dir) / f"checkpoint-{step:08d}.pth"
-    save_atomic(state, path)
+    try:
+        save_atomic(state, path)
+    except OSError as e:  # a full disk (ENOSPC), a quota or file-size limit (EFBIG), an I/O error
+        previous = latest(output_dir)
+        kept = f"{previous} is intact" if previous else "no earlier checkpoint was written"
+        raise CheckpointError(f"writing {path} failed ({e.strerror or e}); {kept}: free space, then re-run "
+                              f"the same command to resume.") from None
     if keep:
         for _, old in checkpoints(output_dir)[:-keep]:
             old.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 
 from common import checkpoint
-from common.guard import EXIT_PREEMPTED
+from common.guard import EXIT_PREEMPTED, NonFiniteError, StepGuard
 from tests.conftest import ROOT, SCRIPT_THREADS, free_port, metrics, run_script
 
 SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0",
@@ -81,6 +81,56 @@ def test_nan_policy_skip_is_bounded(tmp_path):
                       "--output-dir", tmp_path, check=False)
     assert proc.returncode == 2 and "3 batches were skipped already" in proc.stderr
     assert len((tmp_path / "nonfinite.jsonl").read_text().splitlines()) == 4
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_caught_before_the_step(tmp_path):
+    """The gradient check on its own: a finite loss whose gradient is Inf/NaN never reaches the optimiser."""
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.zeros(2, 3)
+    model.bias.grad = torch.tensor([float("inf"), 0.0])
+    loss, inputs = torch.tensor(0.5), (torch.randn(4, 3),)
+    guard = StepGuard(tmp_path / "skip", nan_policy="skip", max_nan_skips=1, signals=())
+    assert guard.finite_grads(model, 7, 0.1, loss, inputs) is False  # skipped: the caller does not step
+    with pytest.raises(NonFiniteError, match=r"gradient became non-finite at step 8 .*checkpoint-00000006\.pth"):
+        guard.finite_grads(model, 8, 0.1, loss, inputs, last_checkpoint=tmp_path / "checkpoint-00000006.pth")
+    records = [json.loads(line) for line in (tmp_path / "skip" / "nonfinite.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["what"], r["loss"], r["grad_norm"]) for r in records] == \
+        [(7, "gradient", 0.5, "inf"), (8, "gradient", 0.5, "inf")]
+    assert records[0]["inputs"][0]["shape"] == [4, 3] and records[0]["lr"] == 0.1
+    model.bias.grad = torch.tensor([float("nan"), 0.0])
+    with pytest.raises(NonFiniteError, match="gradient became non-finite at step 9"):
+        StepGuard(tmp_path / "stop", signals=()).finite_grads(model, 9, 0.1, loss)
+    model.bias.grad = torch.ones(2)
+    assert StepGuard(tmp_path / "ok", signals=()).finite_grads(model, 10, 0.1, loss) is True
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_the_run_resumes(tmp_path):
+    """A full disk in the middle of a checkpoint write, made real with a file-size limit (RLIMIT_FSIZE: the
+    write fails with EFBIG where a full disk gives ENOSPC): one sentence, exit 2, the previous checkpoint
+    byte-for-byte intact, no temporary file left; the same command without the limit then resumes."""
+    import resource
+    data = ["--data", "cifar10-mini", "--data-fraction", "0.1", "--batch-size", "16", *SMALL, "--max-steps", "5"]
+    out = tmp_path / "run"
+    first = run_script("simclr.py", *data, "--output-dir", out, env={"SSL_TEST_FAULT": "TERM:3"}, check=False)
+    assert first.returncode == EXIT_PREEMPTED, first.stderr
+    (step, previous), = checkpoint.checkpoints(out)
+    kept = previous.read_bytes()
+
+    def limit_file_size(size=len(kept) // 2):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS}
+    full_disk = subprocess.run([sys.executable, "simclr.py", *map(str, data), "--output-dir", str(out)], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    lines = full_disk.stderr.strip().splitlines()
+    assert full_disk.returncode == 2 and len(lines) == 1, full_disk.stderr
+    assert f"writing {out / 'checkpoint-00000005.pth'} failed (File too large)" in lines[0]
+    assert f"{previous} is intact" in lines[0] and "re-run the same command" in lines[0]
+    assert checkpoint.checkpoints(out) == [(step, previous)] and previous.read_bytes() == kept
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = run_script("simclr.py", *data, "--output-dir", out)
+    assert f"resumed from {previous}" in resumed.stdout and checkpoint.checkpoints(out)[-1][0] == 5
 
 
 def _folder_with_bad_images(root, n_good, n_bad):
