@@ -1,4 +1,4 @@
-"""CPU convergence tests, clustering and pretext methods: a short pretraining run must lift weighted-kNN
+"""CPU convergence tests, clustering and pretext methods (and PIRL): a short pretraining run must lift weighted-kNN
 accuracy on CIFAR-10 test above a random-init trunk by a stated margin.
 
 Every run pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini (or a stated fraction of it);
@@ -8,8 +8,9 @@ as the bank. The seeded random-init trunk's score under the same evaluation (31.
 split) is the session fixture `random_knn_top1`. Each test's docstring gives its budget, how the recipe
 was found and the accuracies measured when it was written; the margins sit below every measurement.
 
-SwAV, DeepCluster-v2 and RotNet; SimCLR, MoCo v2, NPID and ClusterFit are in
+SwAV, DeepCluster-v2, RotNet and PIRL; SimCLR, MoCo v2, NPID and ClusterFit are in
 tests/test_convergence_instance.py (two files of similar length for `make test`'s two xdist workers).
+Jigsaw has no CPU recipe yet whose margin is stable across seeds (bench/convergence.py lists the runs).
 """
 import pytest
 
@@ -101,3 +102,37 @@ def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
                              "--workers", "2", "--print-every", "100")
     print(f"rotnet kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
     assert top1 > random_knn_top1 + ROTNET_MARGIN, (top1, random_knn_top1)
+
+
+PIRL_MARGIN = 0.5
+
+
+@pytest.mark.convergence
+def test_pirl_beats_random_init(tmp_path, random_knn_top1):
+    """A short CPU PIRL run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
+
+    Budget: 100 epochs over a sixteenth of cifar10-mini (--data-fraction 0.0625: 250 training images),
+    300 steps of 64 images, each a 32-px view plus 9 shuffled 14-px patches (ResNet-18 with the ImageNet
+    stem), about 4 min single-threaded. Recipe: --preset cifar (memory momentum 0.5, T = 0.07, lambda 0.5)
+    with InfoNCE over 256 noise entries (--loss-type cross_entropy), lr 0.03 per 256 images, cosine, and
+    VISSL's photo_gblur transforms (--gblur). A small subset for many epochs keeps the memory bank fresh
+    (NPID's test explains why); the kNN bank is still all 4,000 training images.
+
+    Why --gblur: VISSL's default photometric transform (posterize, sharpness, a solarize threshold drawn
+    from 0-256 and autocontrast, all at p = 0.66, on top of colour jitter) is too destructive at 32 px.
+    With it (an eighth of the images, 40 epochs) the run ended at 28.11, and 29.12 with the image term
+    alone (--jigsaw-weight 0); the same budget with --gblur gave 32.79 / 27.38 (seeds 0 / 1), and 100 epochs
+    33.84 / 32.82. The paper's NCE loss with Z fixed from the first batch diverged there (loss 7 -> 300+,
+    kNN 16-20); the MLP-head variant collapsed (loss flat at ln 384).
+
+    Measured when this test was written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000
+    CIFAR-10 test images, one thread per run as under `make test`): 32.74, 33.41, 33.74 and 32.32 (seeds
+    0-3) vs random init 31.77, i.e. +1.0, +1.6, +2.0 and +0.55 points. The assertion asks for +0.5 points,
+    below every measurement; the test runs seed 0.
+    """
+    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--data-fraction", "0.0625", "--epochs", "100", "--batch-size", "64", "--lr", "0.03",
+                             "--loss-type", "cross_entropy", "--num-negatives", "256", "--crop-scale", "0.2", "1",
+                             "--gblur", "--workers", "2", "--print-every", "50")
+    print(f"pirl kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
+    assert top1 > random_knn_top1 + PIRL_MARGIN, (top1, random_knn_top1)

@@ -10,8 +10,8 @@ was found and the accuracies measured when it was written; the margins sit below
 
 SimCLR, MoCo v2, NPID (instance discrimination) and ClusterFit, which clusters the session's trained
 SimCLR. `make test` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over two
-files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet).
-PIRL and Jigsaw have no CPU recipe yet that beats random init (bench/convergence.py lists the runs).
+files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet
+and PIRL, an instance method placed there for the balance).
 """
 import pytest
 
