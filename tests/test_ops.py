@@ -101,8 +101,9 @@ def test_sinkhorn_recycled_output_buffers_are_never_shared():
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 37), (37, 3), (1037, 301)])
-def test_column_max_equals_amax_with_nan_and_inf(shape):
-    """The CPU kernel's column max (Sinkhorn's shift) is torch.amax, a NaN propagating."""
+def test_column_max_cpu_equals_amax_with_nan_and_inf(shape):
+    """The CPU kernel's column max (Sinkhorn's shift) is torch.amax, a NaN propagating (AVX2 and, through
+    test_scalar_and_fp32_fallbacks_pass_the_same_tests, scalar)."""
     g = torch.Generator().manual_seed(shape[0])
     scores = torch.randn(*shape, generator=g)
     assert torch.equal(ops._C.column_max(scores), scores.amax(dim=0))
