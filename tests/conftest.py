@@ -20,11 +20,15 @@ sys.path.insert(0, str(ROOT))
 SCRIPT_THREADS = {"OMP_NUM_THREADS": "1"} if "PYTEST_XDIST_WORKER" in os.environ else {}
 
 
-def run_script(*argv, env=None, check=True, timeout=900):
+def script_env(env=None):
+    """The environment the tests run scripts in: the repo on PYTHONPATH, one thread under xdist, then `env`."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})}
+
+
+def run_script(*argv, env=None, check=True, timeout=900, **subprocess_options):
     """Run `python <script> args...` from the repo root; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})}
-    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=script_env(env), capture_output=True,
+                          text=True, timeout=timeout, **subprocess_options)
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -90,6 +94,12 @@ def pretrain_knn_top1(output_dir, script, *flags):
     run_script(script, *flags, "--output-dir", output_dir)
     from common import checkpoint
     return knn_top1(str(checkpoint.latest(output_dir)))
+
+
+def assert_beats_random_init(method, top1, random_top1, margin):
+    """A convergence test's verdict: kNN top-1 above the random-init trunk's by more than `margin` points."""
+    print(f"{method} kNN top-1 {top1:.2f} vs random init {random_top1:.2f}")
+    assert top1 > random_top1 + margin, (top1, random_top1)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ Jigsaw has no CPU recipe yet whose margin is stable across seeds (bench/converge
 """
 import pytest
 
-from tests.conftest import pretrain_knn_top1
+from tests.conftest import assert_beats_random_init, pretrain_knn_top1
 
 
 SWAV_MARGIN = 1.0
@@ -43,8 +43,7 @@ def test_swav_beats_random_init(tmp_path, random_knn_top1):
                              "--crops", "2x32", "--batch-size", "128", "--epochs", "12", "--warmup-epochs", "0.5",
                              "--lr", "1.0", "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm",
                              "--epsilon", "0.01", "--workers", "2", "--print-every", "40")
-    print(f"swav kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + SWAV_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("swav", top1, random_knn_top1, SWAV_MARGIN)
 
 
 DEEPCLUSTER_V2_MARGIN = 0.5
@@ -79,8 +78,7 @@ def test_deepcluster_v2_beats_random_init(tmp_path, random_knn_top1):
                              "--no-cifar-stem", "--crops", "2x32", "--data-fraction", "0.25", "--batch-size", "128",
                              "--epochs", "28", "--warmup-epochs", "0.5", "--lr", "1.0", "--num-clusters", "30", "30",
                              "30", "--exclude-bias-and-norm", "--workers", "2", "--print-every", "40")
-    print(f"deepcluster_v2 kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + DEEPCLUSTER_V2_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("deepcluster_v2", top1, random_knn_top1, DEEPCLUSTER_V2_MARGIN)
 
 
 ROTNET_MARGIN = 1.0
@@ -103,8 +101,7 @@ def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
     top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
                              "--epochs", "4", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine",
                              "--workers", "2", "--print-every", "100")
-    print(f"rotnet kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + ROTNET_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("rotnet", top1, random_knn_top1, ROTNET_MARGIN)
 
 
 PIRL_MARGIN = 0.5
@@ -137,5 +134,4 @@ def test_pirl_beats_random_init(tmp_path, random_knn_top1):
                              "--data-fraction", "0.0625", "--epochs", "100", "--batch-size", "64", "--lr", "0.03",
                              "--loss-type", "cross_entropy", "--num-negatives", "256", "--crop-scale", "0.2", "1",
                              "--gblur", "--workers", "2", "--print-every", "50")
-    print(f"pirl kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + PIRL_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("pirl", top1, random_knn_top1, PIRL_MARGIN)

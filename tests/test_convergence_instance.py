@@ -15,7 +15,7 @@ and PIRL, an instance method placed there for the balance).
 """
 import pytest
 
-from tests.conftest import knn_top1, pretrain_knn_top1
+from tests.conftest import assert_beats_random_init, knn_top1, pretrain_knn_top1
 
 
 SIMCLR_MARGIN = 3.0
@@ -33,8 +33,7 @@ def test_simclr_beats_random_init(simclr_checkpoint, random_knn_top1):
     """
     # the session fixture trains exactly this recipe (conftest.SIMCLR_CONVERGENCE_FLAGS); ClusterFit reuses it
     top1 = knn_top1(simclr_checkpoint)
-    print(f"simclr kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + SIMCLR_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("simclr", top1, random_knn_top1, SIMCLR_MARGIN)
 
 
 MOCO_MARGIN = 1.0
@@ -63,8 +62,7 @@ def test_moco_beats_random_init(tmp_path, random_knn_top1):
     top1 = pretrain_knn_top1(tmp_path, "moco.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
                              "--batch-size", "256", "--queue-size", "1024", "--lr", "0.06", "--epochs", "16",
                              "--workers", "2", "--print-every", "40")
-    print(f"moco kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + MOCO_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("moco", top1, random_knn_top1, MOCO_MARGIN)
 
 
 NPID_MARGIN = 2.0
@@ -94,8 +92,7 @@ def test_npid_beats_random_init(tmp_path, random_knn_top1):
                              "--data-fraction", "0.125", "--epochs", "100", "--batch-size", "128", "--lr", "0.03",
                              "--lr-schedule", "cosine", "--loss-type", "cross_entropy", "--num-negatives", "256",
                              "--workers", "2", "--print-every", "50")
-    print(f"npid kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + NPID_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("npid", top1, random_knn_top1, NPID_MARGIN)
 
 
 CLUSTERFIT_MARGIN = 1.0
@@ -124,5 +121,4 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
     """
     top1 = pretrain_knn_top1(tmp_path, "clusterfit.py", "--weights", simclr_checkpoint, *CLUSTERFIT_RECIPE, "--data",
                              "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50")
-    print(f"clusterfit kNN top-1 {top1:.2f} vs random init {random_knn_top1:.2f}")
-    assert top1 > random_knn_top1 + CLUSTERFIT_MARGIN, (top1, random_knn_top1)
+    assert_beats_random_init("clusterfit", top1, random_knn_top1, CLUSTERFIT_MARGIN)

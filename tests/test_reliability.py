@@ -18,7 +18,7 @@ from PIL import Image
 
 from common import checkpoint
 from common.guard import EXIT_PREEMPTED, NonFiniteError, StepGuard
-from tests.conftest import ROOT, SCRIPT_THREADS, free_port, metrics, run_script
+from tests.conftest import ROOT, free_port, metrics, run_script, script_env
 
 SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0",
          "--workers", "0", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1.0", "--print-every", "1"]
@@ -27,7 +27,7 @@ SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embed
 def _popen(argv, env=None):
     return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})})
+                            env=script_env(env))
 
 
 def _wait_for_steps(output_dir, n, proc, timeout=300):
@@ -120,9 +120,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint_and_the_run_resu
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS}
-    full_disk = subprocess.run([sys.executable, "simclr.py", *map(str, data), "--output-dir", str(out)], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    full_disk = run_script("simclr.py", *data, "--output-dir", out, check=False, preexec_fn=limit_file_size)
     lines = full_disk.stderr.strip().splitlines()
     assert full_disk.returncode == 2 and len(lines) == 1, full_disk.stderr
     assert f"writing {out / 'checkpoint-00000005.pth'} failed (File too large)" in lines[0]
