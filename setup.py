@@ -2,7 +2,7 @@
 
 The custom ops in csrc/ are built here as the `common._C` extension (see common/ops.py
 and csrc/README.md): the C++ CPU kernels always, the CUDA kernels whenever nvcc is
-found (CUDA_HOME, or nvcc on PATH). TORCH_CUDA_ARCH_LIST defaults to the GPUs present,
+found (CUDA_HOME, or nvcc on PATH, or /usr/local/cuda). TORCH_CUDA_ARCH_LIST defaults to the GPUs present,
 else "8.0;9.0". SSL_OPS_NO_CUDA=1 builds the CPU kernels only.
 
     CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
@@ -37,11 +37,32 @@ def _cuda_library_includes(cuda_home):
                    for h in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h"))})
 
 
+def _cuda_toolkit_home():
+    """The CUDA toolkit to build against, or None.
+
+    torch guesses CUDA_HOME from `which nvcc` when it is unset; a wrapper script such as
+    /usr/local/bin/nvcc then gives /usr/local, which has no CUDA headers or libcudart, and the
+    link fails. A guess without cuda_runtime.h falls back to /usr/local/cuda, else to CPU only.
+    """
+    home = cpp_extension.CUDA_HOME
+    if home is None or os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    fallback = "/usr/local/cuda"
+    usable = os.path.exists(os.path.join(fallback, "include", "cuda_runtime.h"))
+    source = "CUDA_HOME" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else "nvcc on PATH"
+    print(f"setup.py: {home} (from {source}) is not a CUDA toolkit; "
+          + (f"using {fallback}" if usable else "building the CPU kernels only (set CUDA_HOME)"), file=sys.stderr)
+    if not usable:
+        return None
+    cpp_extension.CUDA_HOME = fallback  # torch joins CUDA_HOME for nvcc, headers and libraries
+    return fallback
+
+
 if torch is not None:
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    with_cuda = cpp_extension.CUDA_HOME is not None and os.environ.get("SSL_OPS_NO_CUDA", "0") != "1"
+    with_cuda = os.environ.get("SSL_OPS_NO_CUDA", "0") != "1" and _cuda_toolkit_home() is not None
     cxx_flags = ["-O3", "-g0"]  # -g0: no debug info (much faster build); the C++ standard is the one torch.utils.cpp_extension picks for this torch
     link_flags = []
     if sys.platform.startswith("linux"):
