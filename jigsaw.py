@@ -21,7 +21,13 @@ at most 9). It is saved in every checkpoint and reused on resume.
 
     torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
     python jigsaw.py --preset cifar --data cifar10
-    python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 6 --batch-size 128 \
+        --resize-size 54 --crop-size 54 --tile-size 16 --warmup-epochs 0.5 --lr 0.025   # 2-core CPU, ~3.5 min
+    python eval_knn.py --weights runs/jigsaw-cifar/checkpoint-00000186.pth --arch resnet18 --no-cifar-stem \
+        --image-size 32 --train-data cifar10-mini --test-data cifar10-mini --layers res4 --precise-bn 4000
+
+On CPU at 32 px the res4 features gain most (tests/test_convergence_cluster_pretext.py): the trunk
+only sees tiles, so kNN re-estimates BatchNorm statistics on whole images first (--precise-bn).
 
 Speed (common/speed.py): on CUDA the workers only decode images and the crop and its nine
 standardised, permuted tiles are made batched on the GPU (`--gpu-aug`, default on with CUDA;

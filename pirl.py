@@ -22,7 +22,7 @@ cross_entropy --temperature 0.1).
         --batch-size 64 --loss-type cross_entropy --num-negatives 256 --crop-scale 0.2 1   # 2-core CPU, ~4 min
 
 At 32 px VISSL's default photometric transform (solarize with a threshold drawn from 0-256, posterize,
-autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_cluster_pretext.py).
+autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py).
 
 Speed (common/speed.py): on CUDA the workers only decode images and the image view and the nine
 shuffled patches are made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py,

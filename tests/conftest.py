@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import socket
@@ -89,11 +90,11 @@ def knn_top1(weights, arch="resnet18", *extra):
     return last_json(proc.stdout)["top1"]
 
 
-def pretrain_knn_top1(output_dir, script, *flags):
+def pretrain_knn_top1(output_dir, script, *flags, eval_flags=()):
     """Pretrain with `script flags... --output-dir output_dir`, then `knn_top1` of its last checkpoint."""
     run_script(script, *flags, "--output-dir", output_dir)
     from common import checkpoint
-    return knn_top1(str(checkpoint.latest(output_dir)))
+    return knn_top1(str(checkpoint.latest(output_dir)), "resnet18", *eval_flags)
 
 
 def assert_beats_random_init(method, top1, random_top1, margin):
@@ -103,8 +104,17 @@ def assert_beats_random_init(method, top1, random_top1, margin):
 
 
 @pytest.fixture(scope="session")
-def random_knn_top1():
-    return knn_top1("random")
+def random_knn_top1(tmp_path_factory):
+    """`knn_top1("random")`, computed once per `make test` run: under xdist the first worker to need it writes it
+    beside the workers' temporary directories and the other reads it (each evaluation costs ~20 s of CPU)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process
+        return knn_top1("random")
+    shared = tmp_path_factory.getbasetemp().parent / "random_knn_top1.json"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while the first computes it
+        if not shared.exists():
+            shared.write_text(json.dumps(knn_top1("random")))
+        return json.loads(shared.read_text())
 
 
 # the SimCLR convergence recipe (tests/test_convergence_instance.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores

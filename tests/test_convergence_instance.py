@@ -8,10 +8,10 @@ as the bank. The seeded random-init trunk's score under the same evaluation (31.
 split) is the session fixture `random_knn_top1`. Each test's docstring gives its budget, how the recipe
 was found and the accuracies measured when it was written; the margins sit below every measurement.
 
-SimCLR, MoCo v2, NPID (instance discrimination) and ClusterFit, which clusters the session's trained
-SimCLR. `make test` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over two
-files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet
-and PIRL, an instance method placed there for the balance).
+SimCLR, MoCo v2, NPID and PIRL (instance discrimination) and ClusterFit, which clusters the session's
+trained SimCLR. `make test` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over
+two files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet
+and Jigsaw).
 """
 import pytest
 
@@ -122,3 +122,36 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
     top1 = pretrain_knn_top1(tmp_path, "clusterfit.py", "--weights", simclr_checkpoint, *CLUSTERFIT_RECIPE, "--data",
                              "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50")
     assert_beats_random_init("clusterfit", top1, random_knn_top1, CLUSTERFIT_MARGIN)
+
+
+PIRL_MARGIN = 0.5
+
+
+@pytest.mark.convergence
+def test_pirl_beats_random_init(tmp_path, random_knn_top1):
+    """A short CPU PIRL run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
+
+    Budget: 100 epochs over a sixteenth of cifar10-mini (--data-fraction 0.0625: 250 training images),
+    300 steps of 64 images, each a 32-px view plus 9 shuffled 14-px patches (ResNet-18 with the ImageNet
+    stem), about 4 min single-threaded. Recipe: --preset cifar (memory momentum 0.5, T = 0.07, lambda 0.5)
+    with InfoNCE over 256 noise entries (--loss-type cross_entropy), lr 0.03 per 256 images, cosine, and
+    VISSL's photo_gblur transforms (--gblur). A small subset for many epochs keeps the memory bank fresh
+    (NPID's test explains why); the kNN bank is still all 4,000 training images.
+
+    Why --gblur: VISSL's default photometric transform (posterize, sharpness, a solarize threshold drawn
+    from 0-256 and autocontrast, all at p = 0.66, on top of colour jitter) is too destructive at 32 px.
+    With it (an eighth of the images, 40 epochs) the run ended at 28.11, and 29.12 with the image term
+    alone (--jigsaw-weight 0); the same budget with --gblur gave 32.79 / 27.38 (seeds 0 / 1), and 100 epochs
+    33.84 / 32.82. The paper's NCE loss with Z fixed from the first batch diverged there (loss 7 -> 300+,
+    kNN 16-20); the MLP-head variant collapsed (loss flat at ln 384).
+
+    Measured when this test was written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000
+    CIFAR-10 test images, one thread per run as under `make test`): 32.74, 33.41, 33.74 and 32.32 (seeds
+    0-3) vs random init 31.77, i.e. +1.0, +1.6, +2.0 and +0.55 points. The assertion asks for +0.5 points,
+    below every measurement; the test runs seed 0.
+    """
+    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
+                             "--data-fraction", "0.0625", "--epochs", "100", "--batch-size", "64", "--lr", "0.03",
+                             "--loss-type", "cross_entropy", "--num-negatives", "256", "--crop-scale", "0.2", "1",
+                             "--gblur", "--workers", "2", "--print-every", "50")
+    assert_beats_random_init("pirl", top1, random_knn_top1, PIRL_MARGIN)
