@@ -79,6 +79,11 @@ def knn_top1(weights, test_data, eval_flags=()):
     return json.loads(out.strip().splitlines()[-1])["top1"]
 
 
+def torch_threads():
+    """The intra-op threads each training and evaluation process gets (OMP_NUM_THREADS, else torch's default)."""
+    return int(run(["-c", "import torch; print(torch.get_num_threads())"]).strip())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -88,7 +93,8 @@ def main():
     args = parser.parse_args()
     shared = ROOT.parent / "shared" / "data" / "cifar10"
     test_data = args.test_data or (str(shared) if (shared / "test").is_dir() else "cifar10-mini")
-    result = {"test_data": test_data, "random_init_top1": knn_top1("random", test_data), "methods": {}}
+    result = {"command": " ".join(["python", "bench/convergence.py", *sys.argv[1:]]), "test_data": test_data,
+              "torch_threads": torch_threads(), "random_init_top1": knn_top1("random", test_data), "methods": {}}
     for method in args.methods:
         flags, epochs = RUNS[method]
         epochs = max(1, round(epochs * args.epochs_scale))
