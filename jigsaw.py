@@ -22,7 +22,7 @@ at most 9). It is saved in every checkpoint and reused on resume.
     torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
     python jigsaw.py --preset cifar --data cifar10
     python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 6 --batch-size 128 \
-        --resize-size 54 --crop-size 54 --tile-size 16 --warmup-epochs 0.5 --lr 0.025   # 2-core CPU, ~3.5 min
+        --resize-size 54 --crop-size 54 --tile-size 16 --warmup-epochs 0.5 --lr 0.025   # 2-core CPU, ~2-3 min
     python eval_knn.py --weights runs/jigsaw-cifar/checkpoint-00000186.pth --arch resnet18 --no-cifar-stem \
         --image-size 32 --train-data cifar10-mini --test-data cifar10-mini --layers res4 --precise-bn 4000
 

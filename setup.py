@@ -2,8 +2,8 @@
 
 The custom ops in csrc/ are built here as the `common._C` extension (see common/ops.py
 and csrc/README.md): the C++ CPU kernels always, the CUDA kernels whenever nvcc is
-found (CUDA_HOME, or nvcc on PATH, or /usr/local/cuda). TORCH_CUDA_ARCH_LIST defaults to the GPUs present,
-else "8.0;9.0". SSL_OPS_NO_CUDA=1 builds the CPU kernels only.
+found (CUDA_HOME, or nvcc on PATH, or /usr/local/cuda). TORCH_CUDA_ARCH_LIST defaults to
+the GPUs present, else "8.0;9.0". SSL_OPS_NO_CUDA=1 builds the CPU kernels only.
 
     CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
     pip install --no-build-isolation -e .

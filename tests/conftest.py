@@ -79,13 +79,14 @@ def cifar10_test_split():
     return str(SHARED_CIFAR10) if (SHARED_CIFAR10 / "test").is_dir() else "cifar10-mini"
 
 
-def knn_top1(weights, arch="resnet18", *extra):
-    """Weighted-kNN top-1 (k=20, T=0.07) on CIFAR-10 test with cifar10-mini's 4,000 training images as the bank.
+def knn_top1(weights, *extra):
+    """Weighted-kNN top-1 (k=20, T=0.07) of a ResNet-18 (ImageNet stem) on CIFAR-10 test with cifar10-mini's
+    4,000 training images as the bank; `extra` are further eval_knn.py flags.
 
     Used by every method's convergence test; `weights="random"` gives the seeded random-init baseline.
     """
-    proc = run_script("eval_knn.py", "--weights", weights, "--arch", arch, "--no-cifar-stem", "--image-size", "32",
-                      "--train-data", "cifar10-mini", "--test-data", cifar10_test_split(), "--workers", "2",
+    proc = run_script("eval_knn.py", "--weights", weights, "--arch", "resnet18", "--no-cifar-stem", "--image-size",
+                      "32", "--train-data", "cifar10-mini", "--test-data", cifar10_test_split(), "--workers", "2",
                       "--seed", "0", *extra)
     return last_json(proc.stdout)["top1"]
 
@@ -94,7 +95,7 @@ def pretrain_knn_top1(output_dir, script, *flags, eval_flags=()):
     """Pretrain with `script flags... --output-dir output_dir`, then `knn_top1` of its last checkpoint."""
     run_script(script, *flags, "--output-dir", output_dir)
     from common import checkpoint
-    return knn_top1(str(checkpoint.latest(output_dir)), "resnet18", *eval_flags)
+    return knn_top1(str(checkpoint.latest(output_dir)), *eval_flags)
 
 
 def assert_beats_random_init(method, top1, random_top1, margin):
