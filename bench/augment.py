@@ -2,8 +2,8 @@
 per-image pipeline, measured in the same run, printed as JSON.
 
 Cases (two SimCLR views per image, img/s counts source images):
-* cifar32: batch 256 of 32x32 images (CIFAR-10 JPEGs from the shared data when
-  present, else random), RandomResizedCrop(32, (0.08, 1)), flip, ColorJitter
+* cifar32: batch 256 of 32x32 images (CIFAR-10 JPEGs, the embedded cifar10-mini's
+  training images), RandomResizedCrop(32, (0.08, 1)), flip, ColorJitter
   (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, no blur, normalise.
     a = torchvision.transforms per image on PIL images (+ torch.stack, the collate)
     a_v2_uint8 = torchvision.transforms.v2 per image on uint8 tensors (info)
@@ -25,7 +25,6 @@ Usage: python bench/augment.py [--threads 2] [--reps 7]
 """
 
 import argparse
-import glob
 import json
 import os
 
@@ -46,16 +45,13 @@ from common.gpu_aug import ViewAugmentation  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IN_MEAN, IN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10", "train")
-
-
 def cifar_images(n, seed=0):
-    files = sorted(glob.glob(os.path.join(CIFAR_DIR, "*", "*.jpg")))
-    if len(files) >= n:
-        rng = np.random.default_rng(seed)
-        return [Image.open(files[i]).convert("RGB") for i in rng.choice(len(files), n, replace=False)], "cifar10 jpegs"
+    """n of cifar10-mini's 4,000 training JPEGs (embedded in the repository), decoded, chosen by `seed`."""
+    from common import data
+
+    train = data.build_dataset("cifar10-mini", "train")
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)], "random"
+    return [train[int(i)][0] for i in rng.choice(len(train), n, replace=False)], "cifar10-mini jpegs"
 
 
 def random_images(n, lo, hi, seed=0):

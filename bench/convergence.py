@@ -2,8 +2,8 @@
 
 Every method pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini's 4,000 training
 images for the given number of epochs, then eval_knn.py (k = 20, T = 0.07) measures top-1
-on the CIFAR-10 test split (10,000 images when ../shared/data/cifar10 or --test-data is
-there, else cifar10-mini's 1,000) with the 4,000 training images as the bank. The same
+on CIFAR-10's 10,000 test images (the embedded cifar10-test, or --test-data) with the 4,000
+training images as the bank. The same
 evaluation of a seeded random-init trunk is the baseline (Jigsaw is scored at res4 with
 precise BN, and so is its baseline: EVAL_FLAGS). Prints one JSON object.
 
@@ -88,11 +88,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every budget")
-    parser.add_argument("--test-data", default=None)
+    parser.add_argument("--test-data", default="cifar10-test", help="labelled test images (default: the embedded CIFAR-10 test split)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    shared = ROOT.parent / "shared" / "data" / "cifar10"
-    test_data = args.test_data or (str(shared) if (shared / "test").is_dir() else "cifar10-mini")
+    test_data = args.test_data
     result = {"command": " ".join(["python", "bench/convergence.py", *sys.argv[1:]]), "test_data": test_data,
               "torch_threads": torch_threads(), "random_init_top1": knn_top1("random", test_data), "methods": {}}
     for method in args.methods:

@@ -3,6 +3,9 @@
 `build_dataset(spec, split)` understands:
   - `cifar10-mini`: 4,000 train / 1,000 test CIFAR-10 JPEGs shipped in common/assets
     (class-balanced; scripts/make_cifar10_mini.py made it), so demos run anywhere;
+  - `cifar10-test`: CIFAR-10's whole test split (10,000 JPEGs, also shipped; made by
+    scripts/make_cifar10_test.py), the evaluation set of the demo, the convergence tests and
+    bench/convergence.py; it has no training split;
   - `cifar10`, `cifar100`: a local copy under $SSL_DATA_DIR (torchvision's
     `cifar-10-batches-py`, or an ImageFolder with train/ and test/), else torchvision's
     download into $SSL_DATA_DIR (default ~/.cache/ssl-data);
@@ -35,7 +38,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN = ("cifar10", "cifar10-mini", "cifar100", "fashion-mnist")
+BUILTIN = ("cifar10", "cifar10-mini", "cifar10-test", "cifar100", "fashion-mnist")
 
 
 class DataError(ValueError):
@@ -107,6 +110,15 @@ def _cifar10_mini(split):
     arrays = np.load(ASSETS / "cifar10_mini.npz")
     return EncodedImages(arrays[f"{split}_bytes"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"],
                          arrays["classes"].tolist(), f"cifar10-mini/{split}")
+
+
+def _cifar10_test(split):
+    if split == "train":
+        raise DataError("cifar10-test holds only CIFAR-10's 10,000 test images: use it as test data "
+                        "(e.g. --test-data cifar10-test) and train on cifar10-mini, cifar10 or your own images.")
+    arrays = np.load(ASSETS / "cifar10_test.npz")
+    return EncodedImages(arrays["test_bytes"], arrays["test_offsets"], arrays["test_labels"],
+                         arrays["classes"].tolist(), "cifar10-test")
 
 
 def _data_dir():
@@ -202,6 +214,8 @@ def build_dataset(spec, split="train"):
         raise DataError(f"unknown split {split!r}.")
     if spec == "cifar10-mini":
         return _cifar10_mini("test" if split == "val" else split)
+    if spec == "cifar10-test":
+        return _cifar10_test(split)
     if spec in ("cifar10", "cifar100"):
         return _cifar(spec, "test" if split == "val" else split)
     if spec == "fashion-mnist":

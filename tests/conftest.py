@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(ROOT))
 
 
@@ -74,19 +73,15 @@ def tiny_folder(tmp_path_factory):
     return root
 
 
-def cifar10_test_split():
-    """The full CIFAR-10 test split when ../shared/data/cifar10 is beside the checkout, else cifar10-mini's."""
-    return str(SHARED_CIFAR10) if (SHARED_CIFAR10 / "test").is_dir() else "cifar10-mini"
-
-
 def knn_top1(weights, *extra):
-    """Weighted-kNN top-1 (k=20, T=0.07) of a ResNet-18 (ImageNet stem) on CIFAR-10 test with cifar10-mini's
-    4,000 training images as the bank; `extra` are further eval_knn.py flags.
+    """Weighted-kNN top-1 (k=20, T=0.07) of a ResNet-18 (ImageNet stem) on CIFAR-10's 10,000 test images (the
+    embedded cifar10-test) with cifar10-mini's 4,000 training images as the bank; `extra` are further eval_knn.py
+    flags.
 
     Used by every method's convergence test; `weights="random"` gives the seeded random-init baseline.
     """
     proc = run_script("eval_knn.py", "--weights", weights, "--arch", "resnet18", "--no-cifar-stem", "--image-size",
-                      "32", "--train-data", "cifar10-mini", "--test-data", cifar10_test_split(), "--workers", "2",
+                      "32", "--train-data", "cifar10-mini", "--test-data", "cifar10-test", "--workers", "2",
                       "--seed", "0", *extra)
     return last_json(proc.stdout)["top1"]
 

@@ -23,15 +23,41 @@ def test_cifar10_mini_is_balanced_and_decodes():
     assert os.path.getsize(data.ASSETS / "cifar10_mini.npz") < 6e6
 
 
-def test_cifar10_mini_is_a_subset_of_the_shared_copy():
-    from tests.conftest import SHARED_CIFAR10
-
-    if not SHARED_CIFAR10.is_dir():
-        pytest.skip("../shared/data/cifar10 is not present")
+def test_cifar10_test_is_the_whole_test_split_and_holds_cifar10_mini_test():
+    test = data.build_dataset("cifar10-test", "test")
+    assert len(test) == 10000 and np.bincount(data.labels_of(test)).tolist() == [1000] * 10
+    assert test.classes == data.build_dataset("cifar10-mini", "test").classes
+    image, label = test[9999]
+    assert image.size == (32, 32) and image.mode == "RGB" and label == 9
+    assert os.path.getsize(data.ASSETS / "cifar10_test.npz") < 1e7
+    whole = np.load(data.ASSETS / "cifar10_test.npz")
     mini = np.load(data.ASSETS / "cifar10_mini.npz")
-    first = mini["train_bytes"][mini["train_offsets"][0]:mini["train_offsets"][1]].tobytes()
-    originals = {p.read_bytes() for p in (SHARED_CIFAR10 / "train" / "airplane").glob("*.jpg")}
-    assert first in originals
+
+    def images(arrays, split):
+        blob, offsets, labels = arrays[f"{split}_bytes"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"]
+        return [(blob[a:b].tobytes(), int(y)) for a, b, y in zip(offsets[:-1], offsets[1:], labels)]
+
+    everything = set(images(whole, "test"))
+    assert len(everything) == 10000  # no duplicate JPEGs
+    assert set(images(mini, "test")) <= everything  # the same bytes under the same labels
+    assert data.build_split("cifar10-test@val") is not None
+    with pytest.raises(data.DataError, match="only CIFAR-10's 10,000 test images"):
+        data.build_dataset("cifar10-test", "train")
+
+
+def test_cifar10_mini_train_is_a_subset_of_a_full_copy():
+    """Checks the embedded training images against a full CIFAR-10 ImageFolder copy, which the repository does
+    not carry: point SSL_DATA_DIR at a folder holding cifar10/train/<class>/*.jpg to run it."""
+    root = Path(os.environ.get("SSL_DATA_DIR", "/nonexistent")) / "cifar10" / "train"
+    if not root.is_dir():
+        pytest.skip("set SSL_DATA_DIR to a folder with cifar10/train/<class>/*.jpg (CIFAR-10 as JPEGs) to check "
+                    "cifar10-mini's training images against it")
+    mini = np.load(data.ASSETS / "cifar10_mini.npz")
+    blob, offsets, labels = mini["train_bytes"], mini["train_offsets"], mini["train_labels"]
+    classes = mini["classes"].tolist()
+    originals = {(p.read_bytes(), classes.index(p.parent.name)) for p in root.glob("*/*.jpg")}
+    for a, b, y in zip(offsets[:-1], offsets[1:], labels):
+        assert (blob[a:b].tobytes(), int(y)) in originals
 
 
 def test_image_folder_file_list_and_split_dirs(tiny_folder, tmp_path):

@@ -3,7 +3,7 @@ on CIFAR-10 test above a random-init trunk by a stated margin.
 
 Every run pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini (or a stated fraction of it);
 `knn_top1` (conftest) then measures weighted kNN (k=20, T=0.07) on the 10,000 CIFAR-10 test images
-(cifar10-mini's 1,000 when ../shared/data/cifar10 is absent) with cifar10-mini's 4,000 training images
+(the embedded cifar10-test, the same on every machine) with cifar10-mini's 4,000 training images
 as the bank. The seeded random-init trunk's score under the same evaluation (31.77 on the full test
 split) is the session fixture `random_knn_top1`. Each test's docstring gives its budget, how the recipe
 was found and the accuracies measured when it was written; the margins sit below every measurement.

@@ -17,7 +17,7 @@ import eval_knn
 import eval_linear
 import eval_svm
 from common import data, features, models
-from tests.conftest import cifar10_test_split, last_json, run_script
+from tests.conftest import last_json, run_script
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def feats(tmp_path_factory):
     trunk = models.build_trunk("resnet18")
     transform = features.eval_transform(32)
     train_set = data.subset(data.build_dataset("cifar10-mini", "train"), 0.25, seed=0)
-    test_set = data.subset(data.build_dataset(cifar10_test_split(), "test"), 500 / 10000
-                           if cifar10_test_split() != "cifar10-mini" else 0.5, seed=0)
+    test_set = data.subset(data.build_dataset("cifar10-test", "test"), 500 / 10000, seed=0)
     layers = ("pooled", "res4")
     train = features.extract(trunk, train_set, layers, transform, batch_size=250, workers=0)
     test = features.extract(trunk, test_set, layers, transform, batch_size=250, workers=0)
