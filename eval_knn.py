@@ -48,23 +48,23 @@ class Args:
     features: str = field(default="", metadata={"help": "cached features file (from --save-features): skip the trunk"})
     save_features: str = ""
     layers: tuple[str, ...] = ("pooled",)
-    k: tuple[int, ...] = (10, 20, 100, 200)
-    temperature: float = 0.07
+    k: tuple[int, ...] = (10, 20, 100, 200)  # neighbour counts, all from one top-k search
+    temperature: float = 0.07  # the votes are exp(cosine similarity / T)
     report_k: int = 20  # the k whose accuracy is the headline top1/top5
     image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = field(default=0, metadata={"help": "short-side resize (0: image-size, or x256/224 above 64 px)"})
     precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
                                                           "images before extracting (0: the checkpoint's)"})
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass when extracting
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # initialises the trunk for --weights random, and seeds the few-shot episodes
-    fewshot: str = field(default="off", metadata={"choices": ["off", "fixed", "variable"]})
-    episodes: int = 600
-    way: int = 5
-    shot: int = 5
-    query: int = 15
+    fewshot: str = field(default="off", metadata={"choices": ["off", "fixed", "variable"]})  # prototype few-shot episodes instead of kNN
+    episodes: int = 600  # seeded few-shot episodes (Meta-Dataset protocol)
+    way: int = 5  # classes per episode (--fewshot fixed)
+    shot: int = 5  # support images per class (--fewshot fixed)
+    query: int = 15  # query images per class
     output: str = ""  # also write the JSON result here
 
 

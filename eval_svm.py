@@ -43,31 +43,31 @@ class Args:
     train_data: str = field(default="", metadata={"help": "dataset (SPEC or SPEC@SPLIT); default split train"})
     test_data: str = field(default="", metadata={"help": "default: the test split of --train-data"})
     train_labels: str = field(default="", metadata={"help": "N x C label file (.npy or text) replacing the dataset's"})
-    test_labels: str = ""
+    test_labels: str = ""  # N x C label file (.npy or text) replacing the test set's
     features: str = field(default="", metadata={"help": "cached features file (from --save-features): skip the trunk"})
     save_features: str = ""
     layers: tuple[str, ...] = ("pooled",)
-    costs: tuple[float, ...] = VOC07_COSTS
-    cv_folds: int = 3
+    costs: tuple[float, ...] = VOC07_COSTS  # the SVM costs C tried per class (VISSL's VOC07 sweep)
+    cv_folds: int = 3  # cross-validation folds that choose each class's cost by AP
     positive_weight: float = 2.0  # VISSL's cls_weight {1: 2, -1: 1}
     difficult: str = field(default="negative", metadata={"choices": ["negative", "ignore"],
                                                            "help": "how -1 (difficult) labels are trained"})
-    normalize: bool = True
-    low_shot: bool = False
-    low_shot_k: tuple[int, ...] = LOW_SHOT_K
-    low_shot_samples: int = 5
+    normalize: bool = True  # L2-normalise the features (VISSL's normalize: True)
+    low_shot: bool = False  # the low-shot benchmark: k positives per class, --low-shot-samples draws
+    low_shot_k: tuple[int, ...] = LOW_SHOT_K  # positives per class
+    low_shot_samples: int = 5  # independent draws per k
     one_shot_cost: float = field(default=1.0, metadata={"help": "the cost at k=1, where no fold can be held out"})
-    newton_iters: int = 40
-    tol: float = 1e-4
+    newton_iters: int = 40  # Newton steps of the batched squared-hinge solver
+    tol: float = 1e-4  # relative gradient norm at which the solver stops
     image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = 0
     precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
                                                           "images before extracting (0: the checkpoint's)"})
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass when extracting
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
-    seed: int = 0
+    seed: int = 0  # initialises the trunk for --weights random, draws the low-shot samples
     output: str = ""
 
 

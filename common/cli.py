@@ -2,35 +2,131 @@
 
 Each script declares `@dataclass class Args` whose defaults are the published recipe;
 `parse_args(Args, PRESETS)` turns every field into a `--kebab-case` flag, applies
-`--preset NAME` first and explicit flags on top. `run(main)` turns bad input
+`--preset NAME` first and explicit flags on top. A field's help text is its `help`
+metadata and its trailing `# comment` in the class (the recipe's notes are its --help),
+else the common flags' text below; `--help` shows every default, and `--preset NAME
+--help` the preset's. `run(main)` turns bad input
 (ValueError, OSError) into one sentence on stderr and exit status 2; set SSL_DEBUG=1
 to see the traceback.
 """
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import os
 import sys
 import tempfile
+import textwrap
+import tokenize
 import traceback
 import typing
 from pathlib import Path
+
+# help for the flags every script shares, where a script's Args gives none
+COMMON_HELP = {
+    "data": "ImageFolder dir, `path [label]` file list, or cifar10 / cifar10-mini / fashion-mnist",
+    "arch": "trunk: any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...)",
+    "cifar_stem": "3x3 stride-1 first convolution and no max-pool (for 32-px images)",
+    "epochs": "training epochs",
+    "batch_size": "images per process (the global batch is this times the world size)",
+    "lr": "learning rate for a global batch of 256, scaled linearly with the global batch",
+    "final_lr": "learning rate at the end of the cosine schedule (same scaling as --lr)",
+    "warmup_epochs": "epochs of linear warm-up before the schedule",
+    "weight_decay": "weight decay",
+    "momentum": "SGD momentum",
+    "temperature": "softmax temperature of the loss",
+    "workers": "data-loading worker processes per process",
+    "gpu_aug": "make the views in batches on the device (auto: on with CUDA)",
+    "compile": "torch.compile the model",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "precision": "autocast precision (auto: bf16 on GPU, fp32 on CPU)",
+    "seed": "seed of every random choice (initialisation, data order, augmentations)",
+    "output_dir": "checkpoints, metrics.jsonl and TensorBoard logs; re-running resumes from here",
+    "max_steps": "stop after this many steps in total (0: run all epochs)",
+    "data_fraction": "train on this class-balanced fraction of the images",
+    "checkpoint_every": "steps between checkpoints, besides every epoch's end (0: epochs only)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "nan_policy": "on a NaN/Inf loss or gradient: stop, or skip the batch",
+    "max_nan_skips": "with --nan-policy skip: stop after this many skipped batches",
+    "max_bad_fraction": "stop when more unreadable images than this fraction are met",
+    "print_every": "steps between progress lines",
+    "resume": "continue from the latest checkpoint in --output-dir",
+    "sync_bn": "synchronise BatchNorm statistics across processes",
+    "embedding_dim": "output width of the projection head",
+    "hidden_dim": "hidden width of the projection MLP",
+    "image_size": "crop size in pixels",
+    "crop_scale": "RandomResizedCrop's range of the crop's area, as fractions of the image (min max)",
+    "grayscale_p": "probability of converting a view to grayscale",
+    "blur_p": "probability of a Gaussian blur",
+    # the eval scripts
+    "state_dict_key": "dotted path of the weights inside the checkpoint",
+    "remove_prefix": "strip this prefix from the checkpoint's weight names (e.g. module.encoder_q.)",
+    "append_prefix": "prepend this to the checkpoint's weight names",
+    "save_features": "write the extracted features (every --layers tap) to this file, for --features later",
+    "layers": "feature taps: conv1 res2 res3 res4 res5 pooled, VISSL's vissl-* pooled taps, head",
+    "resize_size": "short-side resize before the centre crop (0: from --image-size)",
+    "output": "also write the JSON result to this file",
+}
+
+
+def field_comments(args_cls):
+    """{field name: its trailing `# comment`} for the dataclass `args_cls` and its bases, read from the source."""
+    comments = {}
+    for cls in reversed(args_cls.__mro__[:-1]):
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):  # no source (e.g. defined in a REPL)
+            continue
+        spans = [(node.target.id, node.lineno, node.end_lineno) for node in ast.parse(source).body[0].body
+                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)]
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT and tok.line.strip() != tok.string.strip():  # trailing, not a line
+                for name, first, last in spans:
+                    if first <= tok.start[0] <= last:
+                        comments[name] = (comments.get(name, "") + " " + tok.string.lstrip("#").strip()).strip()
+    return comments
 
 
 def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+def field_help(args_cls):
+    """{field name: help text}: the `help` metadata, then the trailing comment, else COMMON_HELP's text."""
+    comments = field_comments(args_cls)
+    out = {}
+    for f in dataclasses.fields(args_cls):
+        parts = [p for p in (f.metadata.get("help"), comments.get(f.name)) if p]
+        out[f.name] = "; ".join(parts) or COMMON_HELP.get(f.name, "")
+    return out
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag with its default, including empty strings and booleans."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else repr(default) \
+            if default == "" else default
+        return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+
 def build_parser(args_cls, presets=None, description=None):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
-                            help="a named set of defaults (explicit flags still win): " + "; ".join(
-                                f"{k}: {v.get('_doc', '')}" for k, v in sorted(presets.items())))
+                            help="a named set of defaults (explicit flags still win; `--preset NAME --help` shows "
+                                 "them): " + "; ".join(f"{k}: {v.get('_doc', '')}" for k, v in sorted(presets.items())))
     hints = typing.get_type_hints(args_cls)
+    helps = field_help(args_cls)
     for f in dataclasses.fields(args_cls):
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", " ")
+        help_text = helps[f.name] or "(default: %(default)s)"
         origin = typing.get_origin(kind)
         if origin is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -49,8 +145,10 @@ def build_parser(args_cls, presets=None, description=None):
 def parse_args(args_cls, presets=None, argv=None, description=None):
     """An `args_cls` instance from the command line: defaults < preset < explicit flags."""
     parser = build_parser(args_cls, presets, description)
-    if presets:
-        known, _ = parser.parse_known_args(argv)
+    if presets:  # the preset first (without --help, so that `--preset NAME --help` shows the preset's defaults)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--preset", choices=sorted(presets), default=None)
+        known, _ = pre.parse_known_args(argv)
         if known.preset:
             parser.set_defaults(**{k: v for k, v in presets[known.preset].items() if not k.startswith("_")})
     namespace = vars(parser.parse_args(argv))
