@@ -1,22 +1,22 @@
 # Two commands do everything on a fresh machine (README.md):
 #   make demo   - install, pretrain SimCLR briefly on the embedded cifar10-mini, kNN-evaluate it vs random init
 #   make test   - install, run the test suite (what CI runs)
+# and, while editing:
+#   make test-fast       - everything but the convergence runs and the multi-process (torchrun) tests
+#   make fashion-mnist   - install Debian's dataset-fashion-mnist (as root), for the tests that use it
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo fashion-mnist clean
 
-$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
-	@# Fashion-MNIST comes from Debian (optional: its tests skip without it)
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "note: dataset-fashion-mnist not installed"; fi
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,8 +27,15 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not convergence and not distributed" tests
+
 demo: install
 	$(PY) demo.py
+
+# optional: Fashion-MNIST's IDX files from Debian (/usr/share/datasets/fashion-mnist); its tests skip without them
+fashion-mnist:
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
 clean:
 	rm -rf build *.egg-info common/_C*.so

@@ -1,4 +1,4 @@
-"""Installs the project (`pip install -e .`) so the scripts run from the repository root.
+"""Builds the custom ops when the project is installed (`pip install --no-build-isolation -e .`).
 
 The custom ops in csrc/ are built here as the `common._C` extension (see common/ops.py
 and csrc/README.md): the C++ CPU kernels always, the CUDA kernels whenever nvcc is
@@ -90,14 +90,4 @@ if torch is not None:
     ext_modules = [ext]
     cmdclass = {"build_ext": cpp_extension.BuildExtension}
 
-setup(
-    name="ssl-reference",
-    version="0.1.0",
-    description="Readable single-file self-supervised learning methods with fast custom ops",
-    packages=["common"],
-    package_data={"common": ["assets/*.npz"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1", "torchvision>=0.16", "numpy", "pillow"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)  # the package's metadata is in pyproject.toml
