@@ -184,27 +184,26 @@ def test_a_dying_rank_ends_the_run_promptly_and_the_restart_resumes(tmp_path):
     assert "resumed from" in done.stdout and checkpoint.checkpoints(tmp_path)[-1][0] == last + 2
 
 
-# ----------------------------------------------------------------------------- the README's table of bad input
+# ----------------------------------------------------------------------------- the table of bad input (tests/bad_inputs.md)
 
 EVAL_BASE = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0",
              "--train-data", "{images}", "--test-data", "{images}", "--output", "{out}/result.json"]
 
 
-def readme_bad_inputs():
-    """(script, input, message) for every row of the README's "## Bad input" table."""
-    section = (ROOT / "README.md").read_text().split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+def table_of_bad_inputs():
+    """(script, input, message) for every row of the table in tests/bad_inputs.md."""
     rows = []
-    for line in section.splitlines():
+    for line in (ROOT / "tests" / "bad_inputs.md").read_text().splitlines():
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[0].endswith(".py"):
             rows.append(tuple(cells))
     return rows
 
 
-BAD_INPUTS = readme_bad_inputs()
+BAD_INPUTS = table_of_bad_inputs()
 
 
-def test_the_readme_table_covers_every_script():
+def test_the_bad_input_table_covers_every_script():
     scripts = {script for script, _, _ in BAD_INPUTS}
     assert scripts == {"simclr.py", *(f"{m}.py" for m in GUARDED), "clusterfit.py", "eval_linear.py", "eval_knn.py",
                        "eval_svm.py"}
