@@ -89,10 +89,12 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every budget")
     parser.add_argument("--test-data", default="cifar10-test", help="labelled test images (default: the embedded CIFAR-10 test split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every training run (the random-init baseline "
+                        "keeps seed 0, as in the tests)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     test_data = args.test_data
-    result = {"command": " ".join(["python", "bench/convergence.py", *sys.argv[1:]]), "test_data": test_data,
+    result = {"command": " ".join(["python", "bench/convergence.py", *sys.argv[1:]]), "test_data": test_data, "seed": args.seed,
               "torch_threads": torch_threads(), "random_init_top1": knn_top1("random", test_data), "methods": {}}
     for method in args.methods:
         flags, epochs = RUNS[method]
@@ -100,10 +102,12 @@ def main():
         with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryDirectory() as teacher_dir:
             if method == "clusterfit":  # its pretrained network N_pre: SimCLR at its RUNS budget
                 simclr_flags, simclr_epochs = RUNS["simclr"]
-                run(["simclr.py", *COMMON, *simclr_flags, "--epochs", str(simclr_epochs), "--output-dir", teacher_dir])
+                run(["simclr.py", *COMMON, *simclr_flags, "--epochs", str(simclr_epochs), "--seed", str(args.seed),
+                     "--output-dir", teacher_dir])
                 flags = [*flags, "--weights", str(sorted(Path(teacher_dir).glob("checkpoint-*.pth"))[-1])]
             started = time.time()
-            run([f"{method}.py", *COMMON, *flags, "--epochs", str(epochs), "--output-dir", out_dir])
+            run([f"{method}.py", *COMMON, *flags, "--epochs", str(epochs), "--seed", str(args.seed),
+                 "--output-dir", out_dir])
             seconds = time.time() - started
             last = sorted(Path(out_dir).glob("checkpoint-*.pth"))[-1]
             eval_flags = EVAL_FLAGS.get(method, ())
