@@ -1,16 +1,25 @@
-"""Checkpoints: atomic saves, resume from the latest one, RNG state capture.
+"""Checkpoints: atomic saves, resume from the latest one, RNG state capture, safe loading.
 
-A training checkpoint is one `.pth` dict (DESIGN.md): method, args, epoch, step, model,
+A training checkpoint is one `.pth` dict (docs/design.md): method, args, epoch, step, model,
 optimizer, scaler, rng, method state, and `trunk` under plain torchvision names.
 Files are named `checkpoint-<step>.pth` in `--output-dir`; re-running the same
 command resumes from the highest step found there.
+
+Every file is read with `torch.load(..., weights_only=True)`: tensors, numbers, strings
+and plain containers, plus the few objects that published checkpoints hold (SAFE_GLOBALS:
+`argparse.Namespace`, numpy arrays, scalars and dtypes). A file that would have to import
+anything else is refused before it can run code, with one sentence naming the object;
+`--trust-checkpoint` (every script, see common/cli.py) loads it with full pickle.
 """
+import argparse
 import os
+import pickle
 import random
 import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pth$")
@@ -110,16 +119,69 @@ def save_training(state, output_dir, step, keep=3):
     return path
 
 
-def load(path, map_location="cpu"):
-    """torch.load with one clear error for missing, truncated or non-checkpoint files."""
+def _numpy_globals():
+    """The numpy objects that pickled arrays, scalars and dtypes need (numpy 1.x and 2.x names)."""
+    core = getattr(np, "_core", None) or np.core
+    found = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype through its class
+    if dtypes is not None:
+        found += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return found
+
+
+# what published checkpoints (VISSL, MoCo, SwAV / DeepCluster-v2, DINO, torchvision) hold besides tensors
+SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+TRUSTED = False  # set by `--trust-checkpoint` (common/cli.py): load with full pickle, which can run code
+
+
+def _global_name(obj):
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', obj))}"
+
+
+def _refusal(path, error):
+    """The sentence for a file that weights_only loading refused, naming what it would import."""
+    try:  # reads the pickle's opcodes only; nothing is imported or run
+        wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        wanted = []
+    allowed = {_global_name(g) for g in SAFE_GLOBALS}
+    unsafe = [name for name in wanted if name not in allowed]
+    if not unsafe:
+        match = re.search(r"(?:Unsupported global|unsupported GLOBAL).*?:?\s*GLOBAL ([\w.]+)", str(error))
+        unsafe = [match.group(1)] if match else []
+    if not unsafe:
+        return None
+    names = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+    return (f"{path} would import {names} when loaded, which can run arbitrary code, so it was not loaded; if you "
+            f"trust whoever made this file, re-run with --trust-checkpoint.")
+
+
+def load(path, map_location="cpu", trusted=None):
+    """torch.load of a file a user named, with weights_only=True unless trusted (see the module's docstring).
+
+    One clear error for missing, truncated, foreign or unsafe files.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
+    if trusted if trusted is not None else TRUSTED:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or foreign file?): "
+                                  f"{type(e).__name__}.") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = _refusal(path, e)
+        if message:
+            raise CheckpointError(message) from None
+        error = e
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or foreign file?): "
-                              f"{type(e).__name__}.") from None
+        error = e
+    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or foreign file?): "
+                          f"{type(error).__name__}.") from None
 
 
 def load_training(path, method):

@@ -5,7 +5,8 @@ Each script declares `@dataclass class Args` whose defaults are the published re
 `--preset NAME` first and explicit flags on top. A field's help text is its `help`
 metadata and its trailing `# comment` in the class (the recipe's notes are its --help),
 else the common flags' text below; `--help` shows every default, and `--preset NAME
---help` the preset's. `run(main)` turns bad input
+--help` the preset's; `--trust-checkpoint` (every script) lifts the weights_only loading of
+common/checkpoint.py. `run(main)` turns bad input
 (ValueError, OSError) into one sentence on stderr and exit status 2; set SSL_DEBUG=1
 to see the traceback.
 """
@@ -121,6 +122,9 @@ def build_parser(args_cls, presets=None, description=None):
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a named set of defaults (explicit flags still win; `--preset NAME --help` shows "
                                  "them): " + "; ".join(f"{k}: {v.get('_doc', '')}" for k, v in sorted(presets.items())))
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoints and feature files with full pickle instead of weights_only: only for "
+                             "files from a source you trust, since unpickling can run any code the file contains")
     hints = typing.get_type_hints(args_cls)
     helps = field_help(args_cls)
     for f in dataclasses.fields(args_cls):
@@ -153,8 +157,12 @@ def parse_args(args_cls, presets=None, argv=None, description=None):
             parser.set_defaults(**{k: v for k, v in presets[known.preset].items() if not k.startswith("_")})
     namespace = vars(parser.parse_args(argv))
     preset = namespace.pop("preset", None)
+    trust = namespace.pop("trust_checkpoint")
     values = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in namespace.items()})
     values.preset = preset
+    from common import checkpoint
+
+    checkpoint.TRUSTED = trust
     if getattr(values, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be at least 1 (images per process), got {values.batch_size}.")
     return values
