@@ -1,4 +1,5 @@
-"""Costs of the reliability machinery (issue 7), measured on simclr.py as a user runs it, JSON out.
+"""Costs of the reliability machinery (preemption exit, periodic checkpoints, a dead rank), measured on
+simclr.py as a user runs it, JSON out.
 
   sigterm_to_exit       SIGTERM sent mid-run -> process exit, ResNet-18 at 32 px (--preset cifar), batch 256;
                         the median of --repeats runs, split into
