@@ -10,7 +10,7 @@ SimCLR / SwAV / DeepCluster-v2 shapes, on CPU and (when present) CUDA.
 
 Peers: lightly's NTXentLoss and sinkhorn, SwAV's published Sinkhorn formula, faiss-cpu
 Kmeans and fast-pytorch-kmeans (skipped with a note when not installed). Prints one
-JSON object: results per op and device, and the ratios the targets are stated in.
+JSON object: results per op and device, and the ratios each op's bar is stated in (csrc/README.md).
 """
 import argparse
 import json
