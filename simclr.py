@@ -8,6 +8,13 @@ head; the NT-Xent loss (Eq. 1) makes each view pick out its partner among all
 (ResNet-50, head 2048-2048-128, temperature 0.1, LARS, 0.3 x batch/256, wd 1e-6,
 10 warmup epochs + cosine, SyncBN); `--crops 2x160,4x96` is VISSL's multi-crop variant.
 
+Deviations from the original code:
+- Multi-crop negatives come from every rank. VISSL's multicrop_simclr_info_nce_loss
+  contrasts each positive pair only with the crops of the images on its own GPU, so
+  its loss (and the recipe) changes with the number of GPUs; here the loss on any
+  number of processes equals the loss of one process on the global batch. Positives
+  (every ordered pair of views of an image) and the averaging are VISSL's.
+
     torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
     python simclr.py --preset cifar --data cifar10 --epochs 800
     python simclr.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
@@ -16,6 +23,7 @@ Speed (common/speed.py): on CUDA the workers only decode images and the views ar
 batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
 the per-image PIL path uses bicubic); channels_last, bf16 autocast, `--compile`.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -153,22 +161,39 @@ class SimCLR(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 def nt_xent_loss(z, n_views, temperature):
-    """NT-Xent (Eq. 1) over the global batch, for 2 or more views per image.
+    """NT-Xent (Eq. 1) over the global batch; with more than two views, VISSL's multi-crop form.
 
     z: [n_views * n, d], view-major (row v*n + i is view v of image i), normalised.
-    Keys are every rank's z (gradients flow back to their owners). Each view is
-    contrasted with one positive at a time, every other view of its image in turn
-    (the mean of the n_views - 1 pairwise terms); its own column is left out.
+    Keys are every rank's z (gradients flow back to their owners).
+
+    Two views: each view picks out its partner among the other 2N - 1 views of the
+    global batch (its own column is left out).
+
+    More views (VISSL's multicrop_simclr_info_nce_loss): every ordered pair of views of
+    one image is a positive, n_views * (n_views - 1) terms per image, large and small
+    crops alike. Each term is -log(e^s_pos / (e^s_pos + sum of e^s_neg)) where the
+    negatives are the views of the OTHER images only: the image's remaining views are
+    neither positive nor negative in that term. The loss is the plain mean of all terms.
+    Unlike VISSL, the negatives come from every rank, so the loss does not change with
+    the number of processes.
     """
     keys = dist.gather_with_grad(z)
+    n = len(z) // n_views
     rows = torch.arange(len(z), device=z.device)
-    view, image = rows // (len(z) // n_views), rows % (len(z) // n_views)
     offset = dist.rank() * len(z)
-    loss = 0.0
-    for shift in range(1, n_views):
-        positive = offset + ((view + shift) % n_views) * (len(z) // n_views) + image
-        loss = loss + ops.contrastive_loss(z, keys, positive, temperature, self_index=offset + rows)
-    return loss / (n_views - 1)
+    if n_views == 2:
+        positive = offset + (rows + n) % len(z)
+        return ops.contrastive_loss(z, keys, positive, temperature, self_index=offset + rows)
+    if len(keys) == n_views:  # a single image in the global batch has no negatives: nothing to contrast
+        return (z * 0).sum()
+    view, image = rows // n, rows % n
+    logits = z @ keys.t() / temperature  # [n_views * n, world * n_views * n]
+    same_image = offset + torch.arange(n_views, device=z.device) * n + image[:, None]  # [rows, n_views]
+    negatives = torch.logsumexp(logits.scatter(1, same_image, -math.inf), dim=1)
+    shifts = torch.arange(1, n_views, device=z.device)
+    positives = logits.gather(1, same_image.gather(1, (view[:, None] + shifts) % n_views))  # the other views
+    # -log(e^p / (e^p + e^negatives)) = log(1 + e^(negatives - p))
+    return nn.functional.softplus(negatives[:, None] - positives).mean()
 
 
 # ----------------------------------------------------------------------------- training
