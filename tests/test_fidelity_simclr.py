@@ -1,5 +1,6 @@
 """simclr.py against the original code: VISSL's (multi-crop) SimCLR InfoNCE loss re-derived in float64,
-the two-view loss unchanged, the multi-crop loss on 2 processes equal to 1 process."""
+the two-view loss unchanged, the multi-crop loss on 2 processes equal to 1 process, and the recipe switches
+between VISSL's and the paper's code (head BatchNorm, bias/BN exclusion from LARS and decay, warmup start)."""
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import simclr
-from common import cli, dist, ops
-from tests.conftest import run_torchrun
+from common import cli, dist, ops, optim
+from tests.conftest import metrics, run_script, run_torchrun
 
 
 def simclr_vissl_info_nce_f64(z, n_views, temperature, world_size=1):
@@ -135,8 +136,8 @@ def test_simclr_multicrop_single_image_has_zero_loss_and_gradient():
     assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
 
 
-@pytest.mark.parametrize("flags", [["--crops", "2x32,2x16"], ["--crops", "2x32,4x16"]],
-                         ids=["4views", "6views"])
+@pytest.mark.parametrize("flags", [["--crops", "2x32,2x16"], ["--crops", "2x32,4x16", "--head-bn"]],
+                         ids=["4views", "6views-bn-head"])
 def test_simclr_multicrop_two_processes_equal_one(tmp_path, flags):
     out = tmp_path / "dist.pt"
     run_torchrun(2, "tests/dist_simclr_worker.py", out, *flags)
@@ -156,3 +157,89 @@ def test_simclr_multicrop_two_processes_equal_one(tmp_path, flags):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-8, atol=1e-11, msg=name)
+
+
+# ----------------------------------------------------------------------------- recipe switches
+
+def _args(*flags, preset=None):
+    argv = ["--arch", "resnet18", "--hidden-dim", "24", "--embedding-dim", "8", *flags]
+    return cli.parse_args(simclr.Args, simclr.PRESETS, ([] if preset is None else ["--preset", preset]) + argv)
+
+
+def test_simclr_recipe_defaults_follow_vissl_and_cifar_preset_the_paper():
+    vissl = _args()
+    assert (vissl.lr, vissl.warmup_start_lr, vissl.warmup_epochs, vissl.weight_decay, vissl.temperature) == \
+        (0.3, 0.0375, 10.0, 1e-6, 0.1)
+    assert optim.scaled_lr(vissl.warmup_start_lr, 4096) == pytest.approx(0.6)  # VISSL: linear 0.6 -> 4.8
+    assert not vissl.head_bn and not vissl.exclude_bias_and_norm
+    paper = _args(preset="cifar")
+    assert paper.head_bn and paper.exclude_bias_and_norm and paper.warmup_start_lr == 0.0
+    assert (paper.temperature, paper.jitter_strength, paper.blur_p, paper.batch_size, paper.lr) == \
+        (0.5, 0.5, 0.0, 512, 1.0)
+
+
+def test_simclr_heads_vissl_and_paper():
+    torch.manual_seed(0)
+    vissl = simclr.SimCLR(_args()).head
+    assert [type(m) for m in vissl] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert vissl[0].bias is not None and vissl[2].bias is not None
+    paper = simclr.SimCLR(_args("--head-bn")).head
+    assert [type(m) for m in paper] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear,
+                                        torch.nn.BatchNorm1d]
+    assert paper[0].bias is None and paper[3].bias is None
+    assert paper[1].bias.requires_grad and not paper[4].bias.requires_grad and paper[4].weight.requires_grad
+    # the last BN scales but never shifts: its bias stays 0 through training steps
+    model = simclr.SimCLR(_args("--head-bn", "--exclude-bias-and-norm")).train()
+    optimizer = simclr.build_optimizer(model, _args("--head-bn", "--exclude-bias-and-norm"))
+    optim.set_lr(optimizer, 0.5)
+    images = torch.randn(6, 3, 32, 32)
+    for _ in range(2):
+        loss = simclr.nt_xent_loss(model([images, images.flip(-1)]), 2, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(model.head[4].bias, torch.zeros(8)) and not torch.equal(model.head[4].weight, torch.ones(8))
+    # per image, the last BN's output has mean 0 before normalisation: a shift would be visible here
+    with torch.no_grad():
+        pre_norm = model.head(model.trunk(torch.randn(10, 3, 32, 32)))
+    torch.testing.assert_close(pre_norm.mean(0), torch.zeros(8), rtol=0, atol=1e-5)
+
+
+def test_simclr_bias_and_norm_exclusion_switch():
+    model = simclr.SimCLR(_args("--head-bn"))
+    one_d = {id(p) for p in model.parameters() if p.requires_grad and p.ndim == 1}
+    assert one_d  # BN weights and biases in the trunk and head
+    vissl = simclr.build_optimizer(model, _args())
+    assert len(vissl.param_groups) == 1
+    (group,) = vissl.param_groups
+    assert group["lars"] and group["weight_decay"] == 1e-6
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    paper = simclr.build_optimizer(model, _args("--exclude-bias-and-norm"))
+    decayed, plain = paper.param_groups
+    assert decayed["lars"] and decayed["weight_decay"] == 1e-6 and all(p.ndim > 1 for p in decayed["params"])
+    assert not plain["lars"] and plain["weight_decay"] == 0.0 and {id(p) for p in plain["params"]} == one_d
+    # one step on a BN weight: VISSL's LARC scales it by the trust ratio, the paper's code does not
+    bn = model.trunk.bn1.weight
+    for optimizer, adapted in ((vissl, True), (paper, False)):
+        with torch.no_grad():
+            bn.fill_(1.0)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        optimizer.state.clear()
+        optim.set_lr(optimizer, 0.1)
+        optimizer.step()
+        g = torch.ones_like(bn) + (1e-6 * torch.ones_like(bn) if adapted else 0)
+        ratio = 0.001 * math.sqrt(len(bn)) / (math.sqrt(len(bn)) + 1e-6 * math.sqrt(len(bn)) + 1e-8) if adapted else 1
+        torch.testing.assert_close(bn.detach(), torch.ones_like(bn) - 0.1 * ratio * g, rtol=1e-6, atol=1e-7)
+
+
+def test_simclr_warmup_starts_at_warmup_start_lr(tmp_path):
+    """The logged lr of the first steps: linear from --warmup-start-lr x B/256 to --lr x B/256."""
+    small = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32",
+             "--batch-size", "16", "--hidden-dim", "32", "--embedding-dim", "16", "--blur-p", "0", "--workers", "0",
+             "--epochs", "2", "--warmup-epochs", "1", "--lr", "1.0", "--print-every", "1", "--max-steps", "2"]
+    run_script("simclr.py", *small, "--warmup-start-lr", "0.5", "--output-dir", tmp_path / "a")
+    lrs = [r["lr"] for r in metrics(tmp_path / "a")]
+    warmup_steps = 120 // 16  # 3% of cifar10-mini's 4,000 images, one epoch of warmup
+    start, peak = 0.5 * 16 / 256, 1.0 * 16 / 256
+    assert lrs == pytest.approx([start, start + (peak - start) / warmup_steps], rel=1e-12)
