@@ -5,8 +5,27 @@ Chen, Kornblith, Norouzi, Hinton, ICML 2020 (https://arxiv.org/abs/2002.05709).
 Two random views of every image pass through a ResNet trunk and an MLP projection
 head; the NT-Xent loss (Eq. 1) makes each view pick out its partner among all
 2N - 1 other views of the global batch. Defaults follow VISSL's simclr_8node_resnet
-(ResNet-50, head 2048-2048-128, temperature 0.1, LARS, 0.3 x batch/256, wd 1e-6,
-10 warmup epochs + cosine, SyncBN); `--crops 2x160,4x96` is VISSL's multi-crop variant.
+(ResNet-50, head 2048-2048-128 without BatchNorm, temperature 0.1, LARS on every
+parameter, 0.3 x batch/256, wd 1e-6 on every parameter, 10 warmup epochs from 1/8 of
+the peak lr, then cosine to 0, SyncBN); `--crops 2x160,4x96` is VISSL's multi-crop
+variant (crop scales (0.08, 1) and (0.05, 0.14)). `--preset cifar` is the paper's own
+CIFAR-10 recipe, with its code's choices: `--head-bn`, `--exclude-bias-and-norm`,
+warmup from 0.
+
+Deviations from the original code:
+- Multi-crop negatives come from every rank. VISSL's multicrop_simclr_info_nce_loss
+  contrasts each positive pair only with the crops of the images on its own GPU, so
+  its loss (and the recipe) changes with the number of GPUs; here the loss on any
+  number of processes equals the loss of one process on the global batch. Positives
+  (every ordered pair of views of an image) and the averaging are VISSL's.
+- Crops are resized bicubically, as in the paper's code (VISSL: bilinear).
+- Blur (p 0.5, sigma in [0.1, 2]) uses a kernel of 10% of the view's side, as in the
+  paper's code; VISSL blurs with PIL, untruncated. The two agree closely for 160- and
+  224-px views; 96-px multi-crop views are blurred with a 9-px kernel, which cuts off
+  the widest sigmas.
+- VISSL's warmup starts at the lr of one 8-GPU node's batch and is dropped on a
+  single node; here it starts at --warmup-start-lr x batch/256 on any machine, which
+  equals VISSL's 0.6 for its 4096-image recipe.
 
     torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
     python simclr.py --preset cifar --data cifar10 --epochs 800
@@ -16,6 +35,7 @@ Speed (common/speed.py): on CUDA the workers only decode images and the views ar
 batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
 the per-image PIL path uses bicubic); channels_last, bf16 autocast, `--compile`.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -37,11 +57,18 @@ class Args:
     lr: float = 0.3  # for a global batch of 256, scaled linearly (4096 -> 4.8)
     final_lr: float = 0.0
     warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.0375  # linear warmup from here, also per 256 images (VISSL: 0.6 -> 4.8 at 4096)
     weight_decay: float = 1e-6
+    exclude_bias_and_norm: bool = field(default=False, metadata={
+        "help": "biases and BatchNorm parameters get neither weight decay nor LARS adaptation (the paper's code); "
+                "off: every parameter gets both (VISSL)"})
     momentum: float = 0.9
     temperature: float = 0.1
     hidden_dim: int = 2048
     embedding_dim: int = 128
+    head_bn: bool = field(default=False, metadata={
+        "help": "the paper's head: BatchNorm after both linear layers, the last one without shift; "
+                "off: Linear-ReLU-Linear with biases (VISSL)"})
     crops: str = field(default="2x224", metadata={"help": "views as NxSIZE groups, e.g. 2x160,4x96 (multi-crop)"})
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     small_crop_scale: tuple[float, ...] = (0.05, 0.14)  # for crop groups after the first
@@ -69,10 +96,12 @@ class Args:
 
 
 PRESETS = {
-    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, T=0.5 (paper App. B.9)",
+    "cifar": dict(_doc="the paper's CIFAR-10 recipe (App. B.9 and its code): ResNet-18 with the CIFAR stem, 32 px, "
+                       "no blur, jitter 0.5, batch 512, T=0.5, warmup from 0, BN head, no decay or LARS on "
+                       "biases and BN",
                   arch="resnet18", cifar_stem=True, crops="2x32", batch_size=512, lr=1.0, temperature=0.5,
                   hidden_dim=512, jitter_strength=0.5, blur_p=0.0, epochs=800, warmup_epochs=10, workers=4,
-                  output_dir="runs/simclr-cifar"),
+                  warmup_start_lr=0.0, head_bn=True, exclude_bias_and_norm=True, output_dir="runs/simclr-cifar"),
 }
 
 
@@ -129,13 +158,23 @@ class MultiView:
 
 # ----------------------------------------------------------------------------- model
 
+def projection_head(dims, batch_norm):
+    """g(.): VISSL's Linear-ReLU-Linear with biases, or with `batch_norm` the paper's code's
+    Linear-BN-ReLU-Linear-BN without biases, whose last BN scales but does not shift."""
+    if not batch_norm:
+        return models.mlp(dims, batch_norm=False)
+    head = models.mlp(dims, batch_norm=True, last_bn=True)
+    head[-1].bias.requires_grad_(False)  # stays 0: the paper's center=False
+    return head
+
+
 class SimCLR(nn.Module):
     """ResNet trunk + MLP projection head g(.) (paper Sec. 2.1); returns L2-normalised z."""
 
     def __init__(self, args):
         super().__init__()
         self.trunk = models.build_trunk(args.arch, args.cifar_stem)
-        self.head = models.mlp([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim])
+        self.head = projection_head([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim], args.head_bn)
 
     def forward(self, views):
         """views: list of [n, 3, H, W] batches; same-size views share one forward pass (SwAV's trick)."""
@@ -153,25 +192,48 @@ class SimCLR(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 def nt_xent_loss(z, n_views, temperature):
-    """NT-Xent (Eq. 1) over the global batch, for 2 or more views per image.
+    """NT-Xent (Eq. 1) over the global batch; with more than two views, VISSL's multi-crop form.
 
     z: [n_views * n, d], view-major (row v*n + i is view v of image i), normalised.
-    Keys are every rank's z (gradients flow back to their owners). Each view is
-    contrasted with one positive at a time, every other view of its image in turn
-    (the mean of the n_views - 1 pairwise terms); its own column is left out.
+    Keys are every rank's z (gradients flow back to their owners).
+
+    Two views: each view picks out its partner among the other 2N - 1 views of the
+    global batch (its own column is left out).
+
+    More views (VISSL's multicrop_simclr_info_nce_loss): every ordered pair of views of
+    one image is a positive, n_views * (n_views - 1) terms per image, large and small
+    crops alike. Each term is -log(e^s_pos / (e^s_pos + sum of e^s_neg)) where the
+    negatives are the views of the OTHER images only: the image's remaining views are
+    neither positive nor negative in that term. The loss is the plain mean of all terms.
+    Unlike VISSL, the negatives come from every rank, so the loss does not change with
+    the number of processes.
     """
     keys = dist.gather_with_grad(z)
+    n = len(z) // n_views
     rows = torch.arange(len(z), device=z.device)
-    view, image = rows // (len(z) // n_views), rows % (len(z) // n_views)
     offset = dist.rank() * len(z)
-    loss = 0.0
-    for shift in range(1, n_views):
-        positive = offset + ((view + shift) % n_views) * (len(z) // n_views) + image
-        loss = loss + ops.contrastive_loss(z, keys, positive, temperature, self_index=offset + rows)
-    return loss / (n_views - 1)
+    if n_views == 2:
+        positive = offset + (rows + n) % len(z)
+        return ops.contrastive_loss(z, keys, positive, temperature, self_index=offset + rows)
+    if len(keys) == n_views:  # a single image in the global batch has no negatives: nothing to contrast
+        return (z * 0).sum()
+    view, image = rows // n, rows % n
+    logits = z @ keys.t() / temperature  # [n_views * n, world * n_views * n]
+    same_image = offset + torch.arange(n_views, device=z.device) * n + image[:, None]  # [rows, n_views]
+    negatives = torch.logsumexp(logits.scatter(1, same_image, -math.inf), dim=1)
+    shifts = torch.arange(1, n_views, device=z.device)
+    positives = logits.gather(1, same_image.gather(1, (view[:, None] + shifts) % n_views))  # the other views
+    # -log(e^p / (e^p + e^negatives)) = log(1 + e^(negatives - p))
+    return nn.functional.softplus(negatives[:, None] - positives).mean()
 
 
 # ----------------------------------------------------------------------------- training
+
+def build_optimizer(model, args):
+    """LARS (LARC, trust coefficient 0.001, no clipping) with momentum; see --exclude-bias-and-norm."""
+    groups = optim.param_groups(model, args.weight_decay, exclude_bias_and_norm=args.exclude_bias_and_norm)
+    return optim.LARS([g for g in groups if g["params"]], lr=0.0, momentum=args.momentum)
+
 
 def train(args, runtime):
     device = runtime.device
@@ -206,11 +268,12 @@ def train(args, runtime):
     if runtime.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model = speed.compile_model(model, args.compile)
-    optimizer = optim.LARS(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    optimizer = build_optimizer(core, args)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     global_batch = args.batch_size * runtime.world_size
     peak_lr = optim.scaled_lr(args.lr, global_batch)
+    start_lr = optim.scaled_lr(args.warmup_start_lr, global_batch)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     step = 0
@@ -251,7 +314,7 @@ def train(args, runtime):
             if args.max_steps and step >= args.max_steps:
                 break
             guard.count_images(args.batch_size, bad, logger)
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
+            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr, start_lr)
             optim.set_lr(optimizer, lr)
             batch_views = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
                            else speed.to_device(batch_views, device, memory_format))
