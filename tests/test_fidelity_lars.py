@@ -133,3 +133,101 @@ def test_lars_zero_gradient_parameter_is_left_alone_over_many_steps():
         w.grad = torch.zeros_like(w)
         opt.step()
     assert torch.equal(w.detach(), start)
+
+
+# ----------------------------------------------------------------------------- ClusterFit: VISSL's k-means
+
+
+def _clusterfit_features(n=203, d=11, blobs=6, seed=3):
+    """Non-negative (post-ReLU-like) pooled features: blobs of directions with norms spread over 0.01-30, so
+    normalising changes which rows are close (raw Euclidean k-means would group rows by their norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(blobs, d, generator=gen, dtype=torch.float64) ** 3
+    rows = centres[torch.arange(n) % blobs] + 0.03 * torch.rand(n, d, generator=gen, dtype=torch.float64)
+    norms = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(0.01), math.log(30.0), generator=gen))
+    return rows / rows.norm(dim=1, keepdim=True) * norms
+
+
+def _vissl_normalise(x):
+    """tools/cluster_features_and_label.py: each row divided by (its L2 norm + 1e-5)."""
+    return x / (torch.sqrt((x * x).sum(dim=1, keepdim=True)) + 1e-5)
+
+
+def _euclidean_lloyd(x, first, n_iters):
+    """Lloyd's k-means as faiss runs it (Euclidean, centroid = mean of its rows), from the rows `first`;
+    then the final assignment to the returned centroids (VISSL's index.search(x, 1)). float64 throughout.
+    Returns (centroids, assignments, the smallest gap between a row's best and second-best squared distance)."""
+    centroids = x[first].clone()
+    smallest_gap = math.inf
+    for it in range(n_iters + 1):
+        distances = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(dim=2)
+        two = distances.topk(2, dim=1, largest=False).values
+        smallest_gap = min(smallest_gap, float((two[:, 1] - two[:, 0]).min()))
+        assignments = distances.argmin(dim=1)
+        if it == n_iters:
+            return centroids, assignments, smallest_gap
+        for j in range(len(centroids)):
+            members = x[assignments == j]
+            assert len(members) > 0, "an empty cluster: pick other test data (the re-seeding rules differ)"
+            centroids[j] = members.mean(dim=0)
+
+
+def _initial_rows(x, k, seed):
+    """The rows ClusterFit's k-means starts from: clusterfit.kmeans with 0 iterations returns them."""
+    init, _ = clusterfit.kmeans(x, k, 0, "l2norm-euclidean", seed)
+    normalised = _vissl_normalise(x.double())
+    first = torch.cdist(init.double(), normalised).argmin(dim=1)
+    torch.testing.assert_close(init.double(), normalised[first], rtol=1e-6, atol=1e-7)  # k rows of the data
+    assert len(set(first.tolist())) == k  # distinct
+    return first
+
+
+@pytest.mark.parametrize("n,d,k,n_iters,blobs,data_seed", [(203, 11, 7, 6, 7, 3), (157, 5, 3, 9, 4, 7)])
+def test_clusterfit_kmeans_is_l2_normalise_then_euclidean_lloyd(n, d, k, n_iters, blobs, data_seed):
+    x = _clusterfit_features(n, d, blobs, data_seed).float()  # features.pth holds float32
+    first = _initial_rows(x, k, seed=4)
+    ref_c, ref_a, gap = _euclidean_lloyd(_vissl_normalise(x.double()), first, n_iters)
+    # no near-ties at any iteration (float32 squared distances of unit-norm rows are off by < 1e-6), so the
+    # float32 kernels and the float64 reference must make every assignment alike
+    assert gap > 1e-5
+
+    centroids, assignments = clusterfit.kmeans(x, k, n_iters, "l2norm-euclidean", seed=4)  # the default mode
+    assert clusterfit.Args().kmeans == "l2norm-euclidean"
+    assert torch.equal(assignments, ref_a)
+    torch.testing.assert_close(centroids.double(), ref_c, rtol=1e-5, atol=1e-6)  # float32 kernels
+    c64, a64 = clusterfit.kmeans(x.double(), k, n_iters, "l2norm-euclidean", seed=4)  # the float64 path
+    assert torch.equal(a64, ref_a)
+    torch.testing.assert_close(c64, ref_c, rtol=1e-12, atol=1e-14)
+
+    # what makes it VISSL's and not the other modes: centroids are means of unit rows (inside the sphere) ...
+    assert (ref_c.norm(dim=1) < 1 - 1e-3).any()
+    spherical_c, _ = clusterfit.kmeans(x, k, n_iters, "spherical", seed=4)
+    torch.testing.assert_close(spherical_c.norm(dim=1), torch.ones(k), rtol=0, atol=1e-5)
+    # ... and the rows are normalised first: on the raw rows the same Lloyd groups them otherwise
+    _, raw_a, _ = _euclidean_lloyd(x.double(), first, n_iters)
+    assert not torch.equal(raw_a, ref_a)
+
+
+def test_clusterfit_normalisation_is_vissls_norm_plus_1e5():
+    x = _clusterfit_features(31, 9).double()
+    x[4] = 0.0  # a zero row stays zero
+    x[7] *= 1e-4  # a tiny row: |row| + 1e-5 is far from |row|
+    torch.testing.assert_close(clusterfit.l2_normalise(x), _vissl_normalise(x), rtol=1e-14, atol=0)
+    assert torch.equal(clusterfit.l2_normalise(x)[4], torch.zeros(9))
+    assert float(clusterfit.l2_normalise(x)[7].norm()) < 0.99
+
+
+def test_clusterfit_kmeans_equals_faiss_from_the_same_start():
+    """The original pipeline's own k-means: faiss.Kmeans (Euclidean, VISSL's settings) on the normalised rows,
+    started from the same rows, then index.search(x, 1) as VISSL labels the images."""
+    faiss = pytest.importorskip("faiss")
+    n, d, k, n_iters = 203, 11, 7, 6
+    x = _clusterfit_features(n, d, 7, 3).float()
+    first = _initial_rows(x, k, seed=4)
+    normalised = _vissl_normalise(x.double()).float().numpy()
+    km = faiss.Kmeans(d, k, niter=n_iters, verbose=False, gpu=False)
+    km.train(normalised, init_centroids=normalised[first.numpy()])
+    _, labels = km.index.search(normalised, 1)
+    centroids, assignments = clusterfit.kmeans(x, k, n_iters, "l2norm-euclidean", seed=4)
+    assert torch.equal(assignments, torch.from_numpy(labels[:, 0]).long())
+    torch.testing.assert_close(centroids, torch.from_numpy(km.centroids), rtol=1e-5, atol=1e-6)
