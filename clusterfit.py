@@ -9,12 +9,18 @@ distributed over the ranks); 3. `train`: a fresh trunk N_cf plus a linear classi
 learns to predict each image's cluster with cross-entropy. Each stage writes its output
 atomically to --output-dir (features.pth, clusters.pth, checkpoints) and is skipped when
 that output exists, so re-running the same command resumes where it stopped.
-Defaults follow VISSL's cluster_features_resnet_8gpu + clusterfit_resnet_8gpu_imagenet
-(res5 features, 16000 clusters, 50 k-means iterations; ResNet-50, head 2048-16000,
-random-resized crop + colour jitter + flip, SGD 0.1 x batch/256, wd 1e-4 not on BatchNorm,
-a 5-epoch linear ramp from 0.25 down to 0.1 (sic, VISSL's config), 105 epochs with x0.1
-steps at 30/60/90/100, 32 images per GPU). k-means is spherical (L2-normalised features,
-cosine assignment), as DeepCluster-v2 clusters; `--no-spherical` for plain Euclidean.
+Defaults follow VISSL's cluster_features_resnet_8gpu_imagenet + clusterfit_resnet_8gpu_imagenet
+and its tools/cluster_features_and_label.py (res5 features, avg-pooled; each row divided by its
+L2 norm + 1e-5, then faiss's Euclidean k-means into 16000 clusters, 50 iterations; ResNet-50,
+head 2048-16000, random-resized crop + colour jitter + flip, SGD momentum 0.9, 0.1 x batch/256,
+wd 1e-4 on weights and biases, not on BatchNorm, 105 epochs with x0.1 steps at 30/60/90/100,
+32 images per GPU). `--kmeans spherical` clusters on the unit sphere instead (normalised
+centroids, cosine assignment, as DeepCluster-v2), `--kmeans euclidean` the raw features.
+The warmup is VISSL's: its YAML writes a 5-epoch linear ramp "0.25 -> 0.1", but VISSL's
+automatic lr scaling replaces both ends (vissl/utils/hydra_config.py, resolve_linear_schedule):
+it ramps from the lr of one node's batch (0.1 x 256/256 with 8 x 32 images) to the scaled lr
+and drops the ramp when they are equal, so the reference 8-GPU run has no warmup. Here the ramp
+starts at --lr (the rate quoted for 256 images) and exists only when the global batch is larger.
 
     torchrun --nproc_per_node=8 clusterfit.py --weights rotnet.pth --data /datasets/imagenet/train
     python clusterfit.py --preset cifar --weights runs/rotnet-cifar/checkpoint-00078000.pth --data cifar10
@@ -24,6 +30,16 @@ Speed (common/speed.py): on CUDA the workers only decode images and the stage-3 
 made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
 distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
 `--compile`.
+
+Deviations from the original code: k-means is `ops.kmeans` (Lloyd iterations, k distinct rows
+as the first centroids, an empty cluster re-seeded with the point farthest from its centroid)
+rather than faiss.Kmeans (which splits a large cluster in two for an empty one, and trains on at
+most 256 random rows per centroid: all of ImageNet's 1.28M rows for 16000 clusters, 25,600 of
+CIFAR-10's 50,000 for 100), so the same features give other, equally valid clusters. The lr
+changes every step (VISSL: every epoch; the same rates at epoch starts). The warmup starts from
+the lr of 256 images, VISSL's from that of one node's batch: the same with 256 images per node.
+Crops and the extraction resize are bicubic, as in every script here (VISSL: torchvision's
+bilinear default).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +54,7 @@ from common.guard import StepGuard
 from common.log import MetricLogger
 
 STAGES = ("extract", "cluster", "train")
+KMEANS = ("l2norm-euclidean", "spherical", "euclidean")
 
 
 @dataclass
@@ -54,7 +71,9 @@ class Args:
     # stage 2: k-means
     num_clusters: int = 16000
     kmeans_iters: int = 50
-    spherical: bool = True
+    kmeans: str = field(default="l2norm-euclidean", metadata={
+        "choices": list(KMEANS), "help": "l2norm-euclidean: VISSL's (rows / (|row| + 1e-5), Euclidean k-means); "
+                                         "spherical: cosine k-means on the unit sphere; euclidean: raw features"})
     # stage 3: a fresh network on the pseudo-labels
     arch: str = "resnet50"
     cifar_stem: bool = False
@@ -62,7 +81,7 @@ class Args:
     batch_size: int = 32  # per process: VISSL uses 32 x 8 GPUs
     lr: float = 0.1  # for a global batch of 256, scaled linearly
     warmup_epochs: float = 5.0
-    warmup_start: float = 2.5  # the warmup starts at this x the peak lr (VISSL: 0.25 -> 0.1)
+    warmup_start: float = None  # the warmup starts at this x the peak lr; default: at --lr (VISSL's rule)
     lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
     lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
     lr_decay: float = 0.1
@@ -118,15 +137,28 @@ def extract_stage(args, runtime, dataset, path):
 
 # ----------------------------------------------------------------------------- stage 2: k-means
 
+def l2_normalise(feats):
+    """VISSL's normalisation before k-means: each row divided by its L2 norm + 1e-5 (a zero row stays zero)."""
+    return feats / (torch.linalg.vector_norm(feats, dim=1, keepdim=True) + 1e-5)
+
+
+def kmeans(feats, k, n_iters, mode="l2norm-euclidean", seed=0):
+    """(centroids, assignments) of this rank's rows, clustered as --kmeans `mode` says (ops.kmeans all-reduces)."""
+    if mode not in KMEANS:
+        raise ValueError(f"--kmeans must be one of {', '.join(KMEANS)}, got {mode!r}.")
+    if mode == "l2norm-euclidean":
+        feats = l2_normalise(feats)
+    return ops.kmeans(feats, k, n_iters=n_iters, spherical=mode == "spherical", seed=seed)
+
+
 def cluster_stage(args, runtime, feats, path):
-    """K-means of the features; each rank clusters a contiguous block of rows (ops.kmeans all-reduces)."""
+    """K-means of the features; each rank clusters a contiguous block of rows."""
     if len(feats) < args.num_clusters:
         raise ValueError(f"--num-clusters {args.num_clusters} is more than the {len(feats)} training images.")
     device = runtime.device
     rows = np.array_split(np.arange(len(feats)), runtime.world_size)
     mine = feats[rows[runtime.rank]].to(device)
-    centroids, assignments = ops.kmeans(mine, args.num_clusters, n_iters=args.kmeans_iters, spherical=args.spherical,
-                                        seed=args.seed)
+    centroids, assignments = kmeans(mine, args.num_clusters, args.kmeans_iters, args.kmeans, args.seed)
     if runtime.world_size > 1:  # pad every block to the longest, gather, drop the padding
         longest = max(len(r) for r in rows)
         padded = torch.full((longest,), -1, dtype=torch.long, device=device)
@@ -135,7 +167,7 @@ def cluster_stage(args, runtime, feats, path):
         assignments = assignments[assignments >= 0]
     sizes = torch.bincount(assignments.cpu(), minlength=args.num_clusters)
     result = {"centroids": centroids.cpu(), "assignments": assignments.cpu(), "num_clusters": args.num_clusters,
-              "kmeans_iters": args.kmeans_iters, "spherical": args.spherical, "seed": args.seed}
+              "kmeans_iters": args.kmeans_iters, "kmeans": args.kmeans, "seed": args.seed}
     if runtime.is_main:
         checkpoint.save_atomic(result, path)
         print(f"clusterfit: {args.num_clusters} clusters of {len(assignments)} images, {int((sizes == 0).sum())} "
@@ -194,10 +226,15 @@ def sgd_param_groups(model, weight_decay):
 
 
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
-    """Linear ramp from warmup_start x peak to peak, then x lr_decay at each milestone, or cosine to 0."""
+    """Linear ramp from the warmup start to peak, then x lr_decay at each milestone, or cosine to 0.
+
+    The ramp starts at --warmup-start x peak, by default at --lr, the rate of a 256-image batch that peak
+    scales up (Goyal et al. 2017, as VISSL's auto-scaled warmup): no ramp for 256 images or fewer.
+    """
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
-        return peak_lr * (args.warmup_start + (1 - args.warmup_start) * step / warmup_steps)
+        start = args.warmup_start if args.warmup_start is not None else min(1.0, args.lr / peak_lr) if peak_lr else 1.0
+        return peak_lr * (start + (1 - start) * step / warmup_steps)
     if args.lr_schedule == "cosine":
         return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
     epoch = step // steps_per_epoch

@@ -25,12 +25,18 @@ def param_groups(model, weight_decay, exclude_bias_and_norm=True):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARC (You et al. 2017; NVIDIA Apex's LARC, as VISSL uses it).
+    """SGD with momentum and LARC (You et al. 2017; NVIDIA Apex's LARC, as VISSL and swav use it).
 
-    For each parameter of a group with `lars=True`, the update direction g + wd*w is
-    scaled by the trust ratio eta * |w| / (|g| + wd*|w| + eps); with `clip=True` that
-    ratio is capped so that lr * ratio <= lr (Apex's clip mode). Groups with
-    `lars=False` are plain SGD with momentum.
+    Apex's LARC(SGD), step by step, for each parameter w with gradient g of a group with
+    `lars=True`: when |w| > 0 and |g| > 0, the update direction is d = (g + wd*w) * ratio with
+    the trust ratio eta * |w| / (|g| + wd*|w| + eps); with `clip=True` the ratio becomes
+    min(ratio / lr, 1), so that the effective rate lr * ratio is min(lr * ratio, lr) (Apex's
+    clip mode; at lr = 0 that is 1). When |w| = 0 or |g| = 0 the parameter gets d = g: neither
+    the trust ratio nor weight decay (Apex takes the decay away from the wrapped SGD and adds
+    it back only to the parameters it adapts). Then SGD's momentum: buf = d on the first step,
+    buf = momentum * buf + d after, and w -= lr * buf (Nesterov: lr * (d + momentum * buf)).
+    Groups with `lars=False` are plain SGD with momentum and their weight decay (d = g + wd*w).
+    Unlike Apex, p.grad is left as it was (Apex scales it in place).
 
     `foreach=True` runs each group as a few multi-tensor (torch._foreach_*) kernels
     instead of ~10 small kernels per parameter, the same arithmetic (tests/test_speed.py
@@ -60,16 +66,14 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if group["weight_decay"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
                 if group["lars"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                    ratio = group["trust_coefficient"] * w_norm / (
-                        g_norm + group["weight_decay"] * w_norm + group["eps"])
-                    if group["clip"]:
-                        ratio = torch.clamp(ratio / group["lr"], max=1.0) if group["lr"] > 0 else ratio
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    ratio, adapt = self._trust_ratio(group, w_norm, g_norm)
+                    if group["weight_decay"]:  # Apex decays only the parameters it adapts (adapt is 1.0 or 0.0)
+                        grad = grad.add(p * adapt, alpha=group["weight_decay"])
                     grad = grad * ratio
+                elif group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
                 if group["momentum"]:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
@@ -81,19 +85,32 @@ class LARS(torch.optim.Optimizer):
                 p.add_(grad, alpha=-group["lr"])
         return loss
 
+    @staticmethod
+    def _trust_ratio(group, w_norm, g_norm):
+        """(ratio, adapt) from the norms (0-dim, or stacked for many parameters): Apex's adaptive lr and 1.0
+        where |w| > 0 and |g| > 0; ratio 1.0 and adapt 0.0 (no decay) elsewhere, where Apex leaves g alone."""
+        adapt = (w_norm > 0) & (g_norm > 0)
+        ratio = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+        if group["clip"]:
+            ratio = torch.clamp(ratio / group["lr"], max=1.0)  # lr = 0: inf -> 1, as Apex's min(ratio / lr, 1)
+        return torch.where(adapt, ratio, torch.ones_like(ratio)), adapt.to(ratio.dtype)
+
     def _foreach_group_step(self, group, params):
         """`step` for one group with multi-tensor kernels: the per-parameter loop above, op for op."""
         grads = [p.grad for p in params]
-        wd = group["weight_decay"]
-        updates = torch._foreach_add(grads, params, alpha=wd) if wd else grads
         if group["lars"]:
             w_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
-            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-            if group["clip"] and group["lr"] > 0:
-                ratio = torch.clamp(ratio / group["lr"], max=1.0)
-            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            ratio, adapt = self._trust_ratio(group, w_norm, g_norm)
+            updates = grads
+            if group["weight_decay"]:
+                decayed = torch._foreach_mul(params, list(adapt.unbind(0)))
+                updates = torch._foreach_add(grads, decayed, alpha=group["weight_decay"])
             updates = torch._foreach_mul(updates, list(ratio.unbind(0)))
+        elif group["weight_decay"]:
+            updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        else:
+            updates = grads
         if group["momentum"]:
             buffers, fresh = [], []
             for p, u in zip(params, updates):

@@ -36,7 +36,10 @@ def test_stages_write_their_outputs_and_skip_when_done(tmp_path):
 
     run_script("clusterfit.py", *SMALL, "--weights", weights, "--output-dir", out, "--stage", "cluster")
     clusters = torch.load(out / "clusters.pth", weights_only=False)
-    centroids, assignments = ops.kmeans(saved["features"], 5, n_iters=10, spherical=True, seed=0)
+    # the default --kmeans l2norm-euclidean: VISSL's rows / (|row| + 1e-5), then Euclidean k-means
+    normalised = saved["features"] / (saved["features"].norm(dim=1, keepdim=True) + 1e-5)
+    centroids, assignments = ops.kmeans(normalised, 5, n_iters=10, spherical=False, seed=0)
+    assert clusters["kmeans"] == "l2norm-euclidean"
     assert torch.equal(clusters["assignments"], assignments)
     torch.testing.assert_close(clusters["centroids"], centroids)
 
@@ -100,10 +103,19 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_vissl_warmup_ramp_then_steps():
+    """VISSL's auto-scaled schedule: a 5-epoch ramp from the 256-image lr to the scaled one (none at 256 images
+    or fewer), then x0.1 at epochs 30/60/90/100; an explicit --warmup-start is a fraction of the peak."""
     args = cli.parse_args(clusterfit.Args, None, [])
-    lr = [clusterfit.learning_rate(e * 10, 10, 1050, 0.1, args) for e in (0, 5, 29, 30, 100)]
-    for got, want in zip(lr, [0.25, 0.1, 0.1, 0.01, 1e-5]):
-        assert math.isclose(got, want, rel_tol=1e-12), lr
+    epochs = (0, 2.5, 5, 29, 30, 100)
+    for peak, want in [(0.1, [0.1, 0.1, 0.1, 0.1, 0.01, 1e-5]), (0.0125, [0.0125, 0.0125, 0.0125, 0.0125, 0.00125,
+                                                                          1.25e-6]),
+                       (0.4, [0.1, 0.25, 0.4, 0.4, 0.04, 4e-5])]:  # batch 256, 32, 1024
+        lr = [clusterfit.learning_rate(round(e * 10), 10, 1050, peak, args) for e in epochs]
+        for got, expected in zip(lr, want):
+            assert math.isclose(got, expected, rel_tol=1e-12), (peak, lr)
+    args = cli.parse_args(clusterfit.Args, None, ["--warmup-start", "0.25"])
+    lr = [clusterfit.learning_rate(round(e * 10), 10, 1050, 0.4, args) for e in epochs[:3]]
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(lr, [0.1, 0.25, 0.4])), lr
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
