@@ -4,20 +4,33 @@ Noroozi & Favaro, ECCV 2016 (https://arxiv.org/abs/1603.09246); the ResNet versi
 Goyal, Mahajan, Gupta, Misra, "Scaling and Benchmarking Self-Supervised Visual
 Representation Learning", ICCV 2019 (https://arxiv.org/abs/1905.01235).
 
-A 255 px crop is cut into a 3x3 grid of 85 px cells; a 64 px tile is taken at a random
-position inside each cell (the jitter keeps edges from giving the answer away) and
-normalised on its own. The tiles are shuffled by one permutation drawn from a fixed set
-chosen for maximal Hamming distance; each tile goes through the shared (siamese) trunk
-and a 1000-d fc-BN-ReLU, the nine outputs are concatenated in tile order and a linear
-classifier predicts which permutation was applied (cross-entropy). Defaults follow
-VISSL's jigsaw_8gpu_resnet (ResNet-50, 2000 permutations, grayscale p=0.66, SGD 0.1 x
-batch/256, wd 1e-4 not on BatchNorm, 5 warmup epochs from lr/4, 105 epochs with x0.1
-steps at 30/60/90/100, 32 images per GPU).
+A 255 px crop is cut into a 3x3 grid of 85 px cells, numbered row by row; a 64 px tile is
+taken at a random position inside each cell (offsets 0-21 px on each axis: the gaps keep
+edges from giving the answer away) and normalised on its own. The tiles are shuffled by one
+permutation drawn from a fixed set chosen for a large Hamming distance (position i shows
+tile perm[i]); each tile goes through the shared (siamese) trunk and a 1000-d fc-BN-ReLU,
+the nine outputs are concatenated in position order and a linear classifier predicts which
+permutation was applied (cross-entropy). Defaults follow VISSL's jigsaw_8gpu_resnet
+(ResNet-50, 2000 permutations, grayscale p=0.66, SGD 0.1 x batch/256, wd 1e-4 not on
+BatchNorm, 5 warmup epochs from lr/4, 105 epochs with x0.1 steps at 30/60/90/100, 32 images
+per GPU).
 
-The permutation set is a deterministic function of --seed (see `hamming_permutations`):
-greedy max-min selection from all 9! permutations in a seeded order. Its minimum pairwise
-Hamming distance for seed 0 is 6 with 100 permutations, 5 with 1000 and 4 with 2000 (of
-at most 9). It is saved in every checkpoint and reused on resume.
+The permutation set is a deterministic function of --seed and --permutation-rule (see
+`hamming_permutations`), saved in every checkpoint and reused on resume. The default rule,
+max-avg, is the paper's Algorithm 1 and the rule of VISSL's generator and of its 2000- and
+10000-permutation files: starting from a random permutation, greedily add the one with the
+largest average Hamming distance to those chosen so far. max-min instead maximises the
+distance to the nearest one. For seed 0, average / minimum Hamming distance (of at most 9):
+
+    permutations   max-avg (default)   max-min
+    100            8.08 / 2            8.03 / 6
+    1000           8.01 / 2            7.91 / 5
+    2000           8.00 / 2            7.96 / 4
+
+The max-avg averages are the largest any set of that size can have: every tile sits at every
+position n/9 times, as evenly as possible, which minimises the pairs that agree somewhere
+(the authors' own 100-permutation file, which VISSL's 100-permutation config loads, also has
+8.08 / 2). Generating 2000 over all 9! = 362880 candidates takes about 2 s of CPU.
 
     torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
     python jigsaw.py --preset cifar --data cifar10
@@ -28,6 +41,21 @@ at most 9). It is saved in every checkpoint and reused on resume.
 
 On CPU at 32 px the res4 features gain most (tests/test_convergence_cluster_pretext.py): the trunk
 only sees tiles, so kNN re-estimates BatchNorm statistics on whole images first (--precise-bn).
+
+Deviations from the original code. Tile offsets are uniform over all 22 positions where a 64 px
+tile fits in an 85 px cell, as in the authors' Caffe data layer (VISSL's ImgPatchesFromTensor
+draws 0-20, never touching the cell's far edge). The cells are numbered row by row, as in the
+authors' code; VISSL numbers them column by column, which only relabels positions (Hamming
+distances, and so the permutation sets' properties, are unchanged, but a VISSL permutation file
+would mean the transposed puzzles here). Each tile is standardised per channel (mean and std),
+following the paper's Sec. 3.2 against low-level shortcuts; the authors' code subtracts each
+tile's per-channel mean only, and VISSL only normalises the whole crop with ImageNet statistics.
+The crop, flip and grayscale follow VISSL (resize 256, random 255 crop, horizontal flip,
+grayscale p 0.66) rather than the authors' release (a central 255 crop, no flip, colour only);
+the per-channel spatial jitter of their later data layer is not used. Ties in the permutation
+rule go to the lexicographically first candidate on exact integer distance sums; VISSL's
+generator averages float fractions, so its ties fall to rounding (the same rule, other sets).
+Resizing is bicubic on the per-image path (torchvision's default, bilinear, in VISSL).
 
 Speed (common/speed.py): on CUDA the workers only decode images and the crop and its nine
 standardised, permuted tiles are made batched on the GPU (`--gpu-aug`, default on with CUDA;
@@ -65,6 +93,10 @@ class Args:
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
     num_permutations: int = field(default=2000, metadata={"help": "size of the permutation set (100, 1000, 2000)"})
+    permutation_rule: str = field(default="max-avg", metadata={
+        "choices": ["max-avg", "max-min"],
+        "help": "greedy choice of each new permutation: largest average (Algorithm 1) or minimum Hamming distance "
+                "to the set so far"})
     tile_dim: int = 1000  # per-tile fc-BN-ReLU before concatenation (VISSL head mlp 2048-1000)
     resize_size: int = 256
     crop_size: int = 255  # split into 3x3 cells of crop_size // 3 = 85 px
@@ -100,33 +132,68 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- permutation set
 
-def hamming_permutations(n, n_tiles=GRID * GRID, seed=0):
-    """[n, n_tiles] permutations chosen greedily for maximal Hamming distance (Noroozi & Favaro, Alg. 1).
+PERMUTATION_RULES = ("max-avg", "max-min")
 
-    The candidates are all n_tiles! permutations in an order shuffled by `seed`; the first
-    one starts the set, then each step adds the candidate whose minimum Hamming distance
-    to the set chosen so far is largest (ties: earliest in the shuffled order).
+
+def hamming_permutations(n, n_tiles=GRID * GRID, seed=0, rule="max-avg"):
+    """[n, n_tiles] permutations chosen greedily for a large Hamming distance between them.
+
+    Noroozi & Favaro's Algorithm 1: the candidates are all n_tiles! permutations in
+    lexicographic order; the first member is one of them drawn uniformly (from `seed`), then
+    each step adds the candidate not yet chosen that scores highest against the set so far,
+    the earliest in lexicographic order on a tie.
+
+    rule "max-avg" (Algorithm 1, VISSL's 2000 and 10000 sets): the score is the sum of the
+        candidate's Hamming distances to every member (the same choice as their average).
+    rule "max-min": the score is the distance to the nearest member (a larger minimum
+        distance, a smaller average).
+
+    The scores are updated incrementally: each step only compares every candidate with the
+    newest member, one tile position at a time (9 vectorised passes over 9! candidates).
     """
+    if rule not in PERMUTATION_RULES:
+        raise ValueError(f"--permutation-rule must be one of {', '.join(PERMUTATION_RULES)}, got {rule!r}.")
     count = math.factorial(n_tiles)
-    pool = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(itertools.permutations(range(n_tiles))),
-                                        dtype=np.uint8, count=count * n_tiles).reshape(count, n_tiles))
-    if not 1 <= n <= len(pool):
-        raise ValueError(f"--num-permutations must be between 1 and {len(pool)} ({n_tiles}!), got {n}.")
-    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
-    chosen = [0]
-    min_distance = (pool != pool[0]).sum(1, dtype=torch.int32)  # to the chosen set; 0 for chosen ones
+    if not 1 <= n <= count:
+        raise ValueError(f"--num-permutations must be between 1 and {count} ({n_tiles}!), got {n}.")
+    pool = np.fromiter(itertools.chain.from_iterable(itertools.permutations(range(n_tiles))), dtype=np.uint8,
+                       count=count * n_tiles).reshape(count, n_tiles)  # lexicographic order
+    columns = np.ascontiguousarray(pool.T)  # columns[i]: every candidate's tile at position i
+    chosen = [int(np.random.default_rng(seed).integers(count))]
+    score = np.zeros(count, np.int32) if rule == "max-avg" else np.full(count, n_tiles, np.int32)
+    agree, same = np.empty(count, np.uint8), np.empty(count, np.bool_)
     for _ in range(n - 1):
-        best = int(torch.argmax(min_distance))
-        chosen.append(best)
-        min_distance = torch.minimum(min_distance, (pool != pool[best]).sum(1, dtype=torch.int32))
-    return pool[chosen].long()
+        newest = pool[chosen[-1]]
+        agree.fill(0)
+        for position in range(n_tiles):  # agree: positions where a candidate matches the newest member
+            np.equal(columns[position], newest[position], out=same)
+            np.add(agree, same, out=agree)
+        distance = n_tiles - agree.astype(np.int32)
+        if rule == "max-avg":
+            score += distance
+        else:
+            np.minimum(score, distance, out=score)
+        score[chosen[-1]] = np.iinfo(np.int32).min  # never chosen twice
+        chosen.append(int(np.argmax(score)))  # the first (lexicographically smallest) of the best
+    return torch.from_numpy(pool[chosen]).long()
+
+
+def hamming_distances(permutations):
+    """[n, n] numbers of positions in which two permutations of the set differ."""
+    return (permutations[:, None, :] != permutations[None, :, :]).sum(-1)
 
 
 def min_hamming_distance(permutations):
     """The smallest number of positions in which two permutations of the set differ."""
-    distances = (permutations[:, None, :] != permutations[None, :, :]).sum(-1)
+    distances = hamming_distances(permutations)
     distances.fill_diagonal_(permutations.shape[1] + 1)
     return int(distances.min())
+
+
+def mean_hamming_distance(permutations):
+    """The average number of positions in which two different permutations of the set differ."""
+    n = len(permutations)
+    return float(hamming_distances(permutations).sum()) / (n * (n - 1)) if n > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -260,7 +327,7 @@ def train(args, runtime):
             raise ValueError(f"{last} was trained with {len(permutations)} permutations, not "
                              f"--num-permutations {args.num_permutations}; use another --output-dir.")
     else:
-        permutations = hamming_permutations(args.num_permutations, seed=args.seed)
+        permutations = hamming_permutations(args.num_permutations, seed=args.seed, rule=args.permutation_rule)
 
     use_gpu_aug = speed.use_gpu_aug(args.gpu_aug, device)
     memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
@@ -315,8 +382,9 @@ def train(args, runtime):
 
     logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
     logger.info(f"jigsaw: {len(puzzles)} images, {runtime.world_size} process(es) x batch {args.batch_size} x 9 "
-                f"tiles of {args.tile_size} px, {len(permutations)} permutations (min Hamming distance "
-                f"{min_hamming_distance(permutations)}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                f"tiles of {args.tile_size} px, {len(permutations)} permutations (Hamming distance: average "
+                f"{mean_hamming_distance(permutations):.2f}, minimum {min_hamming_distance(permutations)}), "
+                f"{steps_per_epoch} steps/epoch, {total_steps} steps, "
                 f"peak lr {peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
                 f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)

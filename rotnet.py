@@ -5,10 +5,37 @@ Gidaris, Singh, Komodakis, ICLR 2018 (https://arxiv.org/abs/1803.07728).
 Every image of the batch is shown to the network at all four rotations (0, 90, 180,
 270 degrees, the paper's Sec. 2.2 "all four rotated copies at once"); a 4-way linear
 classifier on the pooled trunk feature predicts which rotation it sees, trained with
-cross-entropy (Eq. 1-3). Defaults follow VISSL's rotnet_8gpu_resnet (ResNet-50, head
-2048-4, SGD momentum 0.9, 0.1 x batch/256, wd 1e-4 not on BatchNorm, 105 epochs with
-x0.1 steps at 30/60/90/100; 32 images x 4 rotations per GPU). VISSL draws one random
-rotation per image; the paper's four-at-once is used here (`--rotations 1` for VISSL's).
+cross-entropy (Eq. 1-3). Label k means the picture was turned k x 90 degrees counter-clockwise
+(torch.rot90; the authors' rotate_img and VISSL's ImgRotatePil turn the same way). Defaults
+follow VISSL's rotnet_8gpu_resnet (ResNet-50, random-resized 224 crop and horizontal flip,
+head 2048-4, SGD momentum 0.9, 0.1 x batch/256, wd 1e-4 not on BatchNorm, no warmup, 105
+epochs with x0.1 steps at 30/60/90/100; 32 images x 4 rotations per GPU).
+
+The flip comes before the rotation, as in the authors' code. Write R for a quarter turn
+counter-clockwise, H for the horizontal flip and V for the vertical one; then H R = R^-1 H
+and H R = R V. Flip-then-rotate shows R^k (F x) with F in {1, H}: since a flipped image is
+just another upright image, label k always means "the scene's top is turned k quarter turns",
+the paper's task. Rotate-then-flip (VISSL's order) shows H R^k x = R^-k (H x) half the time:
+for k = 0 and 2 this is the same thing (R^2 = R^-2), but a picture labelled 90 degrees is
+then the mirrored scene turned 270 degrees, i.e. the scene flipped upside down and then
+turned 90 degrees (R V x). With images whose distribution is mirror-symmetric, which is what the
+random flip assumes, the 90- and 270-degree labels then see the very same distribution of
+inputs (both are an even mix of R(upright) and R^3(upright)): the 4-way task collapses to
+upright / upside-down / sideways, the 90/270 half of the labels is noise for the loss, and
+what the network can still learn there are mirror-asymmetric cues (text, handedness) rather
+than which way is up.
+
+Deviations from the original code. All four rotations of every image in one batch, as in the
+authors' code and the paper, where VISSL draws one random rotation per image
+(`--rotations 1` gives VISSL's); so 32 images per GPU make 128 inputs, and the learning rate is
+per 256 images, not per 256 inputs. The rotation turns the square crop (no corners lost);
+VISSL turns the whole, generally non-square, image before cropping with PIL's rotate, which
+keeps the canvas and fills black bars that the crop can include at 90/270 degrees only. The
+crop is bicubic (bilinear in VISSL and the authors' code). --preset cifar takes the
+authors' CIFAR-10 optimiser (batch 128, lr 0.1, nesterov, wd 5e-4, x0.2 at 60/120/160 of 200
+epochs) on a ResNet-18 instead of their Network-In-Network, with a random-resized crop at
+scale 0.5-1 and ImageNet statistics instead of their 4-px-padded random crop and CIFAR
+statistics (the batched GPU augmentation makes resized crops).
 
     torchrun --nproc_per_node=8 rotnet.py --data /datasets/imagenet/train
     python rotnet.py --preset cifar --data cifar10
@@ -78,7 +105,8 @@ PRESETS = {
 # ----------------------------------------------------------------------------- augmentations
 
 def image_transform(args):
-    """VISSL's RotNet crop: random-resized crop, flip, normalise (the rotations are applied per batch)."""
+    """VISSL's RotNet crop: random-resized crop, flip, normalise. The rotations are applied per batch,
+    after the flip (see the module docstring for why the order matters)."""
     return T.Compose([
         T.RandomResizedCrop(args.crop_size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),

@@ -17,21 +17,24 @@ SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--da
          "--warmup-epochs", "1", "--print-every", "1"]
 
 
-def test_permutation_set_is_seeded_and_has_the_documented_minimum_distance():
-    perms = jigsaw.hamming_permutations(1000, seed=0)
+@pytest.mark.parametrize("rule,stats", [("max-avg", {100: (8.08, 2), 1000: (8.008, 2)}),
+                                        ("max-min", {100: (8.026, 6), 1000: (7.909, 5)})])
+def test_permutation_set_is_seeded_and_has_the_documented_distances(rule, stats):
+    perms = jigsaw.hamming_permutations(1000, seed=0, rule=rule)
     assert perms.shape == (1000, 9)
     assert all(sorted(p) == list(range(9)) for p in perms.tolist())
     assert len({tuple(p) for p in perms.tolist()}) == 1000
     # greedy selection: a longer set extends the shorter one, so the 100-set is this prefix
-    assert torch.equal(jigsaw.hamming_permutations(100, seed=0), perms[:100])
-    assert jigsaw.min_hamming_distance(perms[:100]) == 6  # documented in jigsaw.py's docstring
-    assert jigsaw.min_hamming_distance(perms) == 5
-    assert not torch.equal(jigsaw.hamming_permutations(100, seed=1), perms[:100])
+    assert torch.equal(jigsaw.hamming_permutations(100, seed=0, rule=rule), perms[:100])
+    for n, (average, minimum) in stats.items():  # documented in jigsaw.py's docstring (seed 0)
+        assert round(jigsaw.mean_hamming_distance(perms[:n]), 3) == average, n
+        assert jigsaw.min_hamming_distance(perms[:n]) == minimum, n
+    assert not torch.equal(jigsaw.hamming_permutations(100, seed=1, rule=rule), perms[:100])
 
 
 def test_each_added_permutation_maximises_the_minimum_distance():
-    """Brute force on 5 tiles (120 candidates): the greedy max-min rule of Noroozi & Favaro."""
-    perms = jigsaw.hamming_permutations(40, n_tiles=5, seed=3).tolist()
+    """Brute force on 5 tiles (120 candidates): the greedy max-min rule (--permutation-rule max-min)."""
+    perms = jigsaw.hamming_permutations(40, n_tiles=5, seed=3, rule="max-min").tolist()
     every = [tuple(p) for p in itertools.permutations(range(5))]
     hamming = lambda a, b: sum(x != y for x, y in zip(a, b))  # noqa: E731
     for k in range(1, 40):
@@ -42,6 +45,7 @@ def test_each_added_permutation_maximises_the_minimum_distance():
 
 def test_min_hamming_distance():
     assert jigsaw.min_hamming_distance(torch.tensor([[0, 1, 2], [1, 2, 0], [0, 2, 1]])) == 2
+    assert jigsaw.mean_hamming_distance(torch.tensor([[0, 1, 2], [1, 2, 0], [0, 2, 1]])) == 7 / 3  # (3 + 2 + 2) / 3
     with pytest.raises(ValueError, match="--num-permutations"):
         jigsaw.hamming_permutations(0)
 
