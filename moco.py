@@ -31,8 +31,8 @@ from the checkpoint. `--queue-init empty` starts with no negatives instead and u
 random start a fresh network's queries are all alike (mean cosine 0.57), the quickest way to raise q.k+ against
 unrelated random negatives is to send every query to one direction, and the head does so at once and stays there
 (measured at ResNet-18 32 px, K = 1024, batch 256, lr 0.06, T = 0.1 on cifar10-mini: mean cosine between queries
-0.999 after 15 steps and still after 45, loss rising to ln(K + 1)). The CPU convergence recipe therefore passes
-`--queue-init empty`.
+0.999 after 15 steps and 0.998 after 90, loss flat at 6.90 ~ ln(K + 1) from step 40 on, and kNN top-1 27.95 at
+step 135 of 240 against 31.77 for random init). The CPU convergence recipe therefore passes `--queue-init empty`.
 
 Deviations from the original code (facebookresearch/moco builder.py, main_moco.py): Shuffling BN on one process
 is emulated by SplitBatchNorm2d chunks (the original runs only under DDP), and the queries are encoded in the same
