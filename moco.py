@@ -7,11 +7,13 @@ A query encoder (ResNet + head) is trained so that the query q of one view picks
 key k of another view of the same image among a queue of keys of earlier batches (InfoNCE,
 Eq. 1). Keys come from a key encoder, the exponential moving average of the query encoder
 (Eq. 2), and every step's keys, gathered from all processes, replace the oldest in the queue.
-Defaults follow VISSL's moco_loss / the MoCo v2 recipe: ResNet-50, MLP head 2048-2048-128,
-65536 keys, momentum 0.999, T=0.2, SGD 0.03 x batch/256, wd 1e-4, cosine, 200 epochs, MoCo v2
-augmentations (crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5).
-`--v1` is MoCo v1: linear head, jitter 0.4/0.4/0.4/0.4 always, no blur, T=0.07 (its step
-schedule is replaced by the cosine one; pass --lr and --epochs as wanted).
+Defaults follow the official code's MoCo v2 settings (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos):
+ResNet-50 (torchvision init), MLP head 2048-2048-128, 65536 keys, momentum 0.999, T=0.2, SGD 0.03 x batch/256
+(momentum 0.9, no Nesterov), wd 1e-4 on every parameter, cosine, 200 epochs, aug+ (bilinear crop 0.2-1, jitter
+0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5). VISSL's moco_1node_resnet.yaml differs in Nesterov momentum,
+zero-initialised residual BatchNorms, a multistep schedule and crop scale 0.08-1.
+`--v1` is MoCo v1 (main_moco.py's defaults): linear head, grayscale then jitter 0.4/0.4/0.4/0.4 always, no
+blur, T=0.07, lr /10 at epochs 120 and 160 (`--lr-schedule step`).
 
 Shuffling BN (paper Sec. 3.3): with several processes the key batch is gathered, permuted,
 and each process encodes its slice of the permuted batch (own BatchNorm statistics), then
@@ -22,16 +24,29 @@ never shares BatchNorm statistics with exactly the images its query saw. The que
 the same number of (unshuffled) chunks, as on S GPUs. With P processes and S splits, each
 encoder's outputs are those of P x S chunks; P processes x S splits equal one process with P x S.
 
-The queue starts empty and only the keys enqueued so far are negatives (after K / global batch
-steps this is the paper's loss exactly). The official code starts from K random unit vectors
-instead; against those, the quickest way to raise q.k+ is to send every query to the one
-direction a fresh network maps all images to, and the head does so within a few steps and stays
-there (loss at ln(K + 1); measured at ResNet-18 32 px, K = 1024, batch 256, lr 0.06: the mean
-cosine between queries went 0.57 -> 0.999 in three steps, and kNN accuracy ended below random init).
+The queue starts as K random unit vectors (builder.py's normalised randn), drawn from a generator seeded by
+`--seed` alone, so every process and every world size starts from the same queue and a resumed run restores it
+from the checkpoint. `--queue-init empty` starts with no negatives instead and uses only the keys enqueued so far
+(after K / global batch steps this is the same loss). On small data the empty start is what learns: with the
+random start a fresh network's queries are all alike (mean cosine 0.57), the quickest way to raise q.k+ against
+unrelated random negatives is to send every query to one direction, and the head does so at once and stays there
+(measured at ResNet-18 32 px, K = 1024, batch 256, lr 0.06, T = 0.1 on cifar10-mini: mean cosine between queries
+0.999 after 15 steps and 0.998 after 90, loss flat at 6.90 ~ ln(K + 1) from step 40 on, and kNN top-1 27.95 at
+step 135 of 240 against 31.77 for random init). The CPU convergence recipe therefore passes `--queue-init empty`.
+
+Deviations from the original code (facebookresearch/moco builder.py, main_moco.py): Shuffling BN on one process
+is emulated by SplitBatchNorm2d chunks (the original runs only under DDP), and the queries are encoded in the same
+chunks; the learning rate is scaled linearly with the global batch (the README's recipe for other GPU counts) and
+the cosine schedule is updated every step rather than every epoch (the step schedule's milestones are epochs, as
+there); the Shuffling-BN permutation and the random queue come from seeded generators instead of the global RNG
+(exact resume, identical on every rank without builder.py's reliance on DDP broadcasting rank 0's buffers); the
+queue is stored [K, d] (builder.py: [d, K]); the blur is torchvision's GaussianBlur with a kernel of 10% of the
+image side and sigma in [0.1, 2] (PIL's GaussianBlur(radius=sigma) there); bf16 autocast on GPU; a step with a
+non-finite loss or gradient is skipped and enqueues nothing.
 
     torchrun --nproc_per_node=8 moco.py --data /datasets/imagenet/train --epochs 200
     python moco.py --preset cifar --data cifar10 --epochs 800
-    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --queue-size 1024 --epochs 5   # 2-core CPU demo
+    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --queue-size 1024 --queue-init empty --epochs 5
 
 Speed (common/speed.py): on CUDA the workers only decode images and both views are made batched on
 the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as
@@ -63,8 +78,15 @@ class Args:
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    lr_schedule: Optional[str] = field(default=None, metadata={
+        "choices": ["cosine", "step"], "help": "default: cosine (v2), step (v1: /10 at each --lr-milestones epoch)"})
+    lr_milestones: tuple[float, ...] = (120, 160)  # epochs at which the step schedule divides the lr by 10
     temperature: Optional[float] = field(default=None, metadata={"help": "default: 0.2 (v2), 0.07 (v1)"})
     queue_size: int = 65536  # K, a multiple of the global batch
+    queue_init: str = field(default="random", metadata={
+        "choices": ["random", "empty"],
+        "help": "random: K random unit vectors drawn from --seed (the official code); empty: only the keys "
+                "enqueued so far are negatives"})
     key_momentum: float = 0.999  # m of Eq. 2
     hidden_dim: int = field(default=2048, metadata={"help": "MLP head width (v2); 0: a linear head, as v1"})
     embedding_dim: int = 128
@@ -94,9 +116,10 @@ class Args:
 
 
 PRESETS = {
-    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, K=4096, m=0.99, T=0.1, wd 5e-4 "
-                       "(MoCo's official CIFAR-10 demo, but with v2's MLP head 512-512-128; the demo's is linear: "
-                       "--hidden-dim 0)",
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, no blur, batch 512, K=4096, m=0.99, T=0.1, wd 5e-4, "
+                       "cosine, 8 BatchNorm splits (MoCo's official CIFAR-10 demo, but with v2's MLP head 512-512-128 "
+                       "(the demo's is linear: --hidden-dim 0), crop scale 0.2-1 (the demo: 0.08-1) and 800 epochs "
+                       "(the demo: 200, its table up to 800))",
                   arch="resnet18", cifar_stem=True, image_size=32, batch_size=512, lr=0.03, temperature=0.1,
                   queue_size=4096, key_momentum=0.99, weight_decay=5e-4, hidden_dim=512, blur_p=0.0, epochs=800,
                   workers=4, output_dir="runs/moco-cifar"),
@@ -109,6 +132,8 @@ def resolve_version_defaults(args):
         args.temperature = 0.07 if args.v1 else 0.2
     if args.blur_p is None:
         args.blur_p = 0.0 if args.v1 else 0.5
+    if args.lr_schedule is None:
+        args.lr_schedule = "step" if args.v1 else "cosine"
     return args
 
 
@@ -121,8 +146,7 @@ def view_transform(args):
         colour = [T.RandomGrayscale(p=args.grayscale_p), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
     else:
         colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=args.grayscale_p)]
-    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-             *colour]
+    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale)), *colour]  # bilinear, as main_moco.py
     if args.blur_p > 0:  # SimCLR's blur: kernel 10% of the image side, sigma in [0.1, 2.0]
         steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
     steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
@@ -221,6 +245,18 @@ def encode(encoder, images, splits):
             m.splits = 1
 
 
+def initial_queue(size, dim, how, seed):
+    """The queue before the first step, [K, d]. "random": K unit vectors (standard normal draws scaled to unit
+    length, as builder.py's normalised randn), from a generator seeded by `seed` alone, so every process and every
+    world size starts from the same queue without a broadcast; "empty": zeros, none of them used as negatives."""
+    if how == "empty":
+        return torch.zeros(size, dim)
+    if how != "random":
+        raise ValueError(f"unknown --queue-init {how!r}; choose random or empty.")
+    draws = torch.randn(size, dim, generator=torch.Generator().manual_seed(seed))
+    return nn.functional.normalize(draws, dim=1)
+
+
 class MoCo(nn.Module):
     """Query encoder f_q, its momentum copy f_k, and the queue of keys (a buffer, so it is checkpointed)."""
 
@@ -230,9 +266,11 @@ class MoCo(nn.Module):
         self.key_encoder = copy.deepcopy(self.query_encoder)
         for p in self.key_encoder.parameters():
             p.requires_grad = False
-        self.register_buffer("queue", torch.zeros(args.queue_size, args.embedding_dim))
+        self.register_buffer("queue", initial_queue(args.queue_size, args.embedding_dim, args.queue_init, args.seed))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # entries holding keys so far
+        # entries that are negatives: all K with the random start, else the keys enqueued so far
+        filled = args.queue_size if args.queue_init == "random" else 0
+        self.register_buffer("queue_filled", torch.tensor(filled, dtype=torch.long))
 
     @property
     def trunk(self):
@@ -272,8 +310,12 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys):
-        """Replace the oldest len(keys) queue entries by `keys` (every process's keys, gathered)."""
+        """Replace the oldest len(keys) queue entries by `keys` (every process's keys, gathered). As in the
+        official code the pointer never wraps inside a batch (K is a multiple of the global batch)."""
         ptr = int(self.queue_ptr)
+        if ptr + len(keys) > len(self.queue):
+            raise ValueError(f"{len(keys)} keys at position {ptr} overrun the queue of {len(self.queue)}: the queue "
+                             f"size must be a multiple of the global batch.")
         self.queue[ptr:ptr + len(keys)] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + len(keys)) % len(self.queue))
         self.queue_filled.fill_(min(int(self.queue_filled) + len(keys), len(self.queue)))
@@ -304,6 +346,13 @@ def moco_loss(q, k, queue, temperature):
 
 
 # ----------------------------------------------------------------------------- training
+
+def learning_rate(step, steps_per_epoch, total_steps, warmup_steps, peak_lr, args):
+    """Linear warmup, then cosine to --final-lr (v2) or /10 at each milestone epoch (v1), per step."""
+    if args.lr_schedule == "cosine" or step < warmup_steps:
+        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
+    return peak_lr * 0.1 ** sum(step >= round(m * steps_per_epoch) for m in args.lr_milestones)
+
 
 def train(args, runtime):
     device = runtime.device
@@ -385,7 +434,8 @@ def train(args, runtime):
     logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
     logger.info(f"moco{' v1' if args.v1 else ' v2'}: {len(views)} images, {runtime.world_size} process(es) x batch "
                 f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
-                f"queue {args.queue_size}, Shuffling BN {runtime.world_size} x {splits} chunk(s), {precision}, "
+                f"queue {args.queue_size} ({args.queue_init} start), Shuffling BN {runtime.world_size} x {splits} "
+                f"chunk(s), {precision}, "
                 f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
                 f"{', compiled' if args.compile else ''}")
     guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
@@ -395,7 +445,7 @@ def train(args, runtime):
         for batch_views, _, indices, bad in loader:
             if args.max_steps and step >= args.max_steps:
                 break
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr)
+            lr = learning_rate(step, steps_per_epoch, total_steps, warmup_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
             query_images, key_images = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
                                         else speed.to_device(batch_views, device, memory_format))

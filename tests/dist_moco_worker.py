@@ -1,10 +1,10 @@
 """Run under torchrun: one MoCo step on 2 ranks (gloo, float64); rank 0 saves what test_moco.py compares.
 
-Every rank builds the same model (seed 0) and the same global batch and takes its half; the
-key batch is shuffled across ranks (Shuffling BN, one chunk per rank), the loss is averaged
-by DDP, and the gathered keys are enqueued. Saved: initial weights (with a queue two-thirds full),
-the batch, the all-reduced loss, the averaged gradients, the queue and its pointer after the step,
-and the key encoder.
+Every rank builds the same model (seed 0; its random queue comes from --seed, default 0) and the
+same global batch and takes its half; the key batch is shuffled across ranks (Shuffling BN, one chunk
+per rank), the loss is averaged by DDP, and the gathered keys are enqueued. Saved: initial weights
+(with the random queue), both ranks' initial queues, the batch, the all-reduced loss, the averaged
+gradients, the queue and its pointer after the step, and the key encoder.
 """
 import sys
 
@@ -19,11 +19,8 @@ args = moco.resolve_version_defaults(cli.parse_args(moco.Args, None, [
 n_per_rank = 6
 torch.manual_seed(0)
 model = moco.MoCo(args).double()
-with torch.no_grad():  # a queue two-thirds full: 24 negatives; the step's 12 gathered keys complete it
-    model.queue[:24] = torch.nn.functional.normalize(torch.randn(24, 16, dtype=torch.float64), dim=1)
-    model.queue_ptr.fill_(24)
-    model.queue_filled.fill_(24)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
+initial_queues = dist.gather(model.queue.unsqueeze(0))  # every rank's, before DDP could broadcast anything
 images = [torch.randn(n_per_rank * runtime.world_size, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
 mine = [x[runtime.rank * n_per_rank:(runtime.rank + 1) * n_per_rank] for x in images]
 
@@ -35,7 +32,8 @@ loss.backward()
 model.enqueue(dist.gather(k))
 loss = dist.all_reduce_mean(loss.detach())
 if runtime.is_main:
-    torch.save({"initial": initial, "images": images, "n_per_rank": n_per_rank, "world_size": runtime.world_size,
+    torch.save({"initial": initial, "initial_queues": initial_queues, "images": images, "n_per_rank": n_per_rank,
+                "world_size": runtime.world_size,
                 "loss": loss, "grads": {name: p.grad for name, p in model.named_parameters() if p.grad is not None},
                 "queue": model.queue.clone(), "queue_ptr": int(model.queue_ptr),
                 "queue_filled": int(model.queue_filled),

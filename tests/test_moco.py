@@ -45,7 +45,7 @@ def test_loss_equals_vissl_formula_and_its_gradient():
 
 def test_momentum_update_and_queue_wraps_around():
     torch.manual_seed(0)
-    model = moco.MoCo(tiny_args())
+    model = moco.MoCo(tiny_args("--queue-init", "empty"))
     with torch.no_grad():
         for p in model.query_encoder.parameters():
             p.add_(1.0)
@@ -56,7 +56,7 @@ def test_momentum_update_and_queue_wraps_around():
         torch.testing.assert_close(pk, 0.9 * bk + 0.1 * bq)
     assert not any(p.requires_grad for p in model.key_encoder.parameters())
     keys = [torch.full((16, 16), float(i + 1)) for i in range(3)]  # queue of 32
-    assert len(model.negatives()) == 0  # the queue starts empty: no negatives at the first step
+    assert len(model.negatives()) == 0  # the empty start: no negatives at the first step
     model.enqueue(keys[0])
     assert int(model.queue_filled) == 16 and torch.equal(model.negatives(), keys[0])
     model.enqueue(keys[1])
@@ -64,6 +64,13 @@ def test_momentum_update_and_queue_wraps_around():
     model.enqueue(keys[2])  # replaces the oldest
     assert int(model.queue_ptr) == 16 and (model.queue[:16] == 3).all() and (model.queue[16:] == 2).all()
     assert int(model.queue_filled) == 32 and torch.equal(model.negatives(), model.queue)
+    # the default random start: all 32 unit vectors are negatives from the first step, replaced oldest first
+    model = moco.MoCo(tiny_args())
+    initial = model.queue.clone()
+    assert int(model.queue_filled) == 32 and torch.equal(model.negatives(), initial)
+    torch.testing.assert_close(initial.norm(dim=1), torch.ones(32))
+    model.enqueue(keys[0])
+    assert int(model.queue_ptr) == 16 and (model.queue[:16] == 1).all() and torch.equal(model.queue[16:], initial[16:])
 
 
 def test_first_step_without_negatives_has_zero_loss_and_gradient():
@@ -150,14 +157,19 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
-    """2 ranks x 1 Shuffling-BN chunk == 1 process x 2 chunks with the same permutation; same queue after
-    (which starts two-thirds full, so the step uses 24 negatives and completes the queue)."""
+    """2 ranks x 1 Shuffling-BN chunk == 1 process x 2 chunks with the same permutation; same queue after. Both
+    ranks start from the same random queue, which is the one a single process builds from the same --seed (under
+    another global RNG state), and the step's 12 gathered keys replace its first 12 entries."""
     out = tmp_path / "dist.pt"
     run_torchrun(2, "tests/dist_moco_worker.py", out)
     saved = torch.load(out, weights_only=False)
     args = moco.resolve_version_defaults(cli.parse_args(moco.Args, None, [
         "--arch", "resnet18", "--hidden-dim", "64", "--embedding-dim", "16", "--queue-size", "36"]))
+    torch.manual_seed(5)
     model = moco.MoCo(args).double()
+    assert torch.equal(saved["initial_queues"][0], saved["initial_queues"][1])
+    torch.testing.assert_close(saved["initial"]["queue"], model.queue, rtol=0, atol=0)
+    assert int(saved["initial"]["queue_filled"]) == 36
     model.load_state_dict(saved["initial"])
     n, world = saved["n_per_rank"], saved["world_size"]
     query_images, key_images = saved["images"]
@@ -174,21 +186,26 @@ def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-8, atol=1e-11, msg=name)
     torch.testing.assert_close(saved["queue"], model.queue, rtol=1e-10, atol=1e-12)
-    assert saved["queue_ptr"] == int(model.queue_ptr) == 0 and saved["queue_filled"] == int(model.queue_filled) == 36
+    assert saved["queue_ptr"] == int(model.queue_ptr) == 12 and saved["queue_filled"] == int(model.queue_filled) == 36
+    torch.testing.assert_close(model.queue[12:], saved["initial"]["queue"][12:], rtol=0, atol=0)
     for name, v in model.key_encoder.state_dict().items():
         if v.is_floating_point() and "running" not in name:
             torch.testing.assert_close(saved["key_encoder"][name], v, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-    run_script("moco.py", *SMALL, "--output-dir", tmp_path / "full", "--max-steps", "9")
-    run_script("moco.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "3")  # queue 48 of 64 full
-    resumed = run_script("moco.py", *SMALL, "--output-dir", tmp_path / "split", "--max-steps", "9")
+@pytest.mark.parametrize("queue_init", ["random", "empty"])
+def test_interrupted_run_resumes_exactly(tmp_path, queue_init):
+    """Stopped after 3 steps (the random start's queue holds 48 keys and 16 of its initial vectors; the empty start's
+    48 keys of 64) and resumed: the same losses and queue as an uninterrupted run."""
+    small = [*SMALL, "--queue-init", queue_init]
+    run_script("moco.py", *small, "--output-dir", tmp_path / "full", "--max-steps", "9")
+    run_script("moco.py", *small, "--output-dir", tmp_path / "split", "--max-steps", "3")
+    resumed = run_script("moco.py", *small, "--output-dir", tmp_path / "split", "--max-steps", "9")
     assert "resumed from" in resumed.stdout
     full = {r["step"]: r["loss"] for r in metrics(tmp_path / "full")}
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}
     assert sorted(full) == sorted(split) == list(range(1, 10))
-    assert full == split  # bit-identical: the partly filled queue was restored; epoch boundary at step 7
+    assert full == split  # bit-identical: the queue after 3 steps was restored; epoch boundary at step 7
     ckpt = torch.load(tmp_path / "split" / "checkpoint-00000009.pth", weights_only=False)
     ref = torch.load(tmp_path / "full" / "checkpoint-00000009.pth", weights_only=False)
     torchvision.models.resnet18().load_state_dict(ckpt["trunk"])
@@ -197,13 +214,14 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert int(ckpt["model"]["queue_filled"]) == 64
 
 
-def test_v1_switches_head_temperature_and_blur():
+def test_v1_switches_head_temperature_blur_and_schedule():
     args = tiny_args("--v1")
-    assert args.temperature == 0.07 and args.blur_p == 0.0
+    assert args.temperature == 0.07 and args.blur_p == 0.0 and args.lr_schedule == "step"
+    assert tiny_args("--v1", "--lr-schedule", "cosine").lr_schedule == "cosine"
     assert len(moco.Encoder(args).head) == 1  # one linear layer
     assert tiny_args("--v1", "--temperature", "0.1").temperature == 0.1
     v2 = tiny_args()
-    assert v2.temperature == 0.2 and v2.blur_p == 0.5 and len(moco.Encoder(v2).head) == 3
+    assert v2.temperature == 0.2 and v2.blur_p == 0.5 and v2.lr_schedule == "cosine" and len(moco.Encoder(v2).head) == 3
     assert len(moco.Encoder(tiny_args("--hidden-dim", "0")).head) == 1  # v2 with a linear head
 
 
