@@ -324,8 +324,9 @@ def check_args(args):
     if not 0 <= args.jigsaw_weight <= 1:
         raise ValueError(f"--jigsaw-weight is the convex weight lambda, in [0, 1]; got {args.jigsaw_weight}.")
     if not 0 < args.patch_size < args.patch_crop_size // GRID:
-        raise ValueError(f"--patch-size {args.patch_size} must be smaller than a cell of the 3 x 3 grid over "
-                         f"--patch-crop-size {args.patch_crop_size} ({args.patch_crop_size // GRID} px).")
+        raise ValueError(f"--patch-size {args.patch_size} must fit in a cell of the 3 x 3 grid over "
+                         f"--patch-crop-size {args.patch_crop_size} ({args.patch_crop_size // GRID} px) with room "
+                         f"to move: at most {args.patch_crop_size // GRID - 1}.")
 
 
 def train(args, runtime):

@@ -148,6 +148,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     for extra, message in ((["--jigsaw-weight", "1.5"], "--jigsaw-weight"), (["--num-negatives", "0"], "--num-negatives"),
-                           (["--memory-momentum", "1"], "--memory-momentum")):
+                           (["--memory-momentum", "1"], "--memory-momentum"),
+                           (["--patch-size", "85"], "at most 84")):  # a 64-px patch moves in 0..20 of its 85-px cell
         with pytest.raises(ValueError, match=message):
             pirl.check_args(parse(*extra))
