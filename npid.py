@@ -201,11 +201,11 @@ def estimate_z(embeddings, positives, noise, temperature, n_data):
     return n_data * dist.all_reduce_mean(mean_exp)
 
 
-NCE_EPS = 2.0 ** -23  # float32's machine epsilon, which lemniscate's NCECriterion adds to both denominators
+NCE_EPS = 2.0 ** -23  # what VISSL's NCECriterion adds to both denominators (float32's eps; lemniscate.pytorch 1e-7)
 
 
 def nce_loss(embeddings, positives, noise, z, temperature, n_data):
-    """The binary NCE loss of Eq. 3-4 (lemniscate's and VISSL's NCECriterion), in log space.
+    """The binary NCE loss of Eq. 3-4 (VISSL's NCECriterion, after lemniscate.pytorch's), in log space.
 
     embeddings v [B, D] and memory entries (positives m_i [B, D], noise [m, D]) are
     normalised. P(i|v) = exp(v . m_i / T) / Z (Eq. 2); the posterior that a sample came

@@ -276,7 +276,7 @@ def estimate_z(embeddings, positives, noise, temperature, n_data):
     return n_data * dist.all_reduce_mean(mean_exp)
 
 
-NCE_EPS = 2.0 ** -23  # float32's machine epsilon, which NPID's NCECriterion adds to both denominators
+NCE_EPS = 2.0 ** -23  # what VISSL's NCECriterion adds to both denominators (float32's eps; lemniscate.pytorch 1e-7)
 
 
 def nce_loss(embeddings, positives, noise, z, temperature, n_data):

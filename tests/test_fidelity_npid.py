@@ -16,7 +16,7 @@ import npid
 import pirl
 from common import cli
 
-FLOAT32_EPS = float(np.finfo(np.float32).eps)  # NCECriterion's eps
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # VISSL's NCECriterion eps (lemniscate.pytorch: 1e-7)
 
 
 def npid_fid_unit(*shape, seed):
@@ -37,7 +37,7 @@ def npid_fid_partition(v, positives, noise, temperature, n_data):
 
 
 def npid_fid_nce(v, positives, noise, z, temperature, n_data):
-    """NCECriterion on NCEAverage's output: out = exp(score / T) / Z, P(model) = out_0 / (out_0 + K Pn + eps),
+    """VISSL's NCECriterion on NCEAverage's output: out = exp(score / T) / Z, P(model) = out_0 / (out_0 + K Pn + eps),
     P(noise) = K Pn / (out_j + K Pn + eps); loss = -(sum of the logs) / B."""
     k, pn = len(noise), 1.0 / n_data
     total = 0.0

@@ -17,7 +17,7 @@ def unit(*shape, seed):
     return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1)
 
 
-EPS = 2.0 ** -23  # float32's eps, which the original NCECriterion adds to both denominators
+EPS = 2.0 ** -23  # float32's eps, which VISSL's NCECriterion adds to both denominators
 
 
 def naive_nce(v, positives, noise, z, temperature, n_data):
