@@ -7,10 +7,25 @@ Every training image is its own class. A memory bank keeps one L2-normalised 128
 embedding per image (momentum 0.5 updates, random unit init); the network learns to
 recognise image i's memory entry among m noise entries drawn uniformly from the bank,
 with the binary NCE objective of Eq. 3-4 and a normalisation constant Z estimated once
-from the first batch (Sec. 3.2); `--loss-type cross_entropy` is InfoNCE over the same
-entries. Defaults follow VISSL's npid_8gpu_resnet (ResNet-50, linear head 2048-128,
-T 0.07, 4096 negatives, SGD 0.03 x batch/256, wd 1e-4, 200 epochs, lr / 10 at 120, 160);
-`--npid++` is npid++_4nodes_resnet (32000 negatives, 800 epochs, cosine).
+from the first batch (Sec. 3.2). `--loss-type cross_entropy` is VISSL's InfoNCE variant:
+each image's logits are its positive m_i and the m noise entries, cross-entropy against
+the positive. Defaults follow VISSL's npid_8gpu_resnet (ResNet-50, linear head 2048-128,
+T 0.07, 4096 negatives, SGD 0.03 x batch/256, wd 1e-4 on weights and biases but not on
+BatchNorm, 200 epochs, lr / 10 at 120, 160; the step schedule is also lemniscate.pytorch's);
+`--npid++` is npid++_4nodes_resnet (32000 negatives, 800 epochs, cosine to 1/1000).
+
+Deviations from the original code (lemniscate.pytorch, VISSL's NCELossWithMemory):
+the m noise entries are drawn once per step and shared by the batch, not m per image
+(the same expectation, one matmul instead of B x m gathers; noise draws are seeded by
+step and rank, so a resumed run replays them). The view is cropped before the colour
+jitter (VISSL jitters the whole image, then crops): brightness, saturation and hue act
+per pixel, so only contrast's grey mean changes (the crop's, not the image's), and the
+jitter costs a 224-px image rather than a full-size one (the batched --gpu-aug path
+crops first too). The cosine schedule of `--npid++` is updated every step, VISSL's
+every epoch. lemniscate.pytorch's own ImageNet recipe differs from VISSL's in its
+augmentation (crop scale 0.2-1, grayscale 0.2, then jitter) and decays BatchNorm too;
+its memory bank starts unnormalised (uniform in +-sqrt(3/128)); we follow VISSL's
+norm_init. The `cifar` preset is ours (see PRESETS), not lemniscate's cifar.py.
 
     torchrun --nproc_per_node=8 npid.py --data /datasets/imagenet/train
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 npid.py --npid++ --data /datasets/imagenet/train
@@ -80,8 +95,9 @@ PRESETS = {
     "npid++": dict(_doc="NPID++ (PIRL paper, VISSL npid++_4nodes_resnet): 32000 negatives, 800 epochs, cosine "
                         "from 0.03 x batch/256 to 1/1000 of it; run it on 32 GPUs (batch 32 each)",
                    num_negatives=32000, epochs=800, lr_schedule="cosine", final_lr=3e-5, output_dir="runs/npid++"),
-    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, batch 128, lr 0.03 at 128, T 0.1, grayscale 0.2 "
-                       "(the NPID authors' CIFAR recipe, lemniscate.pytorch)",
+    "cifar": dict(_doc="ResNet-18 with the CIFAR stem, 32 px, batch 128, lr 0.03 at 128, T 0.1, crop scale 0.2-1, "
+                       "grayscale 0.2 (T, crop scale and grayscale from lemniscate.pytorch's cifar.py, which trains "
+                       "at lr 0.1 with wd 5e-4, no flip and a constant lr)",
                   arch="resnet18", cifar_stem=True, image_size=32, crop_scale=(0.2, 1.0), grayscale_p=0.2,
                   batch_size=128, lr=0.06, temperature=0.1, workers=4, output_dir="runs/npid-cifar"),
 }
@@ -153,6 +169,16 @@ class MemoryBank(nn.Module):
         self.bank.index_copy_(0, indices, nn.functional.normalize(mixed, dim=1))
 
 
+def param_groups(model, weight_decay):
+    """Weight decay on every weight and bias, none on BatchNorm's affine parameters: VISSL's npid configs
+    (regularize_bias: True, regularize_bn: False). The head's bias is the only bias of a torchvision ResNet."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+            for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) not in norm], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) in norm], weight_decay=0.0)]
+
+
 def noise_indices(n_data, count, seed, step, rank, device):
     """m noise samples from Pn = 1/n, seeded by (seed, step, rank): exact resume needs no RNG state."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729 + 1) % (2**63 - 1))
@@ -162,36 +188,51 @@ def noise_indices(n_data, count, seed, step, rank, device):
 # ----------------------------------------------------------------------------- loss
 
 @torch.no_grad()
-def estimate_z(embeddings, noise, temperature, n_data):
-    """Z ~= n * E_j[exp(v . m_j / T)] over the noise samples of the first batch (Sec. 3.2), all ranks averaged."""
-    mean_exp = torch.exp(embeddings.double() @ noise.double().t() / temperature).mean()
+def estimate_z(embeddings, positives, noise, temperature, n_data):
+    """Z ~= n * E[exp(v . m / T)] over the first batch's scores (Sec. 3.2), all ranks averaged.
+
+    Like lemniscate.pytorch's NCEAverage (and VISSL's), the mean runs over every score of the batch:
+    each sample's positive m_i and its m noise entries, B x (m + 1) values.
+    """
+    v = embeddings.double()
+    total = torch.exp((v * positives.double()).sum(1) / temperature).sum()
+    total = total + torch.exp(v @ noise.double().t() / temperature).sum()
+    mean_exp = total / (len(v) * (len(noise) + 1))
     return n_data * dist.all_reduce_mean(mean_exp)
 
 
+NCE_EPS = 2.0 ** -23  # what VISSL's NCECriterion adds to both denominators (float32's eps; lemniscate.pytorch 1e-7)
+
+
 def nce_loss(embeddings, positives, noise, z, temperature, n_data):
-    """The binary NCE loss of Eq. 3-4 (VISSL's NCECriterion), in log space.
+    """The binary NCE loss of Eq. 3-4 (VISSL's NCECriterion, after lemniscate.pytorch's), in log space.
 
     embeddings v [B, D] and memory entries (positives m_i [B, D], noise [m, D]) are
     normalised. P(i|v) = exp(v . m_i / T) / Z (Eq. 2); the posterior that a sample came
-    from the data rather than the noise distribution Pn = 1/n is h = P / (P + m Pn)
-    (Eq. 3); the loss is -mean over the batch of [log h(i, v_i) + sum_noise log(1 - h(j, v_i))]
-    (Eq. 4). The m noise entries are shared by the batch (an unbiased estimate, like
-    VISSL's per-image draws, at the cost of one matmul instead of B x m gathers).
+    from the data rather than the noise distribution Pn = 1/n is h = P / (P + m Pn + eps)
+    (Eq. 3, with NCECriterion's eps); the loss is -mean over the batch of
+    [log h(i, v_i) + sum_noise log(m Pn / (P(j|v_i) + m Pn + eps))] (Eq. 4). The m noise
+    entries are shared by the batch (an unbiased estimate, like the original per-image
+    draws, at the cost of one matmul instead of B x m gathers).
     """
     log_noise = math.log(len(noise) / n_data)  # log(m Pn)
+    log_noise_eps = math.log(len(noise) / n_data + NCE_EPS)  # log(m Pn + eps)
     log_z = torch.log(torch.as_tensor(z, dtype=embeddings.dtype, device=embeddings.device))
     log_p_pos = (embeddings * positives).sum(1) / temperature - log_z
     log_p_noise = embeddings @ noise.t() / temperature - log_z
-    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
-    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise))
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise_eps))
+    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise_eps))
     return -(log_h_pos + log_not_h_noise.sum(1)).mean()
 
 
 def info_nce_loss(embeddings, positives, noise, temperature):
-    """`--loss-type cross_entropy` (VISSL's InfoNCE variant): softmax over [m_i; other images' m; noise]."""
-    keys = torch.cat([positives, noise])
-    target = torch.arange(len(embeddings), device=embeddings.device)
-    return ops.contrastive_loss(embeddings, keys.to(embeddings.dtype), target, temperature)
+    """`--loss-type cross_entropy`, VISSL's InfoNCE variant of NCELossWithMemory: sample i's logits are
+    [v_i . m_i, v_i . noise_1, ..., v_i . noise_m] / T and the loss is their cross-entropy against index 0,
+    averaged over the batch. The batch's other memory entries are not negatives (they are in the noise
+    only when drawn there)."""
+    positive = (embeddings * positives.to(embeddings.dtype)).sum(1, keepdim=True)
+    logits = torch.cat([positive, embeddings @ noise.to(embeddings.dtype).t()], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 # ----------------------------------------------------------------------------- training
@@ -237,7 +278,7 @@ def train(args, runtime):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model = speed.compile_model(model, args.compile)
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
-    optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    optimizer = torch.optim.SGD(param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     global_batch = args.batch_size * runtime.world_size
@@ -297,7 +338,7 @@ def train(args, runtime):
             positives = memory.bank[indices]
             noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
             if not z_estimated:  # once, from the first batch of the run (not after a resume)
-                memory.z.fill_(estimate_z(embeddings.detach(), noise, args.temperature, n_data))
+                memory.z.fill_(estimate_z(embeddings.detach(), positives, noise, args.temperature, n_data))
                 z_estimated = True
                 logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
             if args.loss_type == "cross_entropy":

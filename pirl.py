@@ -9,11 +9,25 @@ the same trunk, projects it to 128-d, and projects the 9 concatenated patch code
 128-d. A memory bank holds an exponential moving average (momentum 0.5) of f(v_I) for
 every image; the loss (Eq. 5) is the convex combination, lambda = 0.5, of the NCE losses
 of g(v_I^t) and of f(v_I) against the memory entry m_I and 32000 noise entries (NPID's
-NCE, temperature 0.07, Z estimated once). Defaults follow VISSL's
+NCE, temperature 0.07, Z estimated once, from the first batch's patches term as in VISSL).
+`--loss-type cross_entropy` is VISSL's InfoNCE variant: each image's logits are m_I and
+the noise entries, cross-entropy against m_I. Defaults follow VISSL's
 pirl_jigsaw_4node_resnet50 (ResNet-50, batch 32 x 32 GPUs, SGD 0.03 x batch/256,
-wd 1e-4, 800 epochs, cosine to 1/1000); `--gblur` is its photo_gblur transforms and
-`--mlp-head` its resnet50_mlphead heads (which VISSL pairs with --loss-type
-cross_entropy --temperature 0.1).
+wd 1e-4 on weights only, 800 epochs, cosine to 1/1000; 9 patches of 64 px jittered in
+the 85-px cells of a 255-px crop, each patch with its own colour jitter, photometric,
+grayscale and flip draws); `--gblur` is its photo_gblur transforms and `--mlp-head` its
+resnet50_mlphead heads (which VISSL pairs with --loss-type cross_entropy --temperature 0.1).
+
+Deviations from the original code (VISSL's NCELossWithMemory and PIRL configs): one set
+of noise entries per step, shared by the batch and by both terms of Eq. 5 (VISSL draws
+32000 per image and per term: the same expectation, one matmul per term, replayed
+exactly on resume). The cosine schedule is updated every step, VISSL's every epoch.
+`--mlp-head` has no ReLU after its last (128-d) layer, as VISSL's MLP head since April
+2021 (skip_last_layer_relu_bn); VISSL's first release, which trained the published
+PIRL MLP-head models, put a ReLU there too, so their embeddings are non-negative.
+The batched --gpu-aug path (common/gpu_aug.py) draws the patch offsets, posterize bits
+and solarize threshold from closed ranges (0-21 px, 4-8 bits, 0-256), one value wider
+than VISSL's and the PIL path here.
 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 pirl.py --data /datasets/imagenet/train
     torchrun --nproc_per_node=8 pirl.py --data /datasets/imagenet/train --mlp-head --loss-type cross_entropy --temperature 0.1
@@ -99,7 +113,11 @@ PRESETS = {
 # ----------------------------------------------------------------------------- augmentations
 
 class RandomPhotometric:
-    """VISSL's ImgPilRandomPhotometric (p = 0.66): posterize, sharpness, solarize, autocontrast, all or none."""
+    """VISSL's ImgPilRandomPhotometric (p = 0.66): posterize, sharpness, solarize, autocontrast, all or none.
+
+    Its values are drawn like VISSL's RandomValueApplier, from half-open ranges: posterize keeps 4-7 bits,
+    the solarize threshold is 0-255, the sharpness factor uniform in [0.1, 1.9).
+    """
 
     def __init__(self, p=0.66):
         self.p = p
@@ -107,9 +125,9 @@ class RandomPhotometric:
     def __call__(self, image):
         if random.random() >= self.p:
             return image
-        image = ImageOps.posterize(image, random.randint(4, 8))
+        image = ImageOps.posterize(image, random.randrange(4, 8))
         image = ImageEnhance.Sharpness(image).enhance(random.uniform(0.1, 1.9))
-        image = ImageOps.solarize(image, random.randint(0, 256))
+        image = ImageOps.solarize(image, random.randrange(0, 256))
         return ImageOps.autocontrast(image)
 
 
@@ -138,13 +156,18 @@ def photometric_transform(args):
 
 def jigsaw_patches(image, patch_size):
     """The 9 patches of I^t (paper Sec. 3.3): a random patch_size square inside each cell of a
-    3 x 3 grid over `image`, in a random order (VISSL's permute_patches)."""
+    3 x 3 grid over `image`, in a random order (VISSL's ImgPatchesFromTensor and permute_patches).
+
+    The offset inside a cell is uniform in 0 .. cell - patch_size - 1 on each axis, as VISSL's
+    np.random.randint(0, patch_jitter) with patch_jitter = cell - patch_size (21 px for 64-px
+    patches in 85-px cells): a patch never touches the right or bottom edge of its cell.
+    """
     cell = image.width // GRID
     patches = []
     for row in range(GRID):
         for col in range(GRID):
-            left = col * cell + random.randint(0, cell - patch_size)
-            top = row * cell + random.randint(0, cell - patch_size)
+            left = col * cell + random.randrange(0, cell - patch_size)
+            top = row * cell + random.randrange(0, cell - patch_size)
             patches.append(image.crop((left, top, left + patch_size, top + patch_size)))
     random.shuffle(patches)
     return patches
@@ -243,32 +266,42 @@ def noise_indices(n_data, count, seed, step, rank, device):
 # ----------------------------------------------------------------------------- loss
 
 @torch.no_grad()
-def estimate_z(embeddings, noise, temperature, n_data):
-    """Z ~= n * E_j[exp(v . m_j / T)] over the first batch's noise samples (NPID Sec. 3.2), all ranks averaged."""
-    mean_exp = torch.exp(embeddings.double() @ noise.double().t() / temperature).mean()
+def estimate_z(embeddings, positives, noise, temperature, n_data):
+    """Z ~= n * E[exp(v . m / T)] over the first batch's scores (NPID Sec. 3.2), all ranks averaged: the mean
+    runs over each sample's positive m_I and its noise entries, B x (m + 1) values (NPID's NCEAverage)."""
+    v = embeddings.double()
+    total = torch.exp((v * positives.double()).sum(1) / temperature).sum()
+    total = total + torch.exp(v @ noise.double().t() / temperature).sum()
+    mean_exp = total / (len(v) * (len(noise) + 1))
     return n_data * dist.all_reduce_mean(mean_exp)
 
 
-def nce_loss(embeddings, positives, noise, z, temperature, n_data):
-    """NPID's binary NCE (Eq. 2-4 of Wu et al.; PIRL Eq. 3-4), in log space.
+NCE_EPS = 2.0 ** -23  # what VISSL's NCECriterion adds to both denominators (float32's eps; lemniscate.pytorch 1e-7)
 
-    P = exp(v . m / T) / Z, h = P / (P + m Pn) with Pn = 1/n; loss = -mean over the batch of
-    [log h(m_I, v) + sum over the shared noise entries of log(1 - h(m_j, v))].
+
+def nce_loss(embeddings, positives, noise, z, temperature, n_data):
+    """NPID's binary NCE (Eq. 2-4 of Wu et al.; PIRL Eq. 3-4; VISSL's NCECriterion), in log space.
+
+    P = exp(v . m / T) / Z, h = P / (P + m Pn + eps) with Pn = 1/n; loss = -mean over the batch of
+    [log h(m_I, v) + sum over the shared noise entries of log(m Pn / (P(m_j, v) + m Pn + eps))].
     """
-    log_noise = math.log(len(noise) / n_data)
+    log_noise = math.log(len(noise) / n_data)  # log(m Pn)
+    log_noise_eps = math.log(len(noise) / n_data + NCE_EPS)  # log(m Pn + eps)
     log_z = torch.log(torch.as_tensor(z, dtype=embeddings.dtype, device=embeddings.device))
     log_p_pos = (embeddings * positives).sum(1) / temperature - log_z
     log_p_noise = embeddings @ noise.t() / temperature - log_z
-    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
-    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise))
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise_eps))
+    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise_eps))
     return -(log_h_pos + log_not_h_noise.sum(1)).mean()
 
 
 def info_nce_loss(embeddings, positives, noise, temperature):
-    """`--loss-type cross_entropy`: softmax over [m_I; the batch's other memory entries; noise]."""
-    keys = torch.cat([positives, noise])
-    target = torch.arange(len(embeddings), device=embeddings.device)
-    return ops.contrastive_loss(embeddings, keys.to(embeddings.dtype), target, temperature)
+    """`--loss-type cross_entropy`, VISSL's InfoNCE variant of NCELossWithMemory: sample I's logits are
+    [v_I . m_I, v_I . noise_1, ..., v_I . noise_m] / T, cross-entropy against index 0, batch-averaged; the
+    batch's other memory entries are not negatives (only when drawn as noise)."""
+    positive = (embeddings * positives.to(embeddings.dtype)).sum(1, keepdim=True)
+    logits = torch.cat([positive, embeddings @ noise.to(embeddings.dtype).t()], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 def pirl_loss(image_embeddings, jigsaw_embeddings, positives, noise, z, args, n_data):
@@ -290,9 +323,10 @@ def check_args(args):
         raise ValueError(f"--memory-momentum must be in [0, 1), got {args.memory_momentum}.")
     if not 0 <= args.jigsaw_weight <= 1:
         raise ValueError(f"--jigsaw-weight is the convex weight lambda, in [0, 1]; got {args.jigsaw_weight}.")
-    if not 0 < args.patch_size <= args.patch_crop_size // GRID:
+    if not 0 < args.patch_size < args.patch_crop_size // GRID:
         raise ValueError(f"--patch-size {args.patch_size} must fit in a cell of the 3 x 3 grid over "
-                         f"--patch-crop-size {args.patch_crop_size} ({args.patch_crop_size // GRID} px).")
+                         f"--patch-crop-size {args.patch_crop_size} ({args.patch_crop_size // GRID} px) with room "
+                         f"to move: at most {args.patch_crop_size // GRID - 1}.")
 
 
 def train(args, runtime):
@@ -387,12 +421,14 @@ def train(args, runtime):
             indices = indices.to(device, non_blocking=True)
             with dist.autocast(device, precision):
                 image_embeddings, jigsaw_embeddings = model(images, patches)
+            positives = memory.bank[indices]
             noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
-            if not z_estimated:  # once, from the first batch of the run (not after a resume)
-                memory.z.fill_(estimate_z(image_embeddings.detach(), noise, args.temperature, n_data))
+            if not z_estimated:  # once, from the first batch of the run (not after a resume): VISSL's loss sets Z
+                # in its first term, the patches-to-memory one
+                memory.z.fill_(estimate_z(jigsaw_embeddings.detach(), positives, noise, args.temperature, n_data))
                 z_estimated = True
                 logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
-            loss = pirl_loss(image_embeddings, jigsaw_embeddings, memory.bank[indices], noise, memory.z, args, n_data)
+            loss = pirl_loss(image_embeddings, jigsaw_embeddings, positives, noise, memory.z, args, n_data)
             mean_loss, preempted = guard.sync(loss)
             optimizer.zero_grad(set_to_none=True)
             applied = False

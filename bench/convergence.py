@@ -37,12 +37,15 @@ RUNS = {
     "deepcluster_v2": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32",
                         "--lr", "1.0", "--num-clusters", "30", "30", "30", "--exclude-bias-and-norm",
                         "--data-fraction", "0.25"], 28),
-    # the npid recipe of tests/test_convergence_*.py: 35.87 / 35.36 (seeds 0 / 1). An eighth of the images for
-    # many epochs keeps the memory bank fresh (each entry is refreshed once per epoch); --data-fraction 0.5, 28 epochs,
-    # 1024 negatives gave 33.62 / 32.11, and lr 0.06 29.58
+    # the npid recipe of tests/test_convergence_*.py: 35.55 (seed 0, one thread); 35.87 / 35.36 (seeds 0 / 1)
+    # with a cross-entropy that also counted the batch's other memory entries as negatives (VISSL's: the noise
+    # only). An eighth of the images for many epochs keeps the memory bank fresh (each entry is refreshed once
+    # per epoch); with that earlier loss --data-fraction 0.5, 28 epochs, 1024 negatives gave 33.62 / 32.11, and
+    # lr 0.06 29.58
     "npid": (["--preset", "cifar", "--batch-size", "128", "--lr", "0.03", "--lr-schedule", "cosine", "--loss-type",
               "cross_entropy", "--num-negatives", "256", "--data-fraction", "0.125"], 100),
-    # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread). VISSL's
+    # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread) with
+    # that same batch-negatives cross-entropy and patch offsets 0-2 px (VISSL's: 0-1). VISSL's
     # default photometric transform (posterize, sharpness, solarize 0-256, autocontrast at p 0.66) keeps PIRL near
     # chance at 32 px: an eighth of the images for 40 epochs 28.11 (29.12 with --jigsaw-weight 0); --gblur there
     # 32.79 / 27.38, 100 epochs 33.84 / 32.82; --loss-type nce (Z fixed) diverged (kNN 16-20), --mlp-head collapsed

@@ -17,37 +17,42 @@ def unit(*shape, seed):
     return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1)
 
 
+EPS = 2.0 ** -23  # float32's eps, which VISSL's NCECriterion adds to both denominators
+
+
 def naive_nce(v, positives, noise, z, temperature, n_data):
     """Wu et al. 2018 Eq. 2-4, one sample and one noise draw at a time, float64."""
     m = len(noise)
     total = 0.0
     for i in range(len(v)):
-        def h(memory_entry):  # Eq. 3: P(D=1 | i, v) with P(i|v) of Eq. 2 and Pn = 1/n
-            p = math.exp(float(v[i] @ memory_entry) / temperature) / z
-            return p / (p + m / n_data)
-        total -= math.log(h(positives[i])) + sum(math.log(1 - h(noise[j])) for j in range(m))
+        def p(memory_entry):  # Eq. 2: P(i|v), with Pn = 1/n below
+            return math.exp(float(v[i] @ memory_entry) / temperature) / z
+        # Eq. 3: P(D=1 | i, v) = P / (P + m Pn + eps), P(D=0 | j, v) = m Pn / (P + m Pn + eps)
+        total -= math.log(p(positives[i]) / (p(positives[i]) + m / n_data + EPS))
+        total -= sum(math.log((m / n_data) / (p(noise[j]) + m / n_data + EPS)) for j in range(m))
     return total / len(v)
 
 
 def test_nce_loss_equals_the_paper_formula_in_float64():
     v, positives, noise = unit(6, 8, seed=0), unit(6, 8, seed=1), unit(20, 8, seed=2)
     for temperature, n_data in ((0.07, 1000), (0.5, 50), (0.1, 1_281_167)):
-        z = float(npid.estimate_z(v, noise, temperature, n_data))
+        z = float(npid.estimate_z(v, positives, noise, temperature, n_data))
         got = npid.nce_loss(v, positives, noise, torch.tensor(z, dtype=torch.float64), temperature, n_data)
         assert got.dtype == torch.float64
         assert abs(got.item() - naive_nce(v, positives, noise, z, temperature, n_data)) < 1e-9 * max(1, got.item())
 
 
-def test_z_is_n_times_the_mean_noise_score():
-    v, noise = unit(5, 8, seed=3), unit(11, 8, seed=4)
-    expected = 777 * sum(math.exp(float(v[i] @ noise[j]) / 0.07) for i in range(5) for j in range(11)) / 55
-    assert abs(npid.estimate_z(v, noise, 0.07, 777).item() - expected) < 1e-9 * expected
+def test_z_is_n_times_the_mean_score_over_positives_and_noise():
+    v, positives, noise = unit(5, 8, seed=3), unit(5, 8, seed=9), unit(11, 8, seed=4)
+    scores = [[float(v[i] @ positives[i])] + [float(v[i] @ noise[j]) for j in range(11)] for i in range(5)]
+    expected = 777 * sum(math.exp(s / 0.07) for row in scores for s in row) / 60
+    assert abs(npid.estimate_z(v, positives, noise, 0.07, 777).item() - expected) < 1e-9 * expected
 
 
-def test_info_nce_is_cross_entropy_over_positive_batch_and_noise_entries():
+def test_info_nce_is_cross_entropy_over_own_positive_and_noise_entries():
     v, positives, noise = unit(4, 8, seed=5), unit(4, 8, seed=6), unit(9, 8, seed=7)
-    keys = torch.cat([positives, noise])
-    expected = sum(torch.logsumexp(keys @ v[i] / 0.2, 0) - positives[i] @ v[i] / 0.2 for i in range(4)) / 4
+    expected = sum(torch.logsumexp(torch.cat([positives[i:i + 1], noise]) @ v[i] / 0.2, 0) - positives[i] @ v[i] / 0.2
+                   for i in range(4)) / 4
     torch.testing.assert_close(npid.info_nce_loss(v, positives, noise, 0.2), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -101,7 +106,7 @@ def test_loss_falls_on_a_fixed_batch():
     opt = torch.optim.SGD(optim.param_groups(model, 1e-4), lr=0.5, momentum=0.9)
     model.train()
     with torch.no_grad():
-        z = npid.estimate_z(model(images), noise, 0.07, 4000)
+        z = npid.estimate_z(model(images), memory.bank[indices], noise, 0.07, 4000)
     losses = []
     for _ in range(10):
         loss = npid.nce_loss(model(images), memory.bank[indices], noise, z, 0.07, 4000)

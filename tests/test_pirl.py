@@ -30,7 +30,7 @@ def test_defaults_are_the_published_recipe():
 
 def test_nce_loss_equals_the_paper_formula_in_float64():
     v, positives, noise = unit(6, 8, seed=0), unit(6, 8, seed=1), unit(20, 8, seed=2)
-    z = float(pirl.estimate_z(v, noise, 0.07, 1000))
+    z = float(pirl.estimate_z(v, positives, noise, 0.07, 1000))
     got = pirl.nce_loss(v, positives, noise, torch.tensor(z, dtype=torch.float64), 0.07, 1000)
     assert abs(got.item() - naive_nce(v, positives, noise, z, 0.07, 1000)) < 1e-9 * got.item()
 
@@ -45,8 +45,8 @@ def test_pirl_loss_is_the_convex_combination_of_eq5():
         got = pirl.pirl_loss(f, g, positives, noise, z, args, 900).item()
         assert abs(got - expected) < 1e-9 * expected
     args = parse("--loss-type", "cross_entropy", "--temperature", "0.1")
-    keys = torch.cat([positives, noise])
-    xent = [sum(torch.logsumexp(keys @ e[i] / 0.1, 0) - positives[i] @ e[i] / 0.1 for i in range(5)) / 5 for e in (g, f)]
+    xent = [sum(torch.logsumexp(torch.cat([positives[i:i + 1], noise]) @ e[i] / 0.1, 0) - positives[i] @ e[i] / 0.1
+                for i in range(5)) / 5 for e in (g, f)]
     torch.testing.assert_close(pirl.pirl_loss(f, g, positives, noise, z, args, 900), 0.5 * xent[0] + 0.5 * xent[1])
 
 
@@ -96,7 +96,7 @@ def test_loss_falls_on_a_fixed_batch():
     opt = torch.optim.SGD(optim.param_groups(model, 1e-4), lr=0.5, momentum=0.9)
     model.train()
     with torch.no_grad():
-        z = pirl.estimate_z(model(images, patches)[0], noise, 0.07, 4000)
+        z = pirl.estimate_z(model(images, patches)[1], positives, noise, 0.07, 4000)
     losses = []
     for _ in range(8):
         loss = pirl.pirl_loss(*model(images, patches), positives, noise, z, args, 4000)
@@ -148,6 +148,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     for extra, message in ((["--jigsaw-weight", "1.5"], "--jigsaw-weight"), (["--num-negatives", "0"], "--num-negatives"),
-                           (["--memory-momentum", "1"], "--memory-momentum")):
+                           (["--memory-momentum", "1"], "--memory-momentum"),
+                           (["--patch-size", "85"], "at most 84")):  # a 64-px patch moves in 0..20 of its 85-px cell
         with pytest.raises(ValueError, match=message):
             pirl.check_args(parse(*extra))
