@@ -1,14 +1,25 @@
-"""Linear probe of a frozen trunk: a grid of heads trained in one pass, chosen on a validation split.
+"""Linear probe of a frozen trunk: a grid of heads trained in one pass, chosen on held-out training images.
 
 The protocol of VISSL's linear benchmarks (Goyal et al. 2019; `eval_mlp`: BatchNorm -> FC
 on the pooled taps) and of SwAV / DINO (RandomResizedCrop + flip, SGD momentum 0.9, cosine,
 100 epochs, lr x batch/256), with DINOv2's sweep (Oquab et al. 2023, Sec. 7: many heads,
 learning rates x taps, trained at once on one stream of features). Every head of the
-grid (learning rates x weight decays x `--layers`) is one slice of a [D, heads, C] weight,
-so a step is one GEMM (torch.addmm) for all of them. The head is chosen on a
-seeded validation split carved from train (never on test: peers report the max over
-epochs on test), then refit on all of train with the chosen values (`--refit`), and the
-test accuracy of that one head is reported; the chosen values are in the JSON.
+grid (learning rates x weight decays x `--layers`) is one slice of a [D, groups x heads, C]
+weight, so a step is one GEMM (torch.addmm) for all of them.
+
+Choice and refit. The head is chosen on training images held out of its training, never on
+test (peers report the max over epochs on test): on training sets smaller than `--cv-below`
+(20,000) by stratified `--folds`-fold cross-validation (5), every fold a group of heads trained
+in the same pass with the fold's rows of each batch left out of its loss; on larger sets on
+one seeded, class-balanced `--val-fraction` split (10%). The head with the most held-out images
+right wins; ties go to the stronger regularisation (the larger weight decay, then the smaller
+learning rate). It is then refit on all of train (`--refit`) exactly as it was validated: the
+same init, epochs, per-step cosine schedule and steps per epoch (an epoch is the same seeded
+permutation of the training rows cut into ceil(N / batch) near-equal batches), with every row
+of each batch now in the loss, so the batch grows with the number of training images; the test
+accuracy of that one head is reported, and the chosen values are in the JSON. On cached
+features the BatchNorm uses the exact statistics of the training features (fixed, as the
+limit of its running averages), so the features are standardised as for scikit-learn.
 
 `--logreg` adds DINOv2's `log_regression` protocol on cached features: full-batch L-BFGS
 multinomial logistic regression (sklearn's objective C * sum CE + |W|^2 / 2) for all C of a
@@ -21,6 +32,19 @@ the next 200 choose, the chosen setting is retrained on all 1000 with 5 seeds, t
 std); `fraction` (1% / 10% of the labels per class, seeded, as VISSL's semi-supervised splits).
 `--save-head` writes the chosen head; `--eval-only --head FILE` tests it on other data
 (pyVTAB's ImageNet -> ImageNet-v2 case).
+
+Deviations from the original code: VISSL trains one head with a fixed lr and wd 5e-4, DINO
+and DINOv2 sweep learning rates only and keep the best on their validation (or test) set. Here
+the sweep also covers weight decays up to 0.1 (the decay a data set needs grows as it shrinks:
+scikit-learn's C * sum CE + |W|^2 / 2 is mean CE + wd/2 |W|^2 with wd = 1 / (C N)), and small
+sets choose by cross-validation, because the best of ~90 heads on a 200-image split is mostly
+that split's noise (bench/bench_eval.py --accuracy compares the probe with a cross-validated
+scikit-learn logistic regression). The BatchNorm of cached features uses fixed statistics
+instead of per-batch ones. The held-out images' features (never their labels) take part in
+those statistics, and with `--augment` in the batch statistics; held-out rows are masked out of
+the loss rather than out of the batch, so a fold's heads see about (k-1)/k of each batch.
+`--logreg` standardises the features and runs 300 L-BFGS iterations (DINOv2: cuML on the raw
+features, 1000 iterations) and holds out a class-balanced 10% (DINOv2: a random 10%).
 
     python eval_linear.py --weights ckpt.pth --train-data /imagenet/train --test-data /imagenet/val --augment
     python eval_linear.py --weights random --arch resnet18 --train-data cifar10-mini --image-size 32 --save-features f.pth
@@ -63,10 +87,12 @@ class Args:
                             "VTAB's train800/val200 are the first images of TFDS's shuffled train split; "
                             "'shuffled' takes a seeded permutation first, 'given' the file order"})
     vtab_seeds: int = 5
-    val_fraction: float = 0.1  # held out of train, per class, to choose the head
+    folds: int = 5  # k-fold cross-validation chooses the head on training sets smaller than --cv-below
+    cv_below: int = 20000
+    val_fraction: float = 0.1  # else held out of train, per class, to choose the head (and for --logreg)
     refit: bool = True  # retrain the chosen head on all of train before testing
     lrs: tuple[float, ...] = DINOV2_LRS  # for a batch of 256, scaled linearly
-    weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4)
+    weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1)
     batch_norm: bool = True  # VISSL's eval_mlp BN -> FC (BN without affine: the FC absorbs it)
     epochs: int = 100
     batch_size: int = 256
@@ -91,32 +117,41 @@ class Args:
 
 # ---------------------------------------------------------------- a grid of linear heads, batched
 class Heads:
-    """H = len(lrs) x len(wds) linear heads on each layer, stored side by side: weight [D, H, C], bias [H, C].
+    """H = len(lrs) x len(wds) linear heads per group and layer, side by side: weight [D, G, H, C], bias [G, H, C].
 
-    One GEMM x @ weight.view(D, H*C) gives the logits of every head ([B, H, C]); this layout is
-    the [H, D, C] batched weight transposed so the batch needs no broadcast copy. Optional
-    BatchNorm without affine before the FC (shared by a layer's heads: it does not depend on
-    their parameters). SGD with momentum, per-head lr and weight decay.
+    A group is one training set drawn from the same stream of batches: the rows of a batch that
+    a group holds out (its cross-validation fold, or the validation split) do not reach its heads,
+    so every fold of a cross-validation trains in the same pass. One GEMM x @ weight.view(D, G*H*C)
+    gives the logits of every head ([B, G, H, C]); this layout is the [G*H, D, C] batched weight
+    transposed so the batch needs no broadcast copy. BatchNorm without affine before the FC, shared
+    by a layer's heads (it does not depend on their parameters): with `stats` {layer: (mean, var)}
+    fixed statistics (the exact ones of the training features, the limit of the running averages),
+    else batch statistics in training and running averages in evaluation. SGD with momentum,
+    per-head lr and weight decay, on each group's mean cross-entropy over its rows of the batch.
     """
 
-    def __init__(self, dims, n_classes, lrs, wds, batch_norm, momentum, device, seed=0):
+    def __init__(self, dims, n_classes, lrs, wds, batch_norm, momentum, device, seed=0, groups=1, stats=None):
         self.grid = [(lr, wd) for lr in lrs for wd in wds]
-        self.n_classes, h = n_classes, len(self.grid)
+        self.n_classes, self.groups, h = n_classes, groups, len(self.grid)
         self.lr = torch.tensor([g[0] for g in self.grid], device=device)[:, None]
         self.wd = torch.tensor([g[1] for g in self.grid], device=device)[:, None]
-        self.momentum, self.batch_norm = momentum, batch_norm
+        self.momentum, self.batch_norm, self.fixed = momentum, batch_norm, stats is not None
         g = torch.Generator().manual_seed(seed)  # VISSL/DINO's init: normal(0, 0.01), zero bias
-        self.weight = {k: (torch.randn(d, 1, n_classes, generator=g) * 0.01).repeat(1, h, 1).to(device)
+        self.weight = {k: (torch.randn(d, 1, 1, n_classes, generator=g) * 0.01).repeat(1, groups, h, 1).to(device)
                        for k, d in dims.items()}
-        self.bias = {k: torch.zeros(h, n_classes, device=device) for k in dims}
+        self.bias = {k: torch.zeros(groups, h, n_classes, device=device) for k in dims}
         self.buf = {k: (torch.zeros_like(self.weight[k]), torch.zeros_like(self.bias[k])) for k in dims}
-        self.mean = {k: torch.zeros(d, device=device) for k, d in dims.items()}
-        self.var = {k: torch.ones(d, device=device) for k, d in dims.items()}
+        if stats is not None:
+            self.mean = {k: stats[k][0].to(device) for k in dims}
+            self.var = {k: stats[k][1].to(device) for k in dims}
+        else:
+            self.mean = {k: torch.zeros(d, device=device) for k, d in dims.items()}
+            self.var = {k: torch.ones(d, device=device) for k, d in dims.items()}
 
     def _normalise(self, layer, x, train):
         if not self.batch_norm:
             return x
-        if train:
+        if train and not self.fixed:
             mean, var = x.mean(0), x.var(0, unbiased=False)
             n = len(x)
             self.mean[layer].lerp_(mean, 0.1)  # BatchNorm1d's momentum 0.1, unbiased running variance
@@ -130,16 +165,20 @@ class Heads:
         return torch.addmm(self.bias[layer].view(-1), x, w.view(w.shape[0], -1)).view(len(x), *self.bias[layer].shape)
 
     def logits(self, layer, x):
-        """[B, H, C] logits of every head (eval mode)."""
+        """[B, G, H, C] logits of every head (eval mode)."""
         return self._logits(layer, self._normalise(layer, x.float(), False))
 
-    def step(self, batch, labels, lr_scale):
-        """One SGD step of every head on a batch {layer: [B, D]}; the gradients of softmax CE in closed form."""
+    def step(self, batch, labels, member, lr_scale):
+        """One SGD step of every head on a batch {layer: [B, D]}; `member` [B, G] says which rows train which group.
+
+        The gradient of each group's mean softmax cross-entropy over its rows, in closed form.
+        """
+        share = member.float() / member.sum(0).clamp_min(1)  # [B, G]: 1 / (the group's rows in the batch)
         for layer in self.weight:
             x = self._normalise(layer, batch[layer].float(), True)
             grad = self._logits(layer, x).softmax(-1)
-            grad[torch.arange(len(labels)), :, labels] -= 1
-            grad /= len(labels)  # d mean CE / d logits: [B, H, C]
+            grad[torch.arange(len(labels)), :, :, labels] -= 1
+            grad *= share[:, :, None, None]  # d (mean CE of each group) / d logits: [B, G, H, C]
             w, b = self.weight[layer], self.bias[layer]
             grad_w = (x.t() @ grad.view(len(x), -1)).view_as(w).add_(w * self.wd)
             buf_w, buf_b = self.buf[layer]
@@ -148,58 +187,80 @@ class Heads:
             w.sub_(buf_w * (lr_scale * self.lr))
             b.sub_(buf_b * (lr_scale * self.lr))
 
-    def accuracy(self, layer, x, labels, chunk=4096):
-        """Top-1 (%) of every head on (x, labels): [H]."""
-        correct = torch.zeros(len(self.grid), device=x.device)
-        for i in range(0, len(x), chunk):
-            correct += (self.logits(layer, x[i:i + chunk]).argmax(-1) == labels[i:i + chunk, None]).sum(0)
-        return 100 * correct / max(len(x), 1)
+    def correct(self, layer, x, labels, chunk=1024):
+        """[N, G, H] bool: whether each head classifies each row of (x, labels) right."""
+        return torch.cat([self.logits(layer, x[i:i + chunk]).argmax(-1) == labels[i:i + chunk, None, None]
+                          for i in range(0, len(x), chunk)]) if len(x) else \
+            torch.zeros(0, self.groups, len(self.grid), dtype=torch.bool, device=x.device)
 
-    def export(self, layer, index):
-        return {"layer": layer, "weight": self.weight[layer][:, index].cpu(), "bias": self.bias[layer][index].cpu(),
-                "mean": self.mean[layer].cpu(), "var": self.var[layer].cpu(), "batch_norm": self.batch_norm}
+    def export(self, layer, index, group=0):
+        return {"layer": layer, "weight": self.weight[layer][:, group, index].cpu(),
+                "bias": self.bias[layer][group, index].cpu(), "mean": self.mean[layer].cpu(),
+                "var": self.var[layer].cpu(), "batch_norm": self.batch_norm}
 
 
-def train_heads(batches, dims, n_classes, args, lrs, wds, steps_per_epoch, device, seed=0):
-    """Train the grid for args.epochs with a per-step cosine schedule; `batches(epoch)` yields ({layer: x}, y)."""
-    heads = Heads(dims, n_classes, lrs, wds, args.batch_norm, args.momentum, device, seed)
+def head_top1(head, x, labels):
+    """Top-1 (%) of an exported head on raw features x: BatchNorm with its statistics (if any), then the FC."""
+    x = x.float()
+    if head["batch_norm"]:
+        x = (x - head["mean"].to(x.device)) / torch.sqrt(head["var"].to(x.device) + 1e-5)
+    predicted = (x @ head["weight"].to(x.device) + head["bias"].to(x.device)).argmax(1)
+    return 100 * (predicted == labels).float().mean().item() if len(labels) else 0.0
+
+
+def epoch_batches(n, batch_size, seed, epoch):
+    """This epoch's seeded permutation of range(n) cut into ceil(n / batch_size) near-equal batches.
+
+    Every sample is seen once per epoch and the number of steps depends only on n and the batch size.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.tensor_split(torch.randperm(n, generator=g), max(math.ceil(n / batch_size), 1))
+
+
+def train_heads(batches, dims, n_classes, args, lrs, wds, steps_per_epoch, device, seed=0, groups=1, stats=None):
+    """Train the grid for args.epochs with a per-step cosine schedule.
+
+    `batches(epoch)` yields ({layer: x}, y, member [B, groups] bool). The per-step learning rate is
+    lr x args.batch_size / 256 x cosine, whatever the number of rows each group gets in a step.
+    """
+    heads = Heads(dims, n_classes, lrs, wds, args.batch_norm, args.momentum, device, seed, groups, stats)
     total, step = args.epochs * steps_per_epoch, 0
     for epoch in range(args.epochs):
-        for x, y in batches(epoch):
+        for x, y, member in batches(epoch):
             scale = args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * step / total))
-            heads.step(x, y, scale)
+            heads.step(x, y, member, scale)
             step += 1
     return heads
 
 
-def cached_batches(feats, labels, indices, batch_size, seed, device):
-    """Shuffled mini-batches of cached features (drop_last unless the set is smaller than a batch)."""
+def cached_batches(feats, labels, indices, held_out, batch_size, seed, device):
+    """Batches of cached features of train rows `indices`; `held_out` [len(indices), G] bool masks them per group."""
+    member = ~held_out.to(device)
+
     def batches(epoch):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = indices[torch.randperm(len(indices), generator=g)]
-        for i in range(0, max(len(order) - batch_size + 1, 1), batch_size):
-            idx = order[i:i + batch_size].to(device)
-            yield {k: v[idx] for k, v in feats.items()}, labels[idx]
+        for chunk in epoch_batches(len(indices), batch_size, seed, epoch):
+            idx = indices[chunk].to(device)
+            yield {k: v[idx] for k, v in feats.items()}, labels[idx], member[chunk.to(device)]
     return batches
 
 
-def augmented_batches(trunk, dataset, indices, layers, image_size, args, device):
-    """Mini-batches of frozen-trunk features of freshly augmented crops (RandomResizedCrop + flip)."""
+def augmented_batches(trunk, dataset, indices, held_out, layers, image_size, args, device):
+    """Batches of frozen-trunk features of fresh RandomResizedCrop + flip crops of the train rows `indices`."""
     transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(features.MEAN, features.STD)])
     views = data.ViewDataset(torch.utils.data.Subset(dataset, indices.tolist()), transform, seed=args.seed)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    member = ~held_out.to(device)
 
     def batches(epoch):
-        sampler = data.EpochSampler(len(views), seed=args.seed)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(views, batch_size=args.batch_size, sampler=sampler,
-                                             num_workers=args.workers, collate_fn=data.collate, drop_last=True,
-                                             pin_memory=device.type == "cuda")
-        for images, y, _, _ in loader:
+        keys = [[(epoch, int(i)) for i in chunk] for chunk in epoch_batches(len(views), args.batch_size,
+                                                                             args.seed, epoch)]
+        loader = torch.utils.data.DataLoader(views, batch_sampler=keys, num_workers=args.workers,
+                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
+        for images, y, index, _ in loader:
             with torch.no_grad(), dist.autocast(device, precision):
                 out = features.taps(trunk, images.to(device, non_blocking=True), layers)
-            yield {k: v.float() for k, v in out.items()}, y.to(device, non_blocking=True)
+            yield {k: v.float() for k, v in out.items()}, y.to(device, non_blocking=True), member[index.to(device)]
     return batches
 
 
@@ -245,27 +306,64 @@ def logreg_protocol(x_fit, y_fit, x_val, y_val, x_test, y_test, n_classes, cs, i
 
 
 # ---------------------------------------------------------------- protocols
+def stratified_folds(labels, k, seed):
+    """The fold (0..k-1) of every sample: each class's members, in a seeded order, dealt round the k folds."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    folds, dealt = np.zeros(len(labels), dtype=np.int64), 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        folds[members] = (dealt + np.arange(len(members))) % k  # the next class starts where this one stopped
+        dealt += len(members)
+    return torch.from_numpy(folds)
+
+
 def split_indices(labels, args):
-    """(fit, val, final-train) index tensors of train and the seeds to report over, for --protocol."""
+    """The train rows of --protocol and how the head is chosen on them.
+
+    Returns (final, held_out, fit, val, seeds): `final` the training images the chosen head is
+    refit on, `held_out` [len(final), G] bool the rows each of the G sweep groups holds out
+    (k folds, or the one validation split), `fit`/`val` one seeded split (--logreg chooses on it),
+    and the seeds to report over.
+    """
     n = len(labels)
     if args.protocol == "vtab":
         if n < 1000:
             raise ValueError(f"--protocol vtab needs at least 1000 training images (VTAB-1k), got {n}.")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)) \
             if args.vtab_order == "shuffled" else torch.arange(n)
-        return order[:800], order[800:1000], order[:1000], list(range(args.vtab_seeds))
+        held_out = (torch.arange(1000) >= 800)[:, None]
+        return order[:1000], held_out, order[:800], order[800:1000], list(range(args.vtab_seeds))
     pool = torch.arange(n)
     if args.protocol == "fraction":
         pool = torch.from_numpy(data.fraction_indices(labels.numpy(), args.label_fraction, args.seed))
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}.")
+    if args.folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {args.folds}.")
     val = pool[torch.from_numpy(data.fraction_indices(labels[pool].numpy(), args.val_fraction, args.seed + 1))]
-    fit = pool[~torch.isin(pool, val)]
-    return fit, val, pool, [args.seed]
+    is_val = torch.isin(pool, val)
+    if len(pool) < args.cv_below:
+        folds = stratified_folds(labels[pool].numpy(), args.folds, args.seed + 1)
+        held_out = folds[:, None] == torch.arange(args.folds)
+    else:
+        held_out = is_val[:, None]
+    return pool, held_out, pool[~is_val], val, [args.seed]
+
+
+def choose(counts, grid, layers):
+    """(layer index, head index) of the most held-out images classified right; ties go to the stronger
+    regularisation: the larger weight decay, then the smaller learning rate, then the earlier layer.
+
+    `counts` [layers, H]: integers, so equal scores are exact ties.
+    """
+    by_strength = sorted(range(len(grid)), key=lambda h: (-grid[h][1], grid[h][0]))
+    return max(((layer, h) for h in by_strength for layer in range(len(layers))),
+               key=lambda lh: counts[lh[0]][lh[1]])  # max keeps the first of equal keys
 
 
 def run_probe(args, runtime, cache, trunk=None, datasets=None):
-    """The linear protocol: sweep on fit, choose on val, (refit on all of train,) test; returns the summary."""
+    """The linear protocol: sweep (every fold at once), choose on the held-out images, refit on all of train, test."""
     device = runtime.device
     train_labels_raw, test_labels_raw = cache["train_labels"], cache["test_labels"]
     classes = torch.unique(train_labels_raw)
@@ -276,49 +374,57 @@ def run_probe(args, runtime, cache, trunk=None, datasets=None):
     train_feats = {k: cache["train_features"][k].to(device) for k in args.layers}
     test_feats = {k: cache["test_features"][k].to(device) for k in args.layers}
     dims = {k: v.shape[1] for k, v in train_feats.items()}
-    fit, val, final, seeds = split_indices(train_labels_raw, args)
-    steps = lambda idx: max(len(idx) // args.batch_size, 1)  # noqa: E731
+    final, held_out, fit, val, seeds = split_indices(train_labels_raw, args)
+    rows = final.to(device)
+    steps = max(math.ceil(len(final) / args.batch_size), 1)  # the sweep's and every refit's steps per epoch
+    stats = None
+    if not args.augment:  # cached features: BatchNorm with the exact statistics of the training features
+        stats = {k: (v[rows].mean(0), v[rows].var(0, unbiased=False)) for k, v in train_feats.items()}
 
-    def batches_for(idx, seed):
+    def batches_for(mask, seed):
         if args.augment:
-            return augmented_batches(trunk, datasets[0], idx, args.layers, cache["meta"]["image_size"],
+            return augmented_batches(trunk, datasets[0], final, mask, args.layers, cache["meta"]["image_size"],
                                      dataclasses.replace(args, seed=seed), device)
-        return cached_batches(train_feats, train_labels, idx, args.batch_size, seed, device)
+        return cached_batches(train_feats, train_labels, final, mask, args.batch_size, seed, device)
 
-    heads = train_heads(batches_for(fit, args.seed), dims, n_classes, args, args.lrs, args.weight_decays,
-                        steps(fit), device, args.seed)
-    val_idx = val.to(device)
-    val_acc = {k: heads.accuracy(k, train_feats[k][val_idx], train_labels[val_idx]) for k in args.layers}
-    scores = torch.stack([val_acc[k] for k in args.layers])  # [layers, H]
-    best_layer, best_head = divmod(int(scores.flatten().argmax()), len(heads.grid))
+    heads = train_heads(batches_for(held_out, args.seed), dims, n_classes, args, args.lrs, args.weight_decays,
+                        steps, device, args.seed, held_out.shape[1], stats)
+    mask = held_out.to(device)[:, :, None]
+    counts = torch.stack([(heads.correct(k, train_feats[k][rows], train_labels[rows]) & mask).sum((0, 1))
+                          for k in args.layers]).tolist()  # [layers, H]: held-out images right, all groups
+    best_layer, best_head = choose(counts, heads.grid, args.layers)
     layer = args.layers[best_layer]
     lr, wd = heads.grid[best_head]
-    chosen = {"layer": layer, "lr": lr, "weight_decay": wd, "val_top1": round(scores.max().item(), 3),
-              "heads": len(heads.grid) * len(args.layers)}
-    results = []
+    n_val = int(held_out.sum())
+    chosen = {"layer": layer, "lr": lr, "weight_decay": wd,
+              "val_top1": round(100 * counts[best_layer][best_head] / max(n_val, 1), 3),
+              "heads": len(heads.grid) * len(args.layers), "folds": held_out.shape[1]}
+    refit = args.refit or args.protocol == "vtab"
+    results, saved = [], None
+    everything = torch.zeros(len(final), 1, dtype=torch.bool)  # the refit holds nothing out
     for seed in seeds:
-        if args.refit or args.protocol == "vtab":
-            refit = train_heads(batches_for(final, seed), {layer: dims[layer]}, n_classes, args, [lr], [wd],
-                                steps(final), device, seed)
-            final_head = refit.export(layer, 0)
-            acc = refit.accuracy(layer, test_feats[layer], test_labels)[0].item()
-        else:
-            final_head = heads.export(layer, best_head)
-            acc = heads.accuracy(layer, test_feats[layer], test_labels)[best_head].item()
-        results.append(acc)
-    summary = {"top1": round(float(np.mean(results)), 3), "protocol": args.protocol, **chosen,
-               "refit": args.refit or args.protocol == "vtab"}
+        if refit:  # the validated recipe on all of train: same init, schedule, steps; all rows of each batch
+            head = train_heads(batches_for(everything, seed), {layer: dims[layer]}, n_classes, args, [lr], [wd],
+                               steps, device, seed, 1, stats).export(layer, 0)
+        else:  # the first group's head: trained without its held-out images
+            head = heads.export(layer, best_head, 0)
+        results.append(head_top1(head, test_feats[layer], test_labels))
+        saved = saved or head
+    summary = {"top1": round(float(np.mean(results)), 3), "protocol": args.protocol, **chosen, "refit": refit}
     if len(results) > 1:
         summary.update(top1_std=round(float(np.std(results, ddof=1)), 3), top1_runs=[round(r, 3) for r in results])
-    summary["val_top1_per_layer"] = {k: round(v.max().item(), 3) for k, v in val_acc.items()}
-    summary.update(n_fit=len(fit), n_val=len(val), n_train=len(final), n_test=len(test_labels))
+    per_layer = [100 * max(c) / max(n_val, 1) for c in counts]
+    summary["val_top1_per_layer"] = {k: round(v, 3) for k, v in zip(args.layers, per_layer)}
+    summary.update(n_fit=len(final) - n_val // held_out.shape[1], n_val=n_val, n_train=len(final),
+                   n_test=len(test_labels))
     if args.logreg:
         x = train_feats[layer]
+        fit_d, val_d = fit.to(device), val.to(device)
         summary["logreg"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logreg_protocol(
-            x[fit.to(device)], train_labels[fit.to(device)], x[val_idx], train_labels[val_idx], test_feats[layer],
+            x[fit_d], train_labels[fit_d], x[val_d], train_labels[val_d], test_feats[layer],
             test_labels, n_classes, args.logreg_cs, args.logreg_iters).items()}
     if args.save_head and runtime.is_main:
-        checkpoint.save_atomic({**final_head, "classes": classes.cpu(), "chosen": chosen,
+        checkpoint.save_atomic({**saved, "classes": classes.cpu(), "chosen": chosen,
                                 "meta": cache["meta"]}, args.save_head)
     return summary
 

@@ -7,6 +7,15 @@ VISSL's loop of LinearSVC fits (same costs, same folds, class weight 2:1, AP sco
 Linear: eval_linear's cached sweep (52 heads, 100 epochs, chosen on val, refit) against one
 sklearn LogisticRegression fit; and the batched L-BFGS logistic regression over 16 values of C
 against 16 sklearn fits (same standardised features).
+
+`--accuracy FILE...` instead compares top-1 on the whole test set of each features file, for three
+training-set sizes drawn from its train split (seeded): `small` (200 images per class), `vtab`
+(1,000 images; also run as --protocol vtab, 800 fit + 200 val) and `full` (all of train).
+Rows: eval_linear's default probe, its --logreg, and a tuned scikit-learn logistic regression
+(standardised features, C chosen by 5-fold stratified cross-validation on the training set over a
+log grid, refit on all of it: LogisticRegressionCV). `--out` writes the JSON with the command.
+
+    OMP_NUM_THREADS=1 python bench/bench_eval.py --accuracy simclr.pth random.pth --out result.json
 """
 import argparse
 import json
@@ -23,14 +32,86 @@ import eval_svm  # noqa: E402
 from common import cli, dist  # noqa: E402
 
 
+SKLEARN_CS = tuple(float(c) for c in np.logspace(-5, 2, 15))  # the tuned reference's log grid of C
+
+
+def training_rows(labels, setting, seed=0):
+    """Row indices of train for a setting: `small` 200 per class, `vtab` 1,000 at random, `full` all."""
+    if setting == "full":
+        return torch.arange(len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    if setting == "vtab":
+        return order[:1000].sort().values
+    return torch.cat([order[labels[order] == c][:200] for c in torch.unique(labels)]).sort().values
+
+
+def sklearn_tuned(x, y, xt, yt, cs=SKLEARN_CS, folds=5):
+    """Standardise on train; LogisticRegressionCV (C by stratified k-fold accuracy, refit on all of train)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    x, xt = x.double().numpy(), xt.double().numpy()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    t0 = time.perf_counter()
+    model = LogisticRegressionCV(Cs=list(cs), cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+                                 scoring="accuracy", max_iter=2000, tol=1e-6).fit((x - mean) / std, y.numpy())
+    return {"top1": round(100 * model.score((xt - mean) / std, yt.numpy()), 3), "C": float(model.C_[0]),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def accuracy_table(opts):
+    """Top-1 of our default probe, --logreg and tuned sklearn for every features file x setting."""
+    out = {"command": "python " + " ".join(sys.argv), "threads": torch.get_num_threads(), "rows": []}
+    runtime = dist.Runtime(0, 1, 0, torch.device("cpu"))
+    for path in opts.accuracy:
+        cache = torch.load(path, weights_only=False)
+        for setting in opts.settings:
+            rows = training_rows(cache["train_labels"], setting)
+            sub = {**cache, "train_features": {"pooled": cache["train_features"]["pooled"][rows]},
+                   "train_labels": cache["train_labels"][rows],
+                   "test_features": {"pooled": cache["test_features"]["pooled"]}}
+            row = {"features": Path(path).name, "weights": cache["meta"].get("weights"), "setting": setting,
+                   "n_train": len(rows), "n_test": len(cache["test_labels"])}
+            runs = [("default", ["--logreg"] if opts.logreg else [])]
+            if setting == "vtab":
+                runs.append(("vtab_protocol", ["--protocol", "vtab"]))
+            for name, flags in runs:
+                args = cli.parse_args(eval_linear.Args, None, ["--features", path, *flags])
+                t0 = time.perf_counter()
+                res = eval_linear.run_probe(args, runtime, sub)
+                row[name] = {k: res[k] for k in ("top1", "lr", "weight_decay", "val_top1", "folds", "top1_std")
+                             if k in res}
+                row[name]["seconds"] = round(time.perf_counter() - t0, 1)
+                if "logreg" in res:
+                    row["logreg"] = res["logreg"]
+            if opts.sklearn:
+                row["sklearn_tuned"] = sklearn_tuned(sub["train_features"]["pooled"], sub["train_labels"],
+                                                     sub["test_features"]["pooled"], cache["test_labels"])
+                row["default_minus_sklearn"] = round(row["default"]["top1"] - row["sklearn_tuned"]["top1"], 3)
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--features", required=True)
+    parser.add_argument("--features")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--costs", type=float, nargs="+", default=list(eval_svm.VOC07_COSTS))
     parser.add_argument("--skip-sklearn-svm", action="store_true")
     parser.add_argument("--lbfgs-iters", type=int, default=300)
+    parser.add_argument("--accuracy", nargs="+", default=[], help="features files: the top-1 table instead")
+    parser.add_argument("--settings", nargs="+", default=["small", "vtab", "full"], choices=["small", "vtab", "full"])
+    parser.add_argument("--logreg", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sklearn", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default="")
     opts = parser.parse_args()
+    if opts.accuracy:
+        return accuracy_table(opts)
+    if not opts.features:
+        parser.error("--features (or --accuracy) is required")
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
     from sklearn.svm import LinearSVC

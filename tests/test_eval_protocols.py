@@ -190,9 +190,11 @@ def test_batched_sgd_probe_matches_sklearn_at_matched_regularisation(feats):
     x, xt = (feats["x"] - mean) / std, (feats["xt"] - mean) / std
     wd = 1e-2
     args = cli.parse_args(eval_linear.Args, None, ["--epochs", "60", "--batch-size", "100", "--no-batch-norm"])
-    heads = eval_linear.train_heads(eval_linear.cached_batches({"f": x}, feats["y"], torch.arange(len(x)), 100, 0, "cpu"),
+    everything = torch.zeros(len(x), 1, dtype=torch.bool)
+    heads = eval_linear.train_heads(eval_linear.cached_batches({"f": x}, feats["y"], torch.arange(len(x)), everything,
+                                                               100, 0, "cpu"),
                                     {"f": x.shape[1]}, 10, args, [0.1, 0.3], [wd, 0.0], len(x) // 100, "cpu")
-    ours = heads.accuracy("f", xt, feats["yt"])[0].item()
+    ours = eval_linear.head_top1(heads.export("f", 0), xt, feats["yt"])
     ref = LogisticRegression(C=1 / (wd * len(x)), max_iter=5000).fit(x.numpy(), feats["y"].numpy())
     assert abs(ours - 100 * ref.score(xt.numpy(), feats["yt"].numpy())) <= 1.0
     assert len(heads.grid) == 4
@@ -202,7 +204,8 @@ def test_linear_cli_protocols_and_saved_head(feats, tmp_path):
     common = ["--features", feats["path"], "--epochs", "5", "--lrs", "0.01", "0.1", "--weight-decays", "0", "1e-4",
               "--layers", "pooled", "res4"]
     result = last_json(run_script("eval_linear.py", *common, "--save-head", tmp_path / "head.pth").stdout)
-    assert result["heads"] == 8 and result["layer"] in ("pooled", "res4") and result["n_fit"] + result["n_val"] == 1000
+    assert result["heads"] == 8 and result["layer"] in ("pooled", "res4") and result["folds"] == 5
+    assert result["n_val"] == result["n_train"] == 1000 and result["n_fit"] == 800  # 5-fold CV below --cv-below
     assert result["top1"] > 20
     again = last_json(run_script("eval_linear.py", "--features", feats["path"], "--eval-only", "--head",
                                  tmp_path / "head.pth").stdout)
