@@ -380,14 +380,51 @@ def run_stages(args, runtime):
 
 
 def load_output(path, stage, n_images):
-    """A previous stage's output, checked against the training set."""
+    """A previous stage's output (features.pth after `extract`, clusters.pth after `cluster`), checked.
+
+    The file is input like any other: its types, shapes, finiteness and cluster ids are checked,
+    and that it covers the `n_images` training images, before any of it is used.
+    """
     if not path.exists():
         raise ValueError(f"{path} does not exist; run the {stage} stage first (--stage {stage} or --stage all).")
     result = checkpoint.load(path)
-    n = len(result["features"] if "features" in result else result["assignments"])
+    written_by = "written by the extract stage" if stage == "extract" else "written by the cluster stage"
+    if not isinstance(result, dict):
+        raise checkpoint.CheckpointError(f"{path} is not a ClusterFit {stage}-stage output ({written_by}).")
+
+    def tensor(key, floating):
+        value = result.get(key)
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized or \
+                value.is_complex() or value.is_floating_point() != floating or value.dtype == torch.bool:
+            kind = "a floating-point" if floating else "an integer"
+            raise checkpoint.CheckpointError(f"{path} is damaged: '{key}' is not {kind} tensor ({written_by}).")
+        return value
+
+    if stage == "extract":
+        feats = tensor("features", floating=True)
+        if feats.dim() != 2 or feats.shape[1] < 1:
+            raise checkpoint.CheckpointError(f"{path} is damaged: 'features' has shape {tuple(feats.shape)}, "
+                                             f"not [N, D].")
+        n = len(feats)
+        if not torch.isfinite(feats).all():
+            raise checkpoint.CheckpointError(f"{path} is damaged: its features hold NaN or infinite values.")
+        result = dict(result, features=feats.float())
+    else:
+        k = result.get("num_clusters")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise checkpoint.CheckpointError(f"{path} is damaged: 'num_clusters' is not a positive integer "
+                                             f"({written_by}).")
+        assignments = tensor("assignments", floating=False)
+        if assignments.dim() != 1:
+            raise checkpoint.CheckpointError(f"{path} is damaged: 'assignments' has shape "
+                                             f"{tuple(assignments.shape)}, not [N].")
+        n = len(assignments)
+        if n and not bool(((assignments >= 0) & (assignments < k)).all()):
+            raise checkpoint.CheckpointError(f"{path} is damaged: its cluster assignments are not all in [0, {k}).")
+        result = dict(result, assignments=assignments.long())
     if n != n_images:
-        raise ValueError(f"{path} covers {n} images but --data/--data-fraction select {n_images}; "
-                         f"use the same data or another --output-dir.")
+        raise checkpoint.CheckpointError(f"{path} covers {n} images but --data/--data-fraction select "
+                                         f"{n_images}; use the same data or another --output-dir.")
     return result
 
 

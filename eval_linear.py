@@ -429,14 +429,41 @@ def run_probe(args, runtime, cache, trunk=None, datasets=None):
     return summary
 
 
+def load_head(path):
+    """A head written by --save-head, with every part checked: layer, weight [D, C], bias [C], classes [C],
+    batch_norm, and with it mean and var [D] (finite, var >= 0); anything else is one sentence."""
+    head = checkpoint.load(path)
+    if not isinstance(head, dict) or not isinstance(head.get("layer"), str) or \
+            not isinstance(head.get("batch_norm"), bool):
+        raise checkpoint.CheckpointError(f"{path} is not a head saved by eval_linear.py --save-head.")
+
+    def part(key, shape, floating=True):
+        value = head.get(key)
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized or \
+                value.is_complex() or value.is_floating_point() != floating or value.dtype == torch.bool or \
+                value.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, value.shape)) or \
+                0 in value.shape or (floating and not bool(torch.isfinite(value).all())):
+            size = "x".join(str(n or "?") for n in shape)
+            raise checkpoint.CheckpointError(f"{path} is damaged: its '{key}' is not a finite {size} "
+                                             f"{'floating-point' if floating else 'integer'} tensor.")
+        return value
+
+    d, c = part("weight", (None, None)).shape
+    head = dict(head, weight=head["weight"].float(), bias=part("bias", (c,)).float(),
+                classes=part("classes", (c,), floating=False).long())
+    if head["batch_norm"]:
+        head.update(mean=part("mean", (d,)).float(), var=part("var", (d,)).float())
+        if bool((head["var"] < 0).any()):
+            raise checkpoint.CheckpointError(f"{path} is damaged: its BatchNorm variance is negative.")
+    return head
+
+
 def eval_only(args, cache, device):
     """Test a head saved by --save-head on the test features (another dataset, same classes)."""
-    head = checkpoint.load(args.head)
-    if not isinstance(head, dict) or "weight" not in head or "layer" not in head:
-        raise ValueError(f"{args.head} is not a head saved by eval_linear.py --save-head.")
+    head = load_head(args.head)
     layer = head["layer"]
     if layer not in cache["test_features"]:
-        raise ValueError(f"the head was trained on layer {layer}, which the features do not hold.")
+        raise ValueError(f"the head was trained on layer {layer!r}, which the features do not hold.")
     x = cache["test_features"][layer].to(device).float()
     if x.shape[1] != head["weight"].shape[0]:
         raise ValueError(f"the head expects {head['weight'].shape[0]}-d features, got {x.shape[1]}-d.")
@@ -460,8 +487,7 @@ def main(argv=None):
     started = time.time()
     try:
         if args.eval_only:
-            head = checkpoint.load(args.head)
-            args.layers = (head.get("layer", args.layers[0]),)
+            args.layers = (load_head(args.head)["layer"],)
         trunk = datasets = None
         if args.augment:  # features of centre crops for val/test; training crops come from the images
             datasets = (data.build_split(args.train_data, "train"),

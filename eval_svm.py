@@ -20,13 +20,14 @@ primal solver of liblinear) using only matrix products, on GPU when present.
 """
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import cli, dist, features
+from common import cli, data, dist, features
 
 VOC07_COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 LOW_SHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
@@ -244,7 +245,35 @@ def evaluate(w, x_test, test_targets, test_include, single_label):
 
 # ---------------------------------------------------------------- labels and protocols
 def _load_label_file(path):
-    return torch.from_numpy(np.load(path) if path.endswith(".npy") else np.loadtxt(path, ndmin=2)).long()
+    """int64 class ids [N] (.npy) or an N x C matrix in {1, 0, -1} (.npy, or text with one row a line).
+
+    np.load keeps allow_pickle off, so a label file is data only; anything that is not one of the two
+    shapes above with integral values in range is refused with one sentence.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loadtxt warns on an empty file, which is refused below
+            labels = np.load(path) if str(path).endswith(".npy") else np.loadtxt(path, ndmin=2)
+    except OSError as e:
+        raise data.DataError(f"label file {path} cannot be read ({e.strerror or type(e).__name__}).") from None
+    except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file is one sentence
+        raise data.DataError(f"label file {path} is not a .npy array or a text matrix of numbers "
+                             f"({type(e).__name__}).") from None
+    if not isinstance(labels, np.ndarray):  # e.g. a .npz archive
+        getattr(labels, "close", lambda: None)()
+        raise data.DataError(f"label file {path} does not hold one array.")
+    if labels.dtype.kind not in "biuf" or labels.ndim not in (1, 2) or labels.size == 0:
+        raise data.DataError(f"label file {path} holds a {labels.dtype} array of shape {labels.shape}, not "
+                             f"class ids [N] or an N x C label matrix.")
+    values = labels.astype(np.float64)
+    if not np.isfinite(values).all() or (values != np.round(values)).any():
+        raise data.DataError(f"label file {path} holds values that are not integers.")
+    if labels.ndim == 2 and not np.isin(values, (-1, 0, 1)).all():
+        raise data.DataError(f"label file {path} is an N x C matrix, so its values must be 1, 0 or -1 "
+                             f"(present, absent, difficult).")
+    if labels.ndim == 1 and ((values < 0).any() or (values >= 2**62).any()):
+        raise data.DataError(f"label file {path} holds class ids that are negative or too large.")
+    return torch.from_numpy(labels.astype(np.int64))  # exact: integral values below 2**62
 
 
 def as_targets(labels, classes=None):

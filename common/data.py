@@ -183,16 +183,24 @@ def _image_folder(root):
 
 
 def _file_list(path):
+    """A file list: one image a line, `path`, `path label` (a class id >= 0, or -1 for none) or `path` and C
+    labels in {1, 0, -1}; blank lines and `#` comments are skipped. Anything else is refused with one sentence."""
     path = Path(path)
+    max_classes = 10**6  # a bound on class ids, so that a stray large number is refused instead of filling memory
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a UTF-8 text file list ('path [label...]' lines).") from None
     paths, labels = [], []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        if not all(f.lstrip("-").isdigit() for f in fields[1:]) or (
-                len(fields) > 2 and not all(f in ("1", "0", "-1") for f in fields[1:])):
-            raise DataError(f"{path}:{line_no}: expected 'path [integer label]' or 'path' and C labels in "
-                            f"{{1, 0, -1}}, got {line!r}.")
+        if "\x00" in line or not all(f.isascii() and f.removeprefix("-").isdigit() for f in fields[1:]) or (
+                len(fields) > 2 and not all(f in ("1", "0", "-1") for f in fields[1:])) or (
+                len(fields) == 2 and not (len(fields[1]) <= 8 and -1 <= int(fields[1]) < max_classes)):
+            raise DataError(f"{path}:{line_no}: expected 'path [label]' with a class id in [0, {max_classes}) "
+                            f"(-1: none) or 'path' and C labels in {{1, 0, -1}}, got {line[:200]!r}.")
         paths.append(fields[0] if os.path.isabs(fields[0]) else str(path.parent / fields[0]))
         labels.append([int(f) for f in fields[1:]] if len(fields) > 2 else int(fields[1]) if len(fields) == 2 else -1)
     if not paths:

@@ -167,14 +167,74 @@ def save_features(path, layers, train, test, meta):
 
 
 def load_features(path, layers=None):
-    """Read a cache file; checks its format and that the requested layers are in it."""
+    """Read a cache file: its format, and that every part has the type and shape the docstring gives.
+
+    A cache file is input like any other: anything that does not fit (a foreign dict, a missing split,
+    rows that disagree with the labels, non-finite features, labels out of range) is refused with one
+    sentence. Floating-point features are returned as float32 and integer labels as int64.
+    """
     payload = checkpoint.load(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a features file of this project (written by --save-features).")
-    missing = [name for name in (layers or ()) if name not in payload["layers"]]
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str) or payload["format"] != FORMAT:
+        raise checkpoint.CheckpointError(f"{path} is not a features file of this project (written by --save-features).")
+    stored = payload.get("layers")
+    if not isinstance(stored, (list, tuple)) or not stored or not all(isinstance(n, str) for n in stored):
+        raise checkpoint.CheckpointError(f"{path} is damaged: 'layers' is not a non-empty list of layer names.")
+    missing = [name for name in (layers or ()) if name not in stored]
     if missing:
-        raise ValueError(f"{path} has no features for layer(s) {missing}; it holds {payload['layers']}.")
-    return payload
+        raise checkpoint.CheckpointError(f"{path} has no features for layer(s) {missing}; it holds {list(stored)!r}.")
+    if not isinstance(payload.get("meta"), dict):
+        raise checkpoint.CheckpointError(f"{path} is damaged: 'meta' is not a dict.")
+    out = dict(payload, layers=list(stored))
+    widths = {}
+    for split in ("train", "test"):
+        feats, labels = payload.get(f"{split}_features"), payload.get(f"{split}_labels")
+        if not isinstance(feats, dict):
+            raise checkpoint.CheckpointError(f"{path} is damaged: '{split}_features' is not a dict of layer -> tensor.")
+        labels = _labels_of(labels, f"{path}: '{split}_labels'")
+        out[f"{split}_labels"], out[f"{split}_features"] = labels, dict(feats)
+        for name in stored:
+            x = feats.get(name)
+            where = f"{path}: '{split}_features' of layer {name!r}"
+            if not _plain_tensor(x) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] < 1:
+                raise checkpoint.CheckpointError(f"{where} is {_describe(x)}, not a floating-point [N, D] tensor.")
+            if len(x) != len(labels):
+                raise checkpoint.CheckpointError(f"{where} has {len(x)} rows but there are {len(labels)} labels.")
+            if widths.setdefault(name, x.shape[1]) != x.shape[1]:
+                raise checkpoint.CheckpointError(f"{where} is {x.shape[1]}-d but the train features are "
+                                                 f"{widths[name]}-d.")
+            if not torch.isfinite(x).all():
+                raise checkpoint.CheckpointError(f"{where} holds NaN or infinite values.")
+            out[f"{split}_features"][name] = x.float()
+    train, test = out["train_labels"], out["test_labels"]
+    if train.dim() != test.dim() or train.shape[1:] != test.shape[1:]:
+        raise checkpoint.CheckpointError(f"{path} is damaged: train labels {tuple(train.shape)} and test labels "
+                         f"{tuple(test.shape)} are not both class ids [N] or both N x C with the same C.")
+    return out
+
+
+def _plain_tensor(x):
+    return isinstance(x, torch.Tensor) and x.layout == torch.strided and x.device.type == "cpu" and \
+        not x.is_quantized and not x.is_complex()
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return "missing" if x is None else f"a {type(x).__name__}"
+
+
+def _labels_of(labels, where):
+    """int64 labels [N] (class ids >= 0) or [N, C] (in {1, 0, -1}), N >= 1, else one sentence."""
+    if not _plain_tensor(labels) or labels.is_floating_point() or labels.dtype == torch.bool or \
+            labels.dim() not in (1, 2) or len(labels) == 0 or (labels.dim() == 2 and labels.shape[1] == 0):
+        raise checkpoint.CheckpointError(f"{where} is {_describe(labels)}, not integer class ids [N] or an N x C "
+                                         f"label matrix.")
+    labels = labels.long()
+    if labels.dim() == 1 and bool((labels < 0).any()):
+        raise checkpoint.CheckpointError(f"{where} holds negative class ids.")
+    if labels.dim() == 2 and not bool(((labels >= -1) & (labels <= 1)).all()):
+        raise checkpoint.CheckpointError(f"{where} holds values outside {{1, 0, -1}}.")
+    return labels
 
 
 def compute_or_load(args, runtime, train_set=None, test_set=None):

@@ -1,4 +1,7 @@
 """Foreign checkpoints: every public format, built synthetically from a torchvision model, loads back bit-identically."""
+import argparse
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -38,13 +41,39 @@ def formats(ref):
         "deepcluster-v2": prefixed({**ref, **head}, "module."),
         "dino": {"teacher": {**prefixed(ref, "backbone."), "head.mlp.0.weight": torch.randn(4, 512)},
                  "student": prefixed(noise, "module.backbone."), "epoch": 10},
+        # as the published files are saved: the training script's argparse.Namespace, the optimizer, numpy values
+        "moco-with-args": {"epoch": 200, "arch": "resnet50",
+                           "state_dict": {**prefixed(ref, "module.encoder_q."), **prefixed(noise, "module.encoder_k."),
+                                          "module.queue": torch.randn(128, 16), "module.queue_ptr": torch.zeros(1)},
+                           "optimizer": {"state": {0: {"momentum_buffer": torch.randn(3)}},
+                                         "param_groups": [{"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4,
+                                                           "params": [0, 1]}]},
+                           "args": argparse.Namespace(arch="resnet50", lr=0.03, schedule=[120, 160], moco_k=65536,
+                                                      moco_t=0.2, mlp=True, aug_plus=True, cos=True, gpu=None)},
+        "swav-with-numpy": {"epoch": np.int64(800), "state_dict": {**prefixed(ref, "module."),
+                                                                   **prefixed(head, "module.")},
+                            "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(4.8), "params": [0]}]},
+                            "lr_schedule": np.linspace(0.0, 4.8, 7), "crops": np.array([2, 6], dtype=np.int32)},
+        "dino-with-args": {"teacher": {**prefixed(ref, "backbone."), "head.mlp.0.weight": torch.randn(4, 512)},
+                           "student": prefixed(noise, "module.backbone."), "epoch": np.int64(101),
+                           "args": argparse.Namespace(arch="resnet50", out_dim=60000, momentum_teacher=np.float64(0.996),
+                                                      lr=0.3, dtype=np.dtype("float32"),
+                                                      global_crops_scale=np.array([0.14, 1.0])),
+                           "dino_loss": {"center": torch.zeros(1, 60)}, "fp16_scaler": None},
     }
 
 
-@pytest.mark.parametrize("name", ["ours", "torchvision", "vissl", "vissl-flat", "moco", "swav", "deepcluster-v2", "dino"])
-def test_each_format_loads_bit_identically(reference, name, tmp_path):
+@pytest.mark.parametrize("name", ["ours", "torchvision", "vissl", "vissl-flat", "moco", "swav", "deepcluster-v2", "dino",
+                                  "moco-with-args", "swav-with-numpy", "dino-with-args"])
+def test_each_format_loads_bit_identically(reference, name, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "TRUSTED", False)  # weights_only loading, as every script does by default
     path = tmp_path / f"{name}.pth"
     torch.save(formats(reference)[name], path)
+    imports = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    if name.endswith("-with-args"):  # the allowlist is what lets these load
+        assert "argparse.Namespace" in imports
+    if name == "swav-with-numpy" or name == "dino-with-args":
+        assert any(n.startswith("numpy.") for n in imports), imports
     trunk, info = features.load_trunk(str(path))
     assert trunk.arch == "resnet18" and not trunk.cifar_stem  # inferred from the shapes
     loaded = trunk.state_dict()
@@ -53,6 +82,9 @@ def test_each_format_loads_bit_identically(reference, name, tmp_path):
             assert torch.equal(loaded[key], value), key
     assert info["missing_keys"] == []
     assert "fc.weight" in " ".join(info["unexpected_keys"]) or name in ("vissl", "vissl-flat")
+    if name.endswith("-with-args"):  # the rest of the file came back too
+        loaded_args = checkpoint.load(path)["args"]
+        assert isinstance(loaded_args, argparse.Namespace) and loaded_args.arch == "resnet50"
 
 
 def test_explicit_key_and_prefixes(reference, tmp_path):
