@@ -3,18 +3,39 @@
 Caron, Misra, Mairal, Goyal, Bojanowski, Joulin, NeurIPS 2020 (https://arxiv.org/abs/2006.09882,
 Appendix A.2); DeepCluster: Caron et al., ECCV 2018.
 
-A memory bank keeps every training image's embedding (of crop 0) from the previous epoch.
-At the start of each epoch, spherical k-means clusters the bank several times; the
-centroids become the weights of the prototype heads (not trained) and each image's cluster
-ids become its pseudo-labels. During the epoch every crop of an image is classified into
-its image's clusters (cross-entropy of scores / T), and the bank is refilled with the new
-embeddings. Defaults follow VISSL's deepclusterv2_loss: 3 clusterings of 3000 centroids, T=0.1,
-10 k-means iterations, crops_for_mb [0], head 2048-2048-128; multi-crop and optimisation as in
-swav.py (2x224 + 6x96, LARS, wd 1e-6, global batch 4096: 0.6 -> 4.8 -> 0.0048, quoted per 256
-and scaled linearly). Distributed: each process keeps the bank rows of the images it saw,
+A memory bank keeps every training image's embeddings of the memory-bank crops (crops_for_mb)
+from the previous epoch. At the start of each epoch, spherical k-means clusters the banks, once
+per prototype head, head h clustering bank h mod len(crops_for_mb) (with crops 0 and 1 and three
+heads: banks 0, 1, 0); the centroids become the weights of the prototype heads (not trained) and
+each image's cluster ids become its pseudo-labels. During the epoch every crop of an image is
+classified into its image's clusters (cross-entropy of scores / T, averaged over the heads), and
+the banks are refilled with the new embeddings. Defaults follow the swav repository's
+main_deepclusterv2.py with scripts/deepclusterv2_800ep_pretrain.sh, and VISSL's deepclusterv2_loss:
+3 clusterings of 3000 centroids, T=0.1, 10 k-means iterations, crops_for_mb [0, 1], head
+2048-2048-128, 800 epochs of 2x224 (scale 0.14-1) + 6x96 (0.05-0.14), LARS (every parameter, as
+the repository's LARC: trust 0.001, no clip), wd 1e-6, global batch 4096 with a 10-epoch linear
+warmup 0.3 -> 4.8 then cosine to 0.0048, all three quoted per 256 images (0.01875, 0.3, 0.0003)
+and scaled linearly, SyncBN on GPUs. `--preset 400ep` is deepclusterv2_400ep_pretrain.sh (2x160
+(0.08-1) + 4x96, 400 epochs). Distributed: each process keeps the bank rows of the images it saw,
 ops.kmeans all-reduces centroid sums and counts (identical centroids everywhere), and the
-pseudo-labels of all images are gathered onto every process. Epoch 0's bank comes from one
+pseudo-labels of all images are gathered onto every process. Epoch 0's banks come from one
 forward pass over the data before training (as the swav repository's init_memory).
+
+Deviations from the original code (main_deepclusterv2.py, VISSL's deepclusterv2_loss):
+- k-means starts from k distinct rows of the whole bank (every process's rows) chosen by a seed
+  derived from --seed, the epoch and the head, not from rank 0's rows drawn by the global RNG:
+  a resumed run repeats the clustering exactly; on one process the starting distribution is the same.
+- A cluster that empties during k-means is re-seeded with the bank rows farthest from their
+  centroids (ops.kmeans, shared with clusterfit.py); the original keeps its previous centroid,
+  which then labels no image. Both agree whenever no cluster empties; re-seeding keeps all k
+  clusters in use on small data.
+- SyncBN spans all processes (torch's SyncBatchNorm; apex, whose groups of 8 GPUs the original
+  uses, is not a dependency), and CUDA runs use bf16 autocast where the original trains in fp32
+  (`--precision fp32` restores it).
+- Crops are resized bicubically on the per-image path (every script here does; the GPU path
+  is bilinear), where the original's RandomResizedCrop is bilinear; the normalisation std is
+  ImageNet's 0.229 for red (VISSL's) where the swav repository has 0.228.
+- The head's first linear layer has no bias: the BatchNorm after it removes any bias.
 
     torchrun --nproc_per_node=8 --nnodes=8 ... deepcluster_v2.py --data /datasets/imagenet/train
     python deepcluster_v2.py --preset cifar --data cifar10 --epochs 800
@@ -43,10 +64,10 @@ class Args:
     data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
     arch: str = "resnet50"
     cifar_stem: bool = False
-    epochs: int = 400
+    epochs: int = 800
     batch_size: int = 64  # per process: 64 x 64 GPUs = 4096
     lr: float = 0.3  # peak, for a global batch of 256, scaled linearly (4096 -> 4.8)
-    start_lr: float = 0.0375  # warmup start per 256 images (4096 -> 0.6)
+    start_lr: float = 0.01875  # warmup start per 256 images (4096 -> 0.3)
     final_lr: float = 0.0003  # cosine end per 256 images (4096 -> 0.0048)
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
@@ -56,7 +77,7 @@ class Args:
     temperature: float = 0.1
     num_clusters: tuple[int, ...] = (3000, 3000, 3000)  # one k-means (and one prototype head) per entry
     kmeans_iters: int = 10
-    crops_for_mb: tuple[int, ...] = (0,)  # crops whose embeddings fill the memory bank; head h clusters mb[h % len]
+    crops_for_mb: tuple[int, ...] = (0, 1)  # crops whose embeddings fill the memory banks; head h clusters bank h % len
     hidden_dim: int = 2048
     embedding_dim: int = 128
     crops: str = field(default="2x224,6x96", metadata={"help": "crops as NxSIZE groups: large crops first"})
@@ -86,6 +107,8 @@ class Args:
 
 
 PRESETS = {
+    "400ep": dict(_doc="the swav repository's 400-epoch recipe: crops 2x160 (0.08-1) + 4x96 (0.05-0.14), 400 epochs",
+                  crops="2x160,4x96", crop_scale=(0.08, 1.0), epochs=400, output_dir="runs/deepcluster_v2-400ep"),
     "cifar": dict(_doc="ResNet-18 with the CIFAR stem, crops 2x32 (0.14-1) + 4x16 (0.05-0.4), no blur, jitter 0.5, "
                        "batch 256, lr 0.6 -> 0.0006, 3 x 3000 clusters, head 512-512-128",
                   arch="resnet18", cifar_stem=True, crops="2x32,4x16", small_crop_scale=(0.05, 0.4), batch_size=256,

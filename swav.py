@@ -6,15 +6,30 @@ Every crop of an image is embedded (ResNet + MLP head, L2-normalised) and scored
 learnable prototypes. The codes of the large crops are equal-partition soft assignments of
 the global batch to the prototypes, computed by Sinkhorn-Knopp (Eq. 3); every other crop
 predicts them ("swapped prediction", Eq. 1-2). Multi-crop: 2 large + V small crops, crops of
-one size share a forward pass. Defaults follow VISSL's swav_loss / swav_8node_resnet:
-ResNet-50, head 2048-2048-128, 3000 prototypes (re-normalised every step, frozen for the first
-epoch), T=0.1, epsilon=0.05, 3 Sinkhorn iterations, crops_for_assign [0, 1], crops 2x224
-(scale 0.14-1) + 6x96 (0.05-0.14), LARS (every parameter, as the swav repo's LARC), wd 1e-6,
-global batch 4096 with a linear warmup 0.6 -> 4.8 over 10 epochs then cosine to 0.0048, all
-three quoted per 256 images (0.0375, 0.3, 0.0003) and scaled linearly, SyncBN on GPUs.
-`--preset small-batch` is the swav repository's 256-image recipe (lr 0.6 -> 0.0006, no warmup,
-a queue of 3840 embeddings from epoch 15, 200 epochs). Sinkhorn runs in fp32 over the global
-batch (plus the queue) with ops.sinkhorn, which all-reduces its sums: no scores are gathered.
+one size share a forward pass. Defaults follow the swav repository's main_swav.py with
+scripts/swav_100ep_pretrain.sh, and VISSL's swav_loss / swav_8node_resnet: ResNet-50, head
+2048-2048-128, 3000 prototypes (re-normalised every step, frozen for the first epoch, as the
+scripts' 313 iterations at batch 4096), T=0.1, epsilon=0.05, 3 Sinkhorn iterations,
+crops_for_assign [0, 1], crops 2x224 (scale 0.14-1) + 6x96 (0.05-0.14), LARS (every parameter,
+as the repository's LARC: trust 0.001, no clip), wd 1e-6, 100 epochs at global batch 4096 with a
+linear warmup 0.3 -> 4.8 over 10 epochs then cosine to 0.0048, all three quoted per 256 images
+(0.01875, 0.3, 0.0003) and scaled linearly, no queue, SyncBN on GPUs. The warmup starts at the
+scripts' 0.3: VISSL's 0.6 comes from scaling 0.3 by the batch of one node (8 x 64 = 512 images),
+not the global batch. `--preset small-batch` is the swav repository's 256-image recipe
+(swav_200ep_bs256_pretrain.sh: lr 0.6 -> 0.0006, no warmup, a queue of 3840 embeddings from
+epoch 15, 200 epochs). Sinkhorn runs in fp32 over the global batch (plus the queue) with
+ops.sinkhorn, which all-reduces its sums: no scores are gathered. The queue holds each
+process's newest embeddings of the assigned crops and takes part once full, as in main_swav.py
+(VISSL's swav_loss uses it from a start iteration on).
+
+Deviations from the original code (main_swav.py, VISSL's swav_loss):
+- SyncBN spans all processes (torch's SyncBatchNorm; apex, whose groups of 8 GPUs the 4096-image
+  scripts use, is not a dependency; the 256-image scripts sync all processes too), and CUDA
+  runs use bf16 autocast instead of apex's fp16 (O1); Sinkhorn and the scores stay fp32.
+- Crops are resized bicubically on the per-image path (every script here does; the GPU path
+  is bilinear), where the original's RandomResizedCrop is bilinear; the normalisation std is
+  ImageNet's 0.229 for red (VISSL's) where the swav repository has 0.228.
+- The head's first linear layer has no bias: the BatchNorm after it removes any bias.
 
 Epsilon on small data: "a strong entropy regularization (i.e. using a high epsilon) generally
 leads to a trivial solution where all samples collapse into an unique representation and are all
@@ -52,7 +67,7 @@ class Args:
     epochs: int = 100
     batch_size: int = 64  # per process: VISSL uses 64 x 64 GPUs = 4096
     lr: float = 0.3  # peak, for a global batch of 256, scaled linearly (4096 -> 4.8)
-    start_lr: float = 0.0375  # warmup start per 256 images (4096 -> 0.6)
+    start_lr: float = 0.01875  # warmup start per 256 images (4096 -> 0.3)
     final_lr: float = 0.0003  # cosine end per 256 images (4096 -> 0.0048)
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6

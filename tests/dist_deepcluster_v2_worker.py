@@ -1,7 +1,8 @@
 """Run under torchrun: DeepCluster-v2's distributed k-means and one training step on 2 ranks (gloo, float64).
 
-Every rank builds the same model (seed 0), the same global memory bank (a permutation of
-the dataset's indices, rank-major) and the same global batch, and keeps its own half of both.
+Every rank builds the same model (seed 0), the same global memory banks (two, as crops_for_mb
+0 and 1: heads 0 and 1 cluster banks 0 and 1; rows indexed by a permutation of the dataset's
+indices, rank-major) and the same global batch, and keeps its own half of both.
 Rank 0 saves the initial weights, the inputs, the pseudo-labels, the centroids, the
 all-reduced loss and the averaged gradients to argv[1].
 """
@@ -19,7 +20,7 @@ rows, n, world, n_images = 20, 6, runtime.world_size, 50
 torch.manual_seed(0)
 model = deepcluster_v2.DeepClusterV2(args).double()
 initial = {k: v.clone() for k, v in model.state_dict().items()}
-bank = torch.nn.functional.normalize(torch.randn(1, rows * world, 16, dtype=torch.float64), dim=2)
+bank = torch.nn.functional.normalize(torch.randn(2, rows * world, 16, dtype=torch.float64), dim=2)  # crops 0, 1
 bank_indices = torch.randperm(n_images)[:rows * world]
 crops = [torch.randn(n * world, 3, s, s, dtype=torch.float64) for s in (32, 32, 16)]
 batch_indices = bank_indices[:n * world].flip(0)

@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_exactly_across_a_clustering(tmp_path):
     assert full == split  # bit-identical, mid-epoch 1 (restored labels) and after epoch 2's k-means (restored bank)
     ckpt = torch.load(tmp_path / "split" / "checkpoint-00000016.pth", weights_only=False)
     torchvision.models.resnet18().load_state_dict(ckpt["trunk"])
-    assert ckpt["method"] == "deepcluster_v2" and ckpt["bank"].shape == (1, 112, 32)
+    assert ckpt["method"] == "deepcluster_v2" and ckpt["bank"].shape == (2, 112, 32)  # crops 0 and 1
     assert ckpt["labels"].shape == (2, 120) and (ckpt["labels"] != dc.IGNORE).sum(dim=1).tolist() == [112, 112]
     torch.testing.assert_close(ckpt["model"]["prototypes.1.weight"].norm(dim=1), torch.ones(12))
 
