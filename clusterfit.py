@@ -60,7 +60,7 @@ KMEANS = ("l2norm-euclidean", "spherical", "euclidean")
 @dataclass
 class Args:
     data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
-    stage: str = field(default="all", metadata={"choices": ["all", *STAGES]})
+    stage: str = field(default="all", metadata={"choices": ["all", *STAGES]})  # extract, cluster, train, or all three in order
     # stage 1: features of the pretrained network
     weights: str = field(default="", metadata={"help": "pretrained checkpoint (ours or a torchvision state dict) "
                                                        "whose features are clustered; 'random' for a random trunk"})
@@ -69,8 +69,8 @@ class Args:
     feature_layer: str = field(default="pooled", metadata={"choices": list(models.TAPS)})  # VISSL: res5, avg-pooled
     extract_size: int = 224  # centre crop of the resized image, as eval_knn/eval_linear see it
     # stage 2: k-means
-    num_clusters: int = 16000
-    kmeans_iters: int = 50
+    num_clusters: int = 16000  # k-means clusters = pseudo-label classes
+    kmeans_iters: int = 50  # Lloyd iterations
     kmeans: str = field(default="l2norm-euclidean", metadata={
         "choices": list(KMEANS), "help": "l2norm-euclidean: VISSL's (rows / (|row| + 1e-5), Euclidean k-means); "
                                          "spherical: cosine k-means on the unit sphere; euclidean: raw features"})
@@ -82,12 +82,12 @@ class Args:
     lr: float = 0.1  # for a global batch of 256, scaled linearly
     warmup_epochs: float = 5.0
     warmup_start: float = None  # the warmup starts at this x the peak lr; default: at --lr (VISSL's rule)
-    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})  # step: times --lr-decay at each milestone
     lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
-    lr_decay: float = 0.1
+    lr_decay: float = 0.1  # factor applied at each of --lr-milestones
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
-    crop_size: int = 224
+    crop_size: int = 224  # RandomResizedCrop size of the fresh trunk's training images
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue (VISSL's [0.6, 1.4] ...)
     workers: int = 8

@@ -76,7 +76,7 @@ class Args:
         "help": "biases and BN parameters get plain SGD without weight decay (SimCLR's LARS) instead of LARC"})
     temperature: float = 0.1
     num_clusters: tuple[int, ...] = (3000, 3000, 3000)  # one k-means (and one prototype head) per entry
-    kmeans_iters: int = 10
+    kmeans_iters: int = 10  # Lloyd iterations of each epoch's spherical k-means over the memory bank
     crops_for_mb: tuple[int, ...] = (0, 1)  # crops whose embeddings fill the memory banks; head h clusters bank h % len
     hidden_dim: int = 2048
     embedding_dim: int = 128

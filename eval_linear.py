@@ -81,28 +81,28 @@ class Args:
     features: str = field(default="", metadata={"help": "cached features file (from --save-features)"})
     save_features: str = ""
     layers: tuple[str, ...] = ("pooled",)
-    protocol: str = field(default="standard", metadata={"choices": ["standard", "vtab", "fraction"]})
+    protocol: str = field(default="standard", metadata={"choices": ["standard", "vtab", "fraction"]})  # standard: all labels; vtab: VTAB-1k 800/200; fraction: --label-fraction of the labels
     label_fraction: float = 0.01  # --protocol fraction: 0.01 or 0.1 as VISSL's semi-supervised splits
     vtab_order: str = field(default="shuffled", metadata={"choices": ["shuffled", "given"], "help":
                             "VTAB's train800/val200 are the first images of TFDS's shuffled train split; "
                             "'shuffled' takes a seeded permutation first, 'given' the file order"})
-    vtab_seeds: int = 5
+    vtab_seeds: int = 5  # --protocol vtab: seeds averaged
     folds: int = 5  # k-fold cross-validation chooses the head on training sets smaller than --cv-below
-    cv_below: int = 20000
+    cv_below: int = 20000  # training sets smaller than this choose the head by --folds cross-validation
     val_fraction: float = 0.1  # else held out of train, per class, to choose the head (and for --logreg)
     refit: bool = True  # retrain the chosen head on all of train before testing
     lrs: tuple[float, ...] = DINOV2_LRS  # for a batch of 256, scaled linearly
-    weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1)
+    weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1)  # the grid's weight decays
     batch_norm: bool = True  # VISSL's eval_mlp BN -> FC (BN without affine: the FC absorbs it)
     epochs: int = 100
     batch_size: int = 256
     momentum: float = 0.9
     augment: bool = False  # on-the-fly RandomResizedCrop + flip through the frozen trunk
-    logreg: bool = False
+    logreg: bool = False  # DINOv2's L-BFGS logistic regression sweep over --logreg-cs instead of the SGD grid
     logreg_cs: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5, 45))  # DINOv2's grid
-    logreg_iters: int = 300
-    save_head: str = ""
-    eval_only: bool = False
+    logreg_iters: int = 300  # L-BFGS iterations per C
+    save_head: str = ""  # write the chosen head here (for --eval-only --head)
+    eval_only: bool = False  # only score a head saved by --save-head (--head) on the test set
     head: str = field(default="", metadata={"help": "with --eval-only: a head saved by --save-head"})
     image_size: int = field(default=0, metadata={"help": "crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = 0

@@ -87,9 +87,9 @@ class Args:
     batch_size: int = 32  # images (puzzles) per process: VISSL uses 32 x 8 GPUs
     lr: float = 0.1  # for a global batch of 256 puzzles, scaled linearly
     warmup_epochs: float = 5.0  # linear from lr/4 (VISSL: 5 of 105 epochs, 0.025 -> 0.1)
-    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})  # step: times --lr-decay at each milestone
     lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
-    lr_decay: float = 0.1
+    lr_decay: float = 0.1  # factor applied at each of --lr-milestones
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
     num_permutations: int = field(default=2000, metadata={"help": "size of the permutation set (100, 1000, 2000)"})

@@ -58,17 +58,17 @@ class Args:
     epochs: int = 200
     batch_size: int = 32  # per process: VISSL uses 32 x 8 GPUs = 256
     lr: float = 0.03  # for a global batch of 256, scaled linearly
-    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})  # step: ÷10 at each milestone
     lr_milestones: tuple[float, ...] = (120, 160)  # epochs at which the step schedule divides the lr by 10
     final_lr: float = 0.0  # end of the cosine schedule, also per 256 images
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})
+    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})  # NCE (the paper) or VISSL's InfoNCE over [own memory entry, noise]
     temperature: float = 0.07
     embedding_dim: int = 128
     num_negatives: int = 4096  # noise samples m per step, drawn uniformly from the memory bank
-    memory_momentum: float = 0.5
+    memory_momentum: float = 0.5  # memory entry <- normalise(momentum * entry + (1 - momentum) * embedding)
     image_size: int = 224
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.4)  # brightness, contrast, saturation, hue

@@ -71,17 +71,17 @@ class Args:
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})
+    loss_type: str = field(default="nce", metadata={"choices": ["nce", "cross_entropy"]})  # NCE (the paper) or VISSL's InfoNCE over [own memory entry, noise]
     temperature: float = 0.07
     jigsaw_weight: float = 0.5  # lambda of Eq. 5: weight of the patches-to-memory term
     embedding_dim: int = 128
     mlp_head: bool = False  # VISSL's resnet50_mlphead: 2048-2048-128 heads with ReLU
-    num_negatives: int = 32000
-    memory_momentum: float = 0.5
+    num_negatives: int = 32000  # noise samples per step, drawn uniformly from the memory bank
+    memory_momentum: float = 0.5  # memory entry <- normalise(momentum * entry + (1 - momentum) * image embedding)
     image_size: int = 224
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     patch_crop_size: int = 255  # the jigsaw crop, cut into a 3 x 3 grid of cells ...
-    patch_crop_scale: tuple[float, ...] = (0.6, 1.0)
+    patch_crop_scale: tuple[float, ...] = (0.6, 1.0)  # area range of the crop the jigsaw patches are cut from
     patch_size: int = 64  # ... each patch a random patch_size square inside its cell (85 px)
     gblur: bool = False  # VISSL's photo_gblur: SimCLR colour distortion + Gaussian blur instead of photometric
     workers: int = 8

@@ -66,14 +66,14 @@ class Args:
     batch_size: int = 32  # images per process, each seen at 4 rotations: VISSL uses 32 x 8 GPUs
     lr: float = 0.1  # for a global batch of 256 images, scaled linearly
     warmup_epochs: float = 0.0
-    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})
+    lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})  # step: times --lr-decay at each milestone
     lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
-    lr_decay: float = 0.1
+    lr_decay: float = 0.1  # factor applied at each of --lr-milestones
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = False  # Nesterov momentum
     rotations: int = field(default=4, metadata={"help": "rotated copies per image: 4 (paper) or 1 random (VISSL)"})
-    crop_size: int = 224
+    crop_size: int = 224  # RandomResizedCrop size, before the rotations
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     workers: int = 8
     gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA

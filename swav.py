@@ -75,13 +75,13 @@ class Args:
     exclude_bias_and_norm: bool = field(default=False, metadata={
         "help": "biases and BN parameters get plain SGD without weight decay (SimCLR's LARS) instead of LARC"})
     temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    n_prototypes: int = 3000
-    crops_for_assign: tuple[int, ...] = (0, 1)
-    freeze_prototypes_epochs: float = 1.0
+    epsilon: float = 0.05  # Sinkhorn-Knopp's entropy weight: codes are exp(scores / epsilon), normalised
+    sinkhorn_iters: int = 3  # alternating row / column normalisations
+    n_prototypes: int = 3000  # learnable prototype vectors (clusters)
+    crops_for_assign: tuple[int, ...] = (0, 1)  # crops whose codes are targets for every other crop
+    freeze_prototypes_epochs: float = 1.0  # the prototypes get no update for this many epochs
     queue_length: int = 0  # embeddings kept per assigned crop over all processes (0: no queue)
-    epoch_queue_starts: int = 15
+    epoch_queue_starts: int = 15  # the queue's embeddings join the codes from this epoch on
     hidden_dim: int = 2048
     embedding_dim: int = 128
     crops: str = field(default="2x224,6x96", metadata={"help": "crops as NxSIZE groups: large crops first"})

@@ -270,3 +270,34 @@ def test_parse_args_presets_and_overrides():
     a = cli.parse_args(_Args, presets, ["--preset", "small", "--lr", "2", "--no-sync-bn", "--crop-scale", "0.2", "1"])
     assert (a.lr, a.arch, a.sync_bn, a.crop_scale, a.preset) == (2.0, "resnet18", False, (0.2, 1.0), "small")
     assert cli.parse_args(_Args, presets, []).lr == 0.3
+
+
+@pytest.mark.parametrize("script", ["simclr", "moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw",
+                                    "clusterfit", "eval_knn", "eval_linear", "eval_svm"])
+def test_help_shows_every_flag_with_its_text_and_default(script):
+    import importlib
+
+    module = importlib.import_module(script)
+    helps = cli.field_help(module.Args)
+    assert all(helps.values()), [name for name, text in helps.items() if not text]
+    parser = cli.build_parser(module.Args, getattr(module, "PRESETS", None))
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "trust_checkpoint", "preset"):
+            text = parser._get_formatter()._get_help_string(action) % {"default": action.default}
+            assert "(default: " in text and text.split("(default: ")[0].strip(), (action.dest, text)
+
+
+def test_help_text_comes_from_trailing_comments_and_presets_show_their_defaults(capsys):
+    @dataclass
+    class Args:
+        depth: int = 3  # layers of the toy network
+        width: tuple[int, ...] = (4, 5)
+        name: str = ""
+
+    assert cli.field_help(Args) == {"depth": "layers of the toy network", "width": "", "name": ""}
+    presets = {"deep": {"depth": 7, "_doc": "a deeper one"}}
+    with pytest.raises(SystemExit):
+        cli.parse_args(Args, presets, ["--preset", "deep", "--help"])
+    out = capsys.readouterr().out
+    assert "layers of the toy network (default: 7)" in " ".join(out.split())
+    assert cli.parse_args(Args, presets, ["--preset", "deep"]).depth == 7
