@@ -32,8 +32,9 @@ RUNS = {
     # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs
     "swav": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32", "--lr", "1.0",
               "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm", "--epsilon", "0.01"], 12),
-    # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.66 / 33.41 (seeds 0 / 1); the whole set for 7 epochs
-    # with 3 x 100 centroids 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93
+    # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.89 / 32.63 (seeds 0 / 1, one thread) with the default
+    # banks of crops 0 and 1, 33.66 / 33.41 with crop 0's bank alone; the whole set for 7 epochs with 3 x 100 centroids
+    # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank)
     "deepcluster_v2": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32",
                         "--lr", "1.0", "--num-clusters", "30", "30", "30", "--exclude-bias-and-norm",
                         "--data-fraction", "0.25"], 28),
