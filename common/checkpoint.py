@@ -184,14 +184,41 @@ def load(path, map_location="cpu", trusted=None):
                           f"{type(error).__name__}.") from None
 
 
+def _training_problem(ckpt):
+    """The first way `ckpt` is not shaped like one of our training checkpoints, or None."""
+    if not isinstance(ckpt.get("step"), int) or isinstance(ckpt.get("step"), bool) or ckpt["step"] < 0:
+        return "its step is not a non-negative integer"
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return "its model is not a state dict of tensors"
+    optimizer = ckpt.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        return "its optimizer state is malformed"
+    if not isinstance(ckpt.get("scaler", {}), dict):
+        return "its gradient-scaler state is malformed"
+    rng = ckpt.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
+            or rng["torch"].dtype != torch.uint8 or not isinstance(rng.get("python"), tuple):
+        return "its random-number-generator state is malformed"
+    return None
+
+
 def load_training(path, method):
     """Load one of our training checkpoints for resuming `method`, refusing anything else."""
     ckpt = load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "method" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint of this project.")
     if ckpt["method"] != method:
-        raise CheckpointError(f"{path} is a {ckpt['method']} checkpoint; it cannot resume a {method} run "
+        name = ckpt["method"] if isinstance(ckpt["method"], str) and ckpt["method"].isidentifier() \
+            else repr(ckpt["method"])[:60]
+        raise CheckpointError(f"{path} is a {name} checkpoint; it cannot resume a {method} run "
                               f"(use another --output-dir).")
+    problem = _training_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} cannot be resumed: {problem} (delete it to resume from an earlier "
+                              f"checkpoint, or use another --output-dir).")
     return ckpt
 
 

@@ -71,12 +71,18 @@ def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_
     ckpt = checkpoint.load(weights)
     ours = isinstance(ckpt, dict) and "trunk" in ckpt and "method" in ckpt and not state_dict_key
     if ours:
+        if not isinstance(ckpt.get("arch", ""), str) or not isinstance(ckpt.get("cifar_stem", False), bool):
+            raise checkpoint.CheckpointError(f"{weights}: its arch / cifar_stem entries are malformed.")
         arch = arch or ckpt.get("arch", "resnet50")
         cifar_stem = ckpt.get("cifar_stem", False) if cifar_stem is None else cifar_stem
-        crops = (ckpt.get("args") or {}).get("crops")
-        if crops:
-            info["train_crop_size"] = int(crops.split(",")[0].split("x")[1])
-        info["method"] = ckpt.get("method")
+        saved_args = ckpt.get("args")
+        crops = saved_args.get("crops") if isinstance(saved_args, dict) else None
+        if isinstance(crops, str):
+            try:
+                info["train_crop_size"] = int(crops.split(",")[0].split("x")[1])
+            except (IndexError, ValueError):
+                pass  # only a default for --image-size
+        info["method"] = str(ckpt.get("method"))
     names = _trunk_names()
     state, info["found"] = foreign.trunk_state(ckpt, names, state_dict_key, remove_prefix, append_prefix)
     if cifar_stem is None:

@@ -301,3 +301,20 @@ def test_help_text_comes_from_trailing_comments_and_presets_show_their_defaults(
     out = capsys.readouterr().out
     assert "layers of the toy network (default: 7)" in " ".join(out.split())
     assert cli.parse_args(Args, presets, ["--preset", "deep"]).depth == 7
+
+
+def test_malformed_training_checkpoints_are_refused_in_one_sentence(tmp_path):
+    good = {"method": "simclr", "model": {"w": torch.ones(1)}, "step": 3, "scaler": {},
+            "optimizer": {"state": {}, "param_groups": []},
+            "rng": {"torch": torch.get_rng_state(), "python": (3, (1, 2), None)}}
+    torch.save(good, tmp_path / "good.pth")
+    assert checkpoint.load_training(tmp_path / "good.pth", "simclr")["step"] == 3
+    cases = [(dict(good, step="3"), "step"), (dict(good, step=-1), "step"), (dict(good, model={"w": 3}), "model"),
+             (dict(good, optimizer=[1]), "optimizer"), (dict(good, scaler=[]), "scaler"),
+             (dict(good, rng={"torch": torch.zeros(3), "python": (1,)}), "random-number"),
+             (dict(good, method="x\nrm -rf"), "cannot resume a simclr run")]
+    for bad, words in cases:
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(checkpoint.CheckpointError, match=words) as caught:
+            checkpoint.load_training(tmp_path / "bad.pth", "simclr")
+        assert "\n" not in str(caught.value)
