@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,37 @@ def pretrain_knn_top1(output_dir, script, *flags, eval_flags=()):
     return knn_top1(str(checkpoint.latest(output_dir)), *eval_flags)
 
 
+def pytest_configure(config):
+    """The controller names a file where every convergence verdict is recorded (xdist workers inherit it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="ssl-convergence-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["SSL_TEST_CONVERGENCE_LOG"] = path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The convergence runs' kNN top-1 next to the random-init trunk's and the asserted margin."""
+    path = os.environ.get("SSL_TEST_CONVERGENCE_LOG")
+    if not path or "PYTEST_XDIST_WORKER" in os.environ or not os.path.exists(path):
+        return
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    os.unlink(path)
+    if rows:
+        terminalreporter.section("convergence (kNN top-1 on the 10,000 CIFAR-10 test images)")
+        for row in sorted(rows, key=lambda r: r["method"]):
+            terminalreporter.line(f"{row['method']:<16} {row['top1']:6.2f}  random init {row['random']:6.2f}  "
+                                  f"gain {row['top1'] - row['random']:+5.2f}  asserted > {row['margin']:+.2f}  "
+                                  f"threads {row['threads']}")
+
+
 def assert_beats_random_init(method, top1, random_top1, margin):
     """A convergence test's verdict: kNN top-1 above the random-init trunk's by more than `margin` points."""
     print(f"{method} kNN top-1 {top1:.2f} vs random init {random_top1:.2f}")
+    log = os.environ.get("SSL_TEST_CONVERGENCE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"method": method, "top1": top1, "random": random_top1, "margin": margin,
+                                "threads": script_env().get("OMP_NUM_THREADS", "default")}) + "\n")
     assert top1 > random_top1 + margin, (top1, random_top1)
 
 
