@@ -102,6 +102,20 @@ def pytest_configure(config):
         os.environ["SSL_TEST_CONVERGENCE_LOG"] = path
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that launches torchrun is marked `distributed` (`make test-fast` leaves them out)."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            continue
+        if "run_torchrun(" in source or "torch.distributed.run" in source:
+            item.add_marker(pytest.mark.distributed)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The convergence runs' kNN top-1 next to the random-init trunk's and the asserted margin."""
     path = os.environ.get("SSL_TEST_CONVERGENCE_LOG")
