@@ -26,6 +26,11 @@ def script_env(env=None):
     return {**os.environ, "PYTHONPATH": str(ROOT), **SCRIPT_THREADS, **(env or {})}
 
 
+# a convergence run's pretraining takes 2-15 minutes on one core, depending on the machine's speed: its time limit
+# only catches a hung run
+CONVERGENCE_TIMEOUT = 3600
+
+
 def run_script(*argv, env=None, check=True, timeout=900, **subprocess_options):
     """Run `python <script> args...` from the repo root; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=script_env(env), capture_output=True,
@@ -89,7 +94,7 @@ def knn_top1(weights, *extra):
 
 def pretrain_knn_top1(output_dir, script, *flags, eval_flags=()):
     """Pretrain with `script flags... --output-dir output_dir`, then `knn_top1` of its last checkpoint."""
-    run_script(script, *flags, "--output-dir", output_dir)
+    run_script(script, *flags, "--output-dir", output_dir, timeout=CONVERGENCE_TIMEOUT)
     from common import checkpoint
     return knn_top1(str(checkpoint.latest(output_dir)), *eval_flags)
 
@@ -169,7 +174,7 @@ def simclr_checkpoint(tmp_path_factory):
     For tests that need a network better than random init, e.g. ClusterFit's features to cluster.
     """
     out = tmp_path_factory.mktemp("simclr-trained")
-    run_script("simclr.py", *SIMCLR_CONVERGENCE_FLAGS, "--output-dir", out)
+    run_script("simclr.py", *SIMCLR_CONVERGENCE_FLAGS, "--output-dir", out, timeout=CONVERGENCE_TIMEOUT)
     from common import checkpoint
     return str(checkpoint.latest(out))
 
