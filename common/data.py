@@ -116,9 +116,11 @@ def _cifar10_test(split):
     if split == "train":
         raise DataError("cifar10-test holds only CIFAR-10's 10,000 test images: use it as test data "
                         "(e.g. --test-data cifar10-test) and train on cifar10-mini, cifar10 or your own images.")
-    arrays = np.load(ASSETS / "cifar10_test.npz")
-    return EncodedImages(arrays["test_bytes"], arrays["test_offsets"], arrays["test_labels"],
-                         arrays["classes"].tolist(), "cifar10-test")
+    parts = [np.load(ASSETS / f"cifar10_test_{part}.npz") for part in (0, 1)]  # two files of 5,000 images
+    blob = np.concatenate([p["test_bytes"] for p in parts])
+    offsets = np.concatenate([parts[0]["test_offsets"], parts[1]["test_offsets"][1:] + len(parts[0]["test_bytes"])])
+    return EncodedImages(blob, offsets, np.concatenate([p["test_labels"] for p in parts]),
+                         parts[0]["classes"].tolist(), "cifar10-test")
 
 
 def _data_dir():
