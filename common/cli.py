@@ -24,6 +24,8 @@ import traceback
 import typing
 from pathlib import Path
 
+from common import checkpoint
+
 # help for the flags every script shares, where a script's Args gives none
 COMMON_HELP = {
     "data": "ImageFolder dir, `path [label]` file list, or cifar10 / cifar10-mini / fashion-mnist",
@@ -160,8 +162,6 @@ def parse_args(args_cls, presets=None, argv=None, description=None):
     trust = namespace.pop("trust_checkpoint")
     values = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in namespace.items()})
     values.preset = preset
-    from common import checkpoint
-
     checkpoint.TRUSTED = trust
     if getattr(values, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be at least 1 (images per process), got {values.batch_size}.")
