@@ -1,15 +1,16 @@
 # Two commands do everything on a fresh machine (README.md):
 #   make demo   - install, pretrain SimCLR briefly on the embedded cifar10-mini, kNN-evaluate it vs random init
 #   make test   - install, run the test suite (what CI runs)
-# and, while editing:
-#   make test-fast       - everything but the convergence runs and the multi-process (torchrun) tests
+# and:
+#   make test-convergence - the nine methods' short CPU pretraining runs, each scored by kNN against random init
+#   make test-fast        - make test without the multi-process (torchrun) tests, while editing
 #   make fashion-mnist   - install Debian's dataset-fashion-mnist (as root), for the tests that use it
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo fashion-mnist clean
+.PHONY: install test test-convergence test-fast demo fashion-mnist clean
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +23,14 @@ $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc
 install: $(VENV)/.installed
 
 # two pytest workers (pytest-xdist): most tests wait on a subprocess importing torch, so two share 2 cores well;
-# --dist loadfile sends each file to one worker: the convergence runs are two files of similar length, and
-# tests/conftest.py runs every script on one thread under xdist (no OpenMP oversubscription)
+# --dist loadfile sends each file to one worker, and tests/conftest.py runs every script on one thread under
+# xdist (no OpenMP oversubscription). The convergence runs are ResNet-18 pretraining: 30-90 minutes on 2 cores,
+# so they have their own target (two files of similar length, one per worker).
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not convergence" tests
+
+test-convergence: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m convergence tests
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not convergence and not distributed" tests

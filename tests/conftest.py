@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-# Under pytest-xdist (`make test`: two workers on CI's 2 cores) every script runs on one thread: two processes
-# with two OpenMP threads each on 2 cores spin-wait on each other (the suite's CPU time grew from 46 to 60 min).
+# Under pytest-xdist (`make test`, `make test-convergence`: two workers on 2 cores) every script runs on one thread:
+# two processes with two OpenMP threads each on 2 cores spin-wait on each other (the suite's CPU time grew from 46
+# to 60 min).
 SCRIPT_THREADS = {"OMP_NUM_THREADS": "1"} if "PYTEST_XDIST_WORKER" in os.environ else {}
 
 
@@ -149,8 +150,9 @@ def assert_beats_random_init(method, top1, random_top1, margin):
 
 @pytest.fixture(scope="session")
 def random_knn_top1(tmp_path_factory):
-    """`knn_top1("random")`, computed once per `make test` run: under xdist the first worker to need it writes it
-    beside the workers' temporary directories and the other reads it (each evaluation costs ~20 s of CPU)."""
+    """`knn_top1("random")`, computed once per `make test-convergence` run: under xdist the first worker to need
+    it writes it beside the workers' temporary directories and the other reads it (each evaluation costs ~20 s of
+    CPU)."""
     if "PYTEST_XDIST_WORKER" not in os.environ:  # one process
         return knn_top1("random")
     shared = tmp_path_factory.getbasetemp().parent / "random_knn_top1.json"

@@ -10,7 +10,7 @@ was found and the accuracies measured when it was written; the margins sit below
 
 SwAV, DeepCluster-v2, RotNet and Jigsaw (Jigsaw scored at res4, both trunks with precise BN); SimCLR,
 MoCo v2, NPID, PIRL and ClusterFit are in tests/test_convergence_instance.py (two files of similar length
-for `make test`'s two xdist workers).
+for the two xdist workers of `make test-convergence`).
 """
 import pytest
 
@@ -36,7 +36,7 @@ def test_swav_beats_random_init(tmp_path, random_knn_top1):
     Sinkhorn kernel's shift multiplied by 1/eps instead of dividing (one rounding in the codes, in effect
     another seed): too close to the margin. Measured when this test was written (kNN k=20, T=0.07,
     cifar10-mini train as the bank, the 10,000 CIFAR-10 test images, one thread per run as under
-    `make test`): 34.49, 34.86, 34.64 and 34.29 (seeds 0-3) vs random init 31.77, +2.5 to +3.1 points.
+    `make test-convergence`): 34.49, 34.86, 34.64 and 34.29 (seeds 0-3) vs random init 31.77, +2.5 to +3.1 points.
     The assertion asks for +1 point, below every measurement.
     """
     top1 = pretrain_knn_top1(tmp_path, "swav.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
@@ -128,7 +128,7 @@ def test_jigsaw_beats_random_init_at_res4(tmp_path):
 
     Measured when this test was written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000
     CIFAR-10 test images, res4 with precise BN): 33.49, 34.29, 34.46 and 34.38 (seeds 0-3, one thread per
-    run as under `make test`), 33.93 and 34.73 (seeds 0 / 1, two threads), vs random init 31.16 under the
+    run as under `make test-convergence`), 33.93 and 34.73 (seeds 0 / 1, two threads), vs random init 31.16 under the
     same evaluation: +2.3 to +3.6 points. The assertion asks for +1.5 points, below every measurement; the
     test runs seed 0.
     """

@@ -9,7 +9,7 @@ split) is the session fixture `random_knn_top1`. Each test's docstring gives its
 was found and the accuracies measured when it was written; the margins sit below every measurement.
 
 SimCLR, MoCo v2, NPID and PIRL (instance discrimination) and ClusterFit, which clusters the session's
-trained SimCLR. `make test` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over
+trained SimCLR. `make test-convergence` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over
 two files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet
 and Jigsaw).
 """
@@ -148,7 +148,7 @@ def test_pirl_beats_random_init(tmp_path, random_knn_top1):
     kNN 16-20); the MLP-head variant collapsed (loss flat at ln 384).
 
     Measured when this test was written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000
-    CIFAR-10 test images, one thread per run as under `make test`), with a cross-entropy that also counted
+    CIFAR-10 test images, one thread per run as under `make test-convergence`), with a cross-entropy that also counted
     the batch's other memory entries as negatives and patch offsets 0-2 px: 32.74, 33.41, 33.74 and 32.32 (seeds
     0-3) vs random init 31.77, i.e. +1.0, +1.6, +2.0 and +0.55 points. The assertion asks for +0.5 points,
     below every measurement; the test runs seed 0.
