@@ -42,14 +42,12 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common.run import Run, RunArgs, launch
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 100
@@ -77,23 +75,7 @@ class Args:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     sync_bn: bool = True
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/simclr"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
-
 
 PRESETS = {
     "cifar": dict(_doc="the paper's CIFAR-10 recipe (App. B.9 and its code): ResNet-18 with the CIFAR stem, 32 px, "
@@ -236,122 +218,43 @@ def build_optimizer(model, args):
 
 
 def train(args, runtime):
-    device = runtime.device
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     n_views = sum(count for count, _ in parse_crops(args.crops))
     if n_views < 2:
         raise ValueError(f"SimCLR needs at least two views per image, --crops {args.crops} gives {n_views}.")
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("simclr", args, runtime)
+    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
+    loader = run.loader(None, MultiView(args), device_views(args, run.channels_last), max_side)
+    model, core = run.wrap(SimCLR(args), sync_bn=args.sync_bn)
+    optimizer, scaler = build_optimizer(core, args), run.grad_scaler()
+    run.resume(core, optimizer, scaler)
 
-    checkpoint.prepare_output_dir(args.output_dir)
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; views are made batched on the device
-        max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
-        views = data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        views = data.ViewDataset(dataset, MultiView(args), seed=args.seed)
-    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-
-    model = SimCLR(args).to(device, memory_format=memory_format)
-    if runtime.distributed and args.sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
-    optimizer = build_optimizer(core, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    start_lr = optim.scaled_lr(args.warmup_start_lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "simclr")
-        checkpoint.load_model(core, state["model"], last)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "simclr", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"simclr: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
-                f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, {precision}, "
-                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    start_lr = optim.scaled_lr(args.warmup_start_lr, run.global_batch)
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    run.start(f"peak lr {peak_lr:.4g}, ops backend {ops.backend(run.device)}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch_views, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            guard.count_images(args.batch_size, bad, logger)
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, args.final_lr, start_lr)
+    for epoch in run.epochs():
+        for views, indices in run.batches(loader):
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, args.final_lr, start_lr)
             optim.set_lr(optimizer, lr)
-            batch_views = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
-                           else speed.to_device(batch_views, device, memory_format))
-            with dist.autocast(device, precision):
-                z = model(batch_views)
+            with run.autocast():
+                z = model(views)
             loss = nt_xent_loss(z, n_views, args.temperature)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            if guard.finite_loss(mean_loss, step, lr, batch_views, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr, views):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, batch_views, saved["path"], scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler, views):
                     scaler.step(optimizer)
                 scaler.update()
-            step += 1
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr, bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":
