@@ -7,7 +7,7 @@ import torchvision
 
 import clusterfit
 from common import cli, data, features, ops
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
          "--weights-arch", "resnet18", "--num-clusters", "5", "--kmeans-iters", "10", "--batch-size", "16",

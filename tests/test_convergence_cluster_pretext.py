@@ -14,7 +14,7 @@ for the two xdist workers of `make test-convergence`).
 """
 import pytest
 
-from tests.conftest import assert_beats_random_init, knn_top1, pretrain_knn_top1
+from tests.helpers import assert_beats_random_init, knn_top1, pretrain_knn_top1
 
 
 SWAV_MARGIN = 1.0

@@ -15,7 +15,7 @@ and Jigsaw).
 """
 import pytest
 
-from tests.conftest import assert_beats_random_init, knn_top1, pretrain_knn_top1
+from tests.helpers import assert_beats_random_init, knn_top1, pretrain_knn_top1
 
 
 SIMCLR_MARGIN = 3.0

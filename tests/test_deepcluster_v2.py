@@ -7,7 +7,7 @@ import torchvision
 
 import deepcluster_v2 as dc
 from common import cli, data, ops, optim
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32,2x16",
          "--batch-size", "16", "--hidden-dim", "64", "--embedding-dim", "32", "--num-clusters", "10", "12",
@@ -79,7 +79,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_two_ranks_equal_one_process_kmeans_and_step(tmp_path):
     """Distributed k-means over the two halves of the bank = k-means of the whole bank; then the same step."""
     out = tmp_path / "dist.pt"
-    run_torchrun(2, "tests/dist_deepcluster_v2_worker.py", out)
+    run_torchrun(2, "tests/workers/dist_deepcluster_v2_worker.py", out)
     saved = torch.load(out, weights_only=False)
     args = cli.parse_args(dc.Args, None, ["--arch", "resnet18", "--hidden-dim", "64", "--embedding-dim", "16",
                                           "--num-clusters", "5", "7", "--crops", "2x32,1x16"])

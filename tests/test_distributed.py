@@ -3,12 +3,12 @@ import torch
 
 import simclr
 from common import cli
-from tests.conftest import run_torchrun
+from tests.helpers import run_torchrun
 
 
 def test_two_rank_simclr_step_equals_single_process(tmp_path):
     out = tmp_path / "dist.pt"
-    run_torchrun(2, "tests/dist_simclr_worker.py", out)
+    run_torchrun(2, "tests/workers/dist_simclr_worker.py", out)
     saved = torch.load(out, weights_only=False)
     args = cli.parse_args(simclr.Args, None, ["--arch", "resnet18", "--hidden-dim", "64", "--crops", "2x32"])
     model = simclr.SimCLR(args).double()

@@ -17,7 +17,7 @@ import eval_knn
 import eval_linear
 import eval_svm
 from common import data, features, models
-from tests.conftest import last_json, run_script
+from tests.helpers import last_json, run_script
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_scripts_from_images_end_to_end_and_bad_input(tiny_folder, tmp_path):
 
 def test_torchrun_extraction_equals_one_process(tiny_folder, tmp_path):
     """Two ranks each encode a strided shard; the gathered cache equals the single-process one, in order."""
-    from tests.conftest import run_torchrun
+    from tests.helpers import run_torchrun
     base = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0", "--device", "cpu",
             "--train-data", tiny_folder, "--test-data", tiny_folder, "--layers", "pooled", "res3"]
     run_script("eval_knn.py", *base, "--save-features", tmp_path / "one.pth")

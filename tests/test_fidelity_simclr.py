@@ -9,7 +9,7 @@ import torch
 
 import simclr
 from common import cli, dist, ops, optim
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import metrics, run_script, run_torchrun
 
 
 def simclr_vissl_info_nce_f64(z, n_views, temperature, world_size=1):
@@ -140,7 +140,7 @@ def test_simclr_multicrop_single_image_has_zero_loss_and_gradient():
                          ids=["4views", "6views-bn-head"])
 def test_simclr_multicrop_two_processes_equal_one(tmp_path, flags):
     out = tmp_path / "dist.pt"
-    run_torchrun(2, "tests/dist_simclr_worker.py", out, *flags)
+    run_torchrun(2, "tests/workers/dist_simclr_worker.py", out, *flags)
     saved = torch.load(out, weights_only=False)
     args = cli.parse_args(simclr.Args, None, saved["flags"])
     model = simclr.SimCLR(args).double()

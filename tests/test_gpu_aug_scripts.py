@@ -10,13 +10,12 @@ import math
 
 import pytest
 
-from tests import test_moco, test_pirl
-from tests.conftest import metrics, run_script
+from tests.helpers import MOCO_SMALL, PIRL_SMALL, metrics, run_script
 
 # script, its tests' tiny settings plus the variant's flags, steps
 CASES = {
-    "moco-v1": ("moco.py", [*test_moco.SMALL, "--v1"], 3),  # grayscale before an always-on jitter
-    "pirl-gblur": ("pirl.py", [*test_pirl.SMALL, "--gblur"], 3),  # VISSL's photo_gblur colour pipeline
+    "moco-v1": ("moco.py", [*MOCO_SMALL, "--v1"], 3),  # grayscale before an always-on jitter
+    "pirl-gblur": ("pirl.py", [*PIRL_SMALL, "--gblur"], 3),  # VISSL's photo_gblur colour pipeline
 }
 
 

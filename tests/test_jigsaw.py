@@ -10,7 +10,7 @@ from PIL import Image
 
 import jigsaw
 from common import cli, data
-from tests.conftest import metrics, run_script
+from tests.helpers import metrics, run_script
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
          "--num-permutations", "10", "--tile-dim", "64", "--batch-size", "16", "--workers", "0", "--epochs", "3",

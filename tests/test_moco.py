@@ -9,11 +9,9 @@ import torchvision
 
 import moco
 from common import cli, data
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import MOCO_SMALL, metrics, run_script, run_torchrun
 
-SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--image-size", "32",
-         "--batch-size", "16", "--hidden-dim", "64", "--embedding-dim", "32", "--queue-size", "64",
-         "--shuffle-bn-splits", "2", "--blur-p", "0", "--workers", "0", "--epochs", "2", "--print-every", "1"]
+SMALL = MOCO_SMALL
 
 
 def tiny_args(*extra):
@@ -161,7 +159,7 @@ def test_two_ranks_equal_one_process_with_shuffled_chunks(tmp_path):
     ranks start from the same random queue, which is the one a single process builds from the same --seed (under
     another global RNG state), and the step's 12 gathered keys replace its first 12 entries."""
     out = tmp_path / "dist.pt"
-    run_torchrun(2, "tests/dist_moco_worker.py", out)
+    run_torchrun(2, "tests/workers/dist_moco_worker.py", out)
     saved = torch.load(out, weights_only=False)
     args = moco.resolve_version_defaults(cli.parse_args(moco.Args, None, [
         "--arch", "resnet18", "--hidden-dim", "64", "--embedding-dim", "16", "--queue-size", "36"]))

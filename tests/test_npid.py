@@ -6,31 +6,10 @@ import torch
 
 import npid
 from common import data, optim
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import metrics, naive_nce, run_script, run_torchrun, unit
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--image-size", "32",
          "--batch-size", "16", "--num-negatives", "64", "--workers", "0", "--epochs", "2", "--print-every", "1"]
-
-
-def unit(*shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1)
-
-
-EPS = 2.0 ** -23  # float32's eps, which VISSL's NCECriterion adds to both denominators
-
-
-def naive_nce(v, positives, noise, z, temperature, n_data):
-    """Wu et al. 2018 Eq. 2-4, one sample and one noise draw at a time, float64."""
-    m = len(noise)
-    total = 0.0
-    for i in range(len(v)):
-        def p(memory_entry):  # Eq. 2: P(i|v), with Pn = 1/n below
-            return math.exp(float(v[i] @ memory_entry) / temperature) / z
-        # Eq. 3: P(D=1 | i, v) = P / (P + m Pn + eps), P(D=0 | j, v) = m Pn / (P + m Pn + eps)
-        total -= math.log(p(positives[i]) / (p(positives[i]) + m / n_data + EPS))
-        total -= sum(math.log((m / n_data) / (p(noise[j]) + m / n_data + EPS)) for j in range(m))
-    return total / len(v)
 
 
 def test_nce_loss_equals_the_paper_formula_in_float64():
@@ -160,7 +139,7 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
 
 def test_two_ranks_keep_identical_memory_banks(tmp_path):
     """torchrun --nproc_per_node=2: every rank applies every rank's updates, and shares one Z."""
-    run_torchrun(2, "tests/dist_npid_worker.py", tmp_path, "npid", "--data", "cifar10-mini", "--data-fraction",
+    run_torchrun(2, "tests/workers/dist_npid_worker.py", tmp_path, "npid", "--data", "cifar10-mini", "--data-fraction",
                  "0.03", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--num-negatives", "64",
                  "--workers", "0", "--max-steps", "2")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

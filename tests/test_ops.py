@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import ops
-from tests.conftest import swav_sinkhorn
+from tests.helpers import swav_sinkhorn
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]

@@ -8,32 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from common import ops
-
-# rows held by rank 0 and rank 1 (uneven on purpose, except SimCLR's equal per-rank batches)
-SPLIT = {"scores": [0, 23, 61], "x": [0, 400, 1037], "z": [0, 37, 74]}  # SimCLR: equal batches
-
-
-def global_data():
-    g = torch.Generator().manual_seed(1234)
-    centers = torch.randn(9, 6, generator=g) * 3
-    x = centers[torch.randint(0, 9, (1037,), generator=g)] + torch.randn(1037, 6, generator=g)
-    n = 74
-    z = F.normalize(torch.randn(n, 16, generator=g), dim=1)
-    pos = torch.randint(0, n, (n,), generator=g)
-    self_index = (pos + 1 + torch.randint(0, n - 1, (n,), generator=g)) % n
-    return {
-        "scores": F.normalize(torch.randn(61, 29, generator=g), dim=1),
-        "x": x, "z": z, "pos": pos, "self": self_index,
-    }
+from tests.helpers import global_data
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here) + os.pathsep + here)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(here, "ops_dist_worker.py"), str(out)]
+           os.path.join(here, "workers", "dist_ops_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -9,12 +9,9 @@ from PIL import Image
 
 import pirl
 from common import cli, data, optim
-from tests.conftest import metrics, run_script, run_torchrun
-from tests.test_npid import naive_nce, unit
+from tests.helpers import PIRL_SMALL, metrics, naive_nce, run_script, run_torchrun, unit
 
-SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.02", "--arch", "resnet18", "--image-size", "32",
-         "--patch-crop-size", "48", "--patch-size", "14", "--batch-size", "16", "--num-negatives", "64",
-         "--workers", "0", "--epochs", "2", "--print-every", "1"]
+SMALL = PIRL_SMALL
 
 
 def parse(*argv):
@@ -127,7 +124,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
 def test_two_ranks_keep_identical_memory_banks(tmp_path):
     """torchrun --nproc_per_node=2: every rank applies every rank's f(v_I) updates, and shares one Z."""
-    run_torchrun(2, "tests/dist_npid_worker.py", tmp_path, "pirl", *SMALL[:12], "--batch-size", "8",
+    run_torchrun(2, "tests/workers/dist_npid_worker.py", tmp_path, "pirl", *SMALL[:12], "--batch-size", "8",
                  "--num-negatives", "64", "--workers", "0", "--max-steps", "1")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0["world_size"] == 2 and torch.equal(rank0["initial"], rank1["initial"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import ops
-from tests.conftest import swav_sinkhorn
+from tests.helpers import swav_sinkhorn
 
 
 @pytest.mark.parametrize("b, k", [(1, 7), (7, 1), (37, 11), (1031, 97)])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from common import checkpoint
 from common.guard import EXIT_PREEMPTED, NonFiniteError, StepGuard
-from tests.conftest import ROOT, free_port, metrics, run_script, script_env
+from tests.helpers import ROOT, free_port, metrics, run_script, script_env
 
 SMALL = ["--arch", "resnet18", "--crops", "2x32", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0",
          "--workers", "0", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1.0", "--print-every", "1"]

@@ -6,7 +6,7 @@ import torchvision
 
 import rotnet
 from common import cli, data
-from tests.conftest import metrics, run_script
+from tests.helpers import metrics, run_script
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.01", "--arch", "resnet18", "--crop-size", "32",
          "--batch-size", "16", "--workers", "0", "--epochs", "3", "--lr", "0.4", "--print-every", "1"]

@@ -25,7 +25,7 @@ import clusterfit
 import eval_linear
 import eval_svm
 from common import checkpoint, data, features
-from tests.conftest import run_script
+from tests.helpers import run_script
 
 TRAINING_SCRIPTS = ("simclr", "moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw", "clusterfit")
 REFUSAL = (r"would import .*pathlib\.Path.* when loaded, which can run arbitrary code, so it was not loaded; if you "

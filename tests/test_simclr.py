@@ -9,7 +9,7 @@ import torch
 
 import simclr
 from common import cli, data
-from tests.conftest import metrics, run_script
+from tests.helpers import metrics, run_script
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32",
          "--batch-size", "16", "--hidden-dim", "64", "--embedding-dim", "32", "--blur-p", "0", "--workers", "0",

@@ -8,7 +8,7 @@ import torchvision
 
 import swav
 from common import cli, data, optim
-from tests.conftest import metrics, run_script, run_torchrun
+from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32,2x16",
          "--batch-size", "16", "--hidden-dim", "64", "--embedding-dim", "32", "--n-prototypes", "20", "--blur-p", "0",
@@ -100,7 +100,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     """Sinkhorn's all-reduce over ranks (with each rank's part of the queue) = Sinkhorn on the concatenation."""
     out = tmp_path / "dist.pt"
-    run_torchrun(2, "tests/dist_swav_worker.py", out)
+    run_torchrun(2, "tests/workers/dist_swav_worker.py", out)
     saved = torch.load(out, weights_only=False)
     args = cli.parse_args(swav.Args, None, ["--arch", "resnet18", "--hidden-dim", "64", "--embedding-dim", "16",
                                             "--n-prototypes", "10", "--crops", "2x32,2x16"])

@@ -1,4 +1,4 @@
-"""Worker of tests/test_ops_distributed.py, run as `torchrun --nproc_per_node=2 tests/ops_dist_worker.py OUT`.
+"""Worker of tests/test_ops_distributed.py, run as `torchrun --nproc_per_node=2 tests/workers/dist_ops_worker.py OUT`.
 
 Every rank builds the same global data from a fixed seed, keeps its (uneven) share of
 the rows, runs the three ops with torch.distributed (gloo) initialised, and saves its
@@ -10,10 +10,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import ops  # noqa: E402
-
-from test_ops_distributed import SPLIT, global_data  # noqa: E402
+from tests.helpers import SPLIT, global_data  # noqa: E402
 
 
 def main(out_dir):
