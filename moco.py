@@ -60,14 +60,12 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common.run import Run, RunArgs, launch
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     v1: bool = field(default=False, metadata={"help": "MoCo v1: linear head, no blur, stronger hue jitter, T=0.07"})
@@ -97,22 +95,7 @@ class Args:
     shuffle_bn_splits: int = field(default=0, metadata={
         "help": "BatchNorm chunks per process of both encoders, the keys' after shuffling (0: 8 on one process, 1 "
                 "with several)"})
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the query and key encoders
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/moco"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -355,9 +338,7 @@ def learning_rate(step, steps_per_epoch, total_steps, warmup_steps, peak_lr, arg
 
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    args = resolve_version_defaults(args)
     global_batch = args.batch_size * runtime.world_size
     splits = args.shuffle_bn_splits or (8 if runtime.world_size == 1 else 1)
     if args.queue_size < global_batch or args.queue_size % global_batch:
@@ -368,129 +349,58 @@ def train(args, runtime):
                          f"(--shuffle-bn-splits).")
     if not 0 <= args.key_momentum < 1:
         raise ValueError(f"--key-momentum must be in [0, 1), got {args.key_momentum}.")
-
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; views are made batched on the device
-        views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.image_size])), None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        views = data.ViewDataset(dataset, TwoViews(args), seed=args.seed)
-    if args.queue_size >= len(views):
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("moco", args, runtime)
+    dataset = run.dataset()
+    if args.queue_size >= len(dataset):
         # keys of the last K images include an older key of the query's own image: a positive scored as a negative
-        raise ValueError(f"--queue-size {args.queue_size} must be smaller than the {len(views)} training images "
+        raise ValueError(f"--queue-size {args.queue_size} must be smaller than the {len(dataset)} training images "
                          f"(a queue holding the whole data set makes each query's own earlier keys negatives).")
-    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-
-    model = MoCo(args).to(device, memory_format=memory_format)  # no SyncBN: Shuffling BN is what MoCo uses instead
-    core = model
+    max_side = speed.max_side([args.image_size])
+    loader = run.loader(dataset, TwoViews(args), device_views(args, run.channels_last), max_side)
+    # no SyncBN: Shuffling BN is what MoCo uses instead; the queue is identical on every process by construction, so
+    # DDP need not broadcast its 32 MB of buffers each step; the encoders are compiled, not the top-level forward
+    model, core = run.wrap(MoCo(args), compile=False, broadcast_buffers=False)
     speed.compile_in_place([core.query_encoder, core.key_encoder], args.compile)
-    if runtime.distributed:
-        # the queue is identical on every process by construction: no need to broadcast 32 MB of buffers each step
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
     # the official recipe decays every parameter (biases and BN too)
     optimizer = torch.optim.SGD([p for p in core.parameters() if p.requires_grad], lr=0.0, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = run.grad_scaler()
+    run.resume(core, optimizer, scaler)  # the model's state includes key_encoder.*, queue, queue_ptr/_filled
+    run.save_also(lambda: {"queue_ptr": int(core.queue_ptr)})  # the queue itself and the key encoder are in `model`
 
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "moco")
-        checkpoint.load_model(core, state["model"], last)  # includes key_encoder.*, queue, queue_ptr/_filled
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "moco", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "queue_ptr": int(core.queue_ptr),  # the queue itself and the key encoder are in `model`
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"moco{' v1' if args.v1 else ' v2'}: {len(views)} images, {runtime.world_size} process(es) x batch "
-                f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
-                f"queue {args.queue_size} ({args.queue_init} start), Shuffling BN {runtime.world_size} x {splits} "
-                f"chunk(s), {precision}, "
-                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    run.start(f"MoCo {'v1' if args.v1 else 'v2'}, peak lr {peak_lr:.4g}, queue {args.queue_size} ({args.queue_init} "
+              f"start), Shuffling BN {runtime.world_size} x {splits} chunk(s), ops backend {ops.backend(run.device)}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch_views, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = learning_rate(step, steps_per_epoch, total_steps, warmup_steps, peak_lr, args)
+    for epoch in run.epochs():
+        for (query_images, key_images), indices in run.batches(loader):
+            lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, warmup_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            query_images, key_images = (make_views(batch_views, epoch, indices, device) if use_gpu_aug
-                                        else speed.to_device(batch_views, device, memory_format))
-            with dist.autocast(device, precision):
+            with run.autocast():
                 # the shuffle depends on (seed, step) only, so a resumed run draws the same one
-                shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)
                 q, k = model(query_images, key_images, args.key_momentum, splits, shuffle)
             loss = moco_loss(q, k, core.negatives(), args.temperature)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
             applied = False
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                     applied = True
                 scaler.update()
             if applied:  # a skipped (non-finite) step enqueues nothing
                 core.enqueue(dist.gather(k))
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
-                        bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = resolve_version_defaults(cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0]))
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":
