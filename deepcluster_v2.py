@@ -52,16 +52,14 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common.run import Run, RunArgs, launch
 
 IGNORE = -100  # pseudo-label of an image that is not in the memory bank (cross_entropy's ignore_index)
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 800
@@ -88,22 +86,7 @@ class Args:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     sync_bn: bool = True
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/deepcluster_v2"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -246,176 +229,97 @@ def deepcluster_loss(scores, targets, n_crops, temperature):
 # ----------------------------------------------------------------------------- training
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     n_crops = sum(count for count, _ in parse_crops(args.crops))
     if not args.crops_for_mb or any(not 0 <= c < n_crops for c in args.crops_for_mb):
         raise ValueError(f"--crops-for-mb {list(args.crops_for_mb)} must name crops in [0, {n_crops}).")
     if not args.num_clusters or min(args.num_clusters) < 1:
         raise ValueError(f"--num-clusters must be positive integers, got {list(args.num_clusters)}.")
 
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    collate = data.collate_canvas if use_gpu_aug else data.collate
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; crops are made batched on the device
-        decoded = data.DecodedImages(dataset, speed.max_side([size for _, size in parse_crops(args.crops)]))
-        views = data.ViewDataset(decoded, None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
-    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    bank_rows = steps_per_epoch * args.batch_size  # per process: the images it trains on in one epoch
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("deepcluster_v2", args, runtime)
+    dataset = run.dataset()
+    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
+    loader = run.loader(dataset, MultiCrop(args), device_views(args, run.channels_last), max_side)
+    bank_rows = run.steps_per_epoch * args.batch_size  # per process: the images it trains on in one epoch
     if max(args.num_clusters) > bank_rows * runtime.world_size:
         raise ValueError(f"--num-clusters {max(args.num_clusters)} exceeds the {bank_rows * runtime.world_size} "
                          f"images of the memory bank; use fewer clusters or more data.")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device, collate_fn=collate)
-
-    model = DeepClusterV2(args).to(device, memory_format=memory_format)
-    if runtime.distributed and args.sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
+    model, core = run.wrap(DeepClusterV2(args), sync_bn=args.sync_bn)
     # as the swav repository's LARC(SGD): every trained parameter is decayed and LARS-adapted (by default)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    start_lr = optim.scaled_lr(args.start_lr, global_batch)
-    final_lr = optim.scaled_lr(args.final_lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    scaler = run.grad_scaler()
+    state = run.resume(core, optimizer, scaler)  # the model includes the prototypes (this epoch's centroids)
     # the memory bank: this process's embeddings of crops_for_mb, and the dataset index of each row
-    bank = torch.zeros(len(args.crops_for_mb), bank_rows, args.embedding_dim, device=device)
-    bank_indices = torch.zeros(bank_rows, dtype=torch.long, device=device)
+    bank = torch.zeros(len(args.crops_for_mb), bank_rows, args.embedding_dim, device=run.device)
+    bank_indices = torch.zeros(bank_rows, dtype=torch.long, device=run.device)
     labels = None  # [heads, len(dataset)] pseudo-labels of the current epoch
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "deepcluster_v2")
-        checkpoint.load_model(core, state["model"], last)  # includes the prototypes (this epoch's centroids)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
+    if state is not None:
         if state["bank"].shape[1] != bank_rows * runtime.world_size:
-            raise ValueError(f"{last} holds a memory bank of {state['bank'].shape[1]} rows, this run needs "
+            raise ValueError(f"{run.last_path} holds a memory bank of {state['bank'].shape[1]} rows, this run needs "
                              f"{bank_rows * runtime.world_size}; resume with the same data, batch and processes.")
         mine = slice(runtime.rank * bank_rows, (runtime.rank + 1) * bank_rows)
         bank.copy_(state["bank"][:, mine])
         bank_indices.copy_(state["bank_indices"][mine])
-        labels = state["labels"].to(device)
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-    else:  # epoch 0 clusters the embeddings of an initial forward pass (swav repo's init_memory)
-        if use_gpu_aug:
-            bank_views = data.ViewDataset(decoded, None, seed=args.seed + 1)
-            make_bank_views = device_views(args, channels_last, only=args.crops_for_mb, seed=args.seed + 1)
-        else:
-            bank_views = data.ViewDataset(dataset, MultiCrop(args, only=args.crops_for_mb), seed=args.seed + 1)
-        bank_loader = data.build_loader(bank_views, sampler, args.batch_size, args.workers, device, collate_fn=collate)
-        sampler.set_epoch(0)
+        labels = state["labels"].to(run.device)
+
+    def saved_state():  # every process's bank rows, process-major, so a resumed run gives each its own back
+        everyone = dist.gather(bank.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
+        return {"bank": everyone, "bank_indices": dist.gather(bank_indices).cpu(), "labels": labels.cpu()}
+    run.save_also(saved_state)
+
+    # ---- the method: edit here
+    if state is None:  # epoch 0 clusters the embeddings of an initial forward pass (swav repo's init_memory)
+        bank_items = run.view_dataset(dataset, MultiCrop(args, only=args.crops_for_mb), max_side, seed=args.seed + 1)
+        bank_views = device_views(args, run.channels_last, only=args.crops_for_mb, seed=args.seed + 1)
+        bank_loader = run.build_loader(bank_items)
+        run.sampler.set_epoch(0)
         with torch.no_grad():
             for i, (crops, _, indices, _) in enumerate(bank_loader):
-                crops = (make_bank_views(crops, 0, indices, device) if use_gpu_aug
-                         else speed.to_device(crops, device, memory_format))
-                with dist.autocast(device, precision):
+                crops = run.to_device(crops, indices, bank_views)
+                with run.autocast():
                     z = torch.stack([core([crop])[0] for crop in crops])
                 bank[:, i * args.batch_size:(i + 1) * args.batch_size] = z
-                bank_indices[i * args.batch_size:(i + 1) * args.batch_size] = indices.to(device)
+                bank_indices[i * args.batch_size:(i + 1) * args.batch_size] = indices.to(run.device)
         del bank_loader  # stops its worker processes
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        # every process's bank rows, process-major, so a resumed run gives each its own back
-        everyone = dist.gather(bank.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
-        everyone_indices = dist.gather(bank_indices).cpu()
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "deepcluster_v2", "args": cli.as_dict(args), "epoch": step // steps_per_epoch,
-                "step": step, "world_size": runtime.world_size, "model": core.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "bank": everyone, "bank_indices": everyone_indices, "labels": labels.cpu(),
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"deepcluster_v2: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, "
-                f"crops {args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
-                f"{peak_lr:.4g} -> {final_lr:.4g}, clusters {list(args.num_clusters)}, {precision}, "
-                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    start_lr = optim.scaled_lr(args.start_lr, run.global_batch)
+    final_lr = optim.scaled_lr(args.final_lr, run.global_batch)
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    run.start(f"crops {args.crops}, lr {start_lr:.4g} -> {peak_lr:.4g} -> {final_lr:.4g}, clusters "
+              f"{list(args.num_clusters)}, ops backend {ops.backend(run.device)}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step % steps_per_epoch == 0:  # a new epoch (not a resume in its middle): cluster last epoch's bank
-            labels = cluster_memory(core, bank, bank_indices, len(views), args.kmeans_iters,
+    n = args.batch_size
+    for epoch in run.epochs():
+        if run.step % run.steps_per_epoch == 0:  # a new epoch (not a resume in its middle): cluster last epoch's bank
+            labels = cluster_memory(core, bank, bank_indices, run.n_images, args.kmeans_iters,
                                     seed=args.seed * 1_000_003 + epoch * 1_000)
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for crops, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+        for crops, indices in run.batches(loader):
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr)
             optim.set_lr(optimizer, lr)
-            crops = (make_views(crops, epoch, indices, device) if use_gpu_aug
-                     else speed.to_device(crops, device, memory_format))
-            indices = indices.to(device, non_blocking=True)
-            with dist.autocast(device, precision):
+            indices = indices.to(run.device, non_blocking=True)
+            with run.autocast():
                 z, scores = model(crops)
             loss = deepcluster_loss(scores, labels[:, indices], n_crops, args.temperature)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
             applied = False
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                     applied = True
                 scaler.update()
-            row = (step % steps_per_epoch) * args.batch_size  # refill the bank for the next epoch's k-means
-            n = args.batch_size
+            row = (run.step % run.steps_per_epoch) * n  # refill the bank for the next epoch's k-means
             if applied:  # a skipped (non-finite) step leaves the previous epoch's rows in place
                 bank[:, row:row + n] = torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_mb])
                 bank_indices[row:row + n] = indices
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
-                        bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":

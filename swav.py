@@ -54,14 +54,12 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common.run import Run, RunArgs, launch
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 100
@@ -92,22 +90,7 @@ class Args:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     sync_bn: bool = True
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/swav"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -234,9 +217,6 @@ def swav_loss(scores, n_crops, crops_for_assign, temperature, epsilon, sinkhorn_
 # ----------------------------------------------------------------------------- training
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     n_crops = sum(count for count, _ in parse_crops(args.crops))
     if n_crops < 2:
         raise ValueError(f"SwAV needs at least two crops per image, --crops {args.crops} gives {n_crops}.")
@@ -250,101 +230,50 @@ def train(args, runtime):
                          f"use a multiple of it, or 0 for no queue.")
     local_queue_length = queue_length // runtime.world_size
 
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; crops are made batched on the device
-        max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
-        views = data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        views = data.ViewDataset(dataset, MultiCrop(args), seed=args.seed)
-    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-
-    model = SwAV(args).to(device, memory_format=memory_format)
-    if runtime.distributed and args.sync_bn and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("swav", args, runtime)
+    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
+    loader = run.loader(None, MultiCrop(args), device_views(args, run.channels_last), max_side)
+    model, core = run.wrap(SwAV(args), sync_bn=args.sync_bn)
     # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted (by default)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,
                            momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    start_lr = optim.scaled_lr(args.start_lr, global_batch)
-    final_lr = optim.scaled_lr(args.final_lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    freeze_steps = round(args.freeze_prototypes_epochs * steps_per_epoch)
+    scaler = run.grad_scaler()
+    state = run.resume(core, optimizer, scaler)
     # queue[j]: this process's last local_queue_length embeddings of crops_for_assign[j], newest first
     queue, queue_rows = None, 0
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "swav")
-        checkpoint.load_model(core, state["model"], last)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if state["queue"] is not None:
-            if state["queue"].shape[1] != queue_length:
-                raise ValueError(f"{last} holds a queue of {state['queue'].shape[1]} embeddings, this run asks for "
-                                 f"{queue_length}; resume with the same --queue-length and global batch.")
-            local = state["queue"].view(len(args.crops_for_assign), runtime.world_size, local_queue_length, -1)
-            queue, queue_rows = local[:, runtime.rank].to(device).contiguous(), state["queue_rows"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
+    if state is not None and state["queue"] is not None:
+        if state["queue"].shape[1] != queue_length:
+            raise ValueError(f"{run.last_path} holds a queue of {state['queue'].shape[1]} embeddings, this run asks "
+                             f"for {queue_length}; resume with the same --queue-length and global batch.")
+        local = state["queue"].view(len(args.crops_for_assign), runtime.world_size, local_queue_length, -1)
+        queue, queue_rows = local[:, runtime.rank].to(run.device).contiguous(), state["queue_rows"]
 
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        # every process's queue, process-major along dim 1, so a run resumes with each its own
+    def saved_state():  # every process's queue, process-major along dim 1, so a run resumes with each its own
         everyone = None if queue is None else dist.gather(queue.transpose(0, 1).contiguous()).transpose(0, 1).cpu()
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "swav", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "queue": everyone,
-                "queue_rows": queue_rows, "prototypes": core.prototypes.weight.detach().cpu().clone(),
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
+        return {"queue": everyone, "queue_rows": queue_rows,
+                "prototypes": core.prototypes.weight.detach().cpu().clone()}
+    run.save_also(saved_state)
 
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"swav: {len(views)} images, {runtime.world_size} process(es) x batch {args.batch_size}, crops "
-                f"{args.crops}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {start_lr:.4g} -> "
-                f"{peak_lr:.4g} -> {final_lr:.4g}, queue {queue_length} from epoch {args.epoch_queue_starts}, "
-                f"{precision}, ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    start_lr = optim.scaled_lr(args.start_lr, run.global_batch)
+    final_lr = optim.scaled_lr(args.final_lr, run.global_batch)
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
+    freeze_steps = round(args.freeze_prototypes_epochs * run.steps_per_epoch)
+    run.start(f"crops {args.crops}, lr {start_lr:.4g} -> {peak_lr:.4g} -> {final_lr:.4g}, queue {queue_length} "
+              f"from epoch {args.epoch_queue_starts}, ops backend {ops.backend(run.device)}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
+    n = args.batch_size
+    for epoch in run.epochs():
         if queue_length and epoch >= args.epoch_queue_starts and queue is None:
-            queue = torch.zeros(len(args.crops_for_assign), local_queue_length, args.embedding_dim, device=device)
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for crops, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+            queue = torch.zeros(len(args.crops_for_assign), local_queue_length, args.embedding_dim, device=run.device)
+        for crops, indices in run.batches(loader):
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr)
             optim.set_lr(optimizer, lr)
-            crops = (make_views(crops, epoch, indices, device) if use_gpu_aug
-                     else speed.to_device(crops, device, memory_format))
             core.normalize_prototypes()
-            with dist.autocast(device, precision):
+            with run.autocast():
                 z, scores = model(crops)
-            n = args.batch_size
             queue_scores = None
             if queue is not None and queue_rows >= local_queue_length:  # used once full, as the swav repo
                 with torch.no_grad():
@@ -355,41 +284,21 @@ def train(args, runtime):
                 queue = torch.cat([torch.stack([z[c * n:(c + 1) * n].detach() for c in args.crops_for_assign]),
                                    queue[:, :-n]], dim=1)
                 queue_rows += n
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if step < freeze_steps:  # the prototypes stay fixed while the codes are still random
+                if run.step < freeze_steps:  # the prototypes stay fixed while the codes are still random
                     core.prototypes.weight.grad = None
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                 scaler.update()
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
-                        bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":
