@@ -62,6 +62,7 @@ standardised, permuted tiles are made batched on the GPU (`--gpu-aug`, default o
 common/gpu_aug.py, the same parameter distributions as the per-image PIL path kept for `--gpu-aug
 off`); channels_last, bf16 autocast, `--compile`.
 """
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -71,16 +72,14 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, optim, speed
+from common.run import Run, RunArgs, launch
 
 GRID = 3  # tiles per side: 9 tiles
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 105
@@ -92,7 +91,8 @@ class Args:
     lr_decay: float = 0.1  # factor applied at each of --lr-milestones
     weight_decay: float = 1e-4  # on weights and biases, not on BatchNorm (VISSL regularize_bn: False)
     momentum: float = 0.9
-    num_permutations: int = field(default=2000, metadata={"help": "size of the permutation set (100, 1000, 2000)"})
+    num_permutations: int = field(default=2000, metadata={
+        "help": "size of the permutation set (100, 1000, 2000); --seed chooses its members"})
     permutation_rule: str = field(default="max-avg", metadata={
         "choices": ["max-avg", "max-min"],
         "help": "greedy choice of each new permutation: largest average (Algorithm 1) or minimum Hamming distance "
@@ -102,22 +102,7 @@ class Args:
     crop_size: int = 255  # split into 3x3 cells of crop_size // 3 = 85 px
     tile_size: int = 64  # taken at a random offset in [0, cell - tile] = [0, 21] inside each cell
     grayscale_p: float = 0.66
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0  # also chooses the permutation set
     output_dir: str = "runs/jigsaw"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -313,130 +298,53 @@ def check_geometry(args):
 
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     check_geometry(args)
-
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    state = checkpoint.load_training(last, "jigsaw") if last is not None else None
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("jigsaw", args, runtime)
+    state = run.latest_state()  # a resumed run keeps its checkpoint's permutation set
     if state is not None:
         permutations = state["permutations"]
         if len(permutations) != args.num_permutations:
-            raise ValueError(f"{last} was trained with {len(permutations)} permutations, not "
+            raise ValueError(f"{run.last_path} was trained with {len(permutations)} permutations, not "
                              f"--num-permutations {args.num_permutations}; use another --output-dir.")
     else:
         permutations = hamming_permutations(args.num_permutations, seed=args.seed, rule=args.permutation_rule)
-
-    use_gpu_aug = speed.use_gpu_aug(args.gpu_aug, device)
-    memory_format = torch.channels_last if speed.channels_last(device) else torch.contiguous_format
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; puzzles are made batched on the device
-        decoded = data.DecodedImages(dataset, speed.max_side([args.resize_size]))
-        puzzles = data.ViewDataset(decoded, None, seed=args.seed)
-        make_views = device_views(args)
-    else:
-        puzzles = data.ViewDataset(dataset, Puzzle(args, permutations), seed=args.seed)
-    sampler = data.EpochSampler(len(puzzles), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(puzzles)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(puzzles, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-
-    model = JigsawNet(args).to(device, memory_format=memory_format)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
+    make_puzzles = functools.partial(device_puzzles, device_views(args), permutations=permutations, args=args)
+    loader = run.loader(None, Puzzle(args, permutations), make_puzzles, speed.max_side([args.resize_size]))
+    model, core = run.wrap(JigsawNet(args))
+    run.memory_format = torch.contiguous_format  # the batches (tiles [B, 9, 3, t, t], labels [B]) move as they are
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = run.grad_scaler()
+    run.resume(core, optimizer, scaler)
+    run.save_also(lambda: {"permutations": permutations})
 
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    if state is not None:
-        checkpoint.load_model(core, state["model"], last)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-        del state
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "jigsaw", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "permutations": permutations,
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"jigsaw: {len(puzzles)} images, {runtime.world_size} process(es) x batch {args.batch_size} x 9 "
-                f"tiles of {args.tile_size} px, {len(permutations)} permutations (Hamming distance: average "
-                f"{mean_hamming_distance(permutations):.2f}, minimum {min_hamming_distance(permutations)}), "
-                f"{steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"peak lr {peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    run.start(f"9 tiles of {args.tile_size} px, {len(permutations)} permutations (Hamming distance: average "
+              f"{mean_hamming_distance(permutations):.2f}, minimum {min_hamming_distance(permutations)}), "
+              f"peak lr {peak_lr:.4g}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+    for epoch in run.epochs():
+        for (tiles, labels), _ in run.batches(loader):
+            lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            if use_gpu_aug:
-                tiles, labels = device_puzzles(make_views, batch, epoch, indices, device, permutations, args)
-            else:
-                tiles, labels = (t.to(device, non_blocking=True) for t in batch)
-            with dist.autocast(device, precision):
+            with run.autocast():
                 logits = model(tiles)
             loss = permutation_loss(logits, labels)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                 scaler.update()
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
             accuracy = (logits.detach().argmax(1) == labels).float().mean()
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(),
-                        puzzle_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), puzzle_acc=dist.all_reduce_mean(accuracy).item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":

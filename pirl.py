@@ -52,16 +52,14 @@ import torch.nn as nn
 import torchvision.transforms as T
 from PIL import ImageFilter, ImageOps, ImageEnhance
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, data, dist, gpu_aug, models, ops, optim, speed
+from common.run import Run, RunArgs, launch
 
 GRID = 3  # 3 x 3 jigsaw patches
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 800
@@ -84,22 +82,7 @@ class Args:
     patch_crop_scale: tuple[float, ...] = (0.6, 1.0)  # area range of the crop the jigsaw patches are cut from
     patch_size: int = 64  # ... each patch a random patch_size square inside its cell (85 px)
     gblur: bool = False  # VISSL's photo_gblur: SimCLR colour distortion + Gaussian blur instead of photometric
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/pirl"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -203,6 +186,12 @@ def device_views(args, channels_last=False):
     patches = gpu_aug.JigsawPatches(args.patch_size, args.patch_crop_size, tuple(args.patch_crop_scale), GRID,
                                     blur_kernel_size=min(13, 2 * args.patch_size - 1), **photometric)
     return speed.DeviceViews([(1, image), (GRID * GRID, patches)], args.seed, channels_last)
+
+
+def collate_views(samples):
+    """The per-image path's batch in the --gpu-aug layout: views [image, patch 1, ..., patch 9], each [B, 3, ., .]."""
+    (images, patches), labels, indices, bad = data.collate(samples)
+    return [images, *patches.unbind(1)], labels, indices, bad
 
 
 # ----------------------------------------------------------------------------- model
@@ -330,142 +319,67 @@ def check_args(args):
 
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     check_args(args)
-
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; the image and its patches are made batched on the device
-        decoded = data.DecodedImages(dataset, speed.max_side([args.image_size, args.patch_crop_size]))
-        views = data.ViewDataset(decoded, None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        views = data.ViewDataset(dataset, ImageAndPatches(args), seed=args.seed)
-    sampler = data.EpochSampler(len(views), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(views)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(views, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-    n_data = len(views)
-
-    model = PIRL(args).to(device, memory_format=memory_format)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
-    memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(device)
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("pirl", args, runtime)
+    max_side = speed.max_side([args.image_size, args.patch_crop_size])
+    loader = run.loader(None, ImageAndPatches(args), device_views(args, run.channels_last), max_side,
+                        collate_fn=None if run.gpu_aug else collate_views)
+    model, core = run.wrap(PIRL(args))
+    n_data = run.n_images
+    memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(run.device)
     optimizer = torch.optim.SGD(optim.param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr, final_lr = optim.scaled_lr(args.lr, global_batch), optim.scaled_lr(args.final_lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "pirl")
-        checkpoint.load_model(core, state["model"], last)
+    scaler = run.grad_scaler()
+    state = run.resume(core, optimizer, scaler)
+    if state is not None:
         if state["memory"]["bank"].shape != memory.bank.shape:
-            raise ValueError(f"{last} has a memory bank of {tuple(state['memory']['bank'].shape)} entries, this data "
-                             f"needs {tuple(memory.bank.shape)} (different --data or --data-fraction?).")
+            raise ValueError(f"{run.last_path} has a memory bank of {tuple(state['memory']['bank'].shape)} entries, "
+                             f"this data needs {tuple(memory.bank.shape)} (different --data or --data-fraction?).")
         memory.load_state_dict(state["memory"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
+    run.save_also(lambda: {"memory": memory.state_dict()})
+
+    # ---- the method: edit here
+    peak_lr, final_lr = optim.scaled_lr(args.lr, run.global_batch), optim.scaled_lr(args.final_lr, run.global_batch)
+    warmup_steps = round(args.warmup_epochs * run.steps_per_epoch)
     z_estimated = args.loss_type == "cross_entropy" or float(memory.z) > 0
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "pirl", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "memory": memory.state_dict(),
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"pirl: {n_data} images in the memory bank, {runtime.world_size} process(es) x batch "
-                f"{args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {peak_lr:.4g}, "
-                f"{args.loss_type} loss with {args.num_negatives} negatives, {precision}, "
-                f"ops backend {ops.backend(device)}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    run.start(f"peak lr {peak_lr:.4g}, {args.loss_type} loss with {args.num_negatives} negatives, "
+              f"ops backend {ops.backend(run.device)}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch_views, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
+    for epoch in run.epochs():
+        for views, indices in run.batches(loader):
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr)
             optim.set_lr(optimizer, lr)
-            if use_gpu_aug:
-                images, *patches = make_views(batch_views, epoch, indices, device)
-                patches = torch.stack(patches, dim=1)  # [B, 9, 3, P, P]
-            else:
-                images, patches = speed.to_device(batch_views, device)
-                images = images.contiguous(memory_format=memory_format)
-            indices = indices.to(device, non_blocking=True)
-            with dist.autocast(device, precision):
+            images, *patches = views
+            patches = torch.stack(patches, dim=1)  # [B, 9, 3, P, P]
+            indices = indices.to(run.device, non_blocking=True)
+            with run.autocast():
                 image_embeddings, jigsaw_embeddings = model(images, patches)
             positives = memory.bank[indices]
-            noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, step, runtime.rank, device)]
+            noise = memory.bank[noise_indices(n_data, args.num_negatives, args.seed, run.step, runtime.rank,
+                                              run.device)]
             if not z_estimated:  # once, from the first batch of the run (not after a resume): VISSL's loss sets Z
                 # in its first term, the patches-to-memory one
                 memory.z.fill_(estimate_z(jigsaw_embeddings.detach(), positives, noise, args.temperature, n_data))
                 z_estimated = True
-                logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
+                run.logger.info(f"NCE normalisation constant Z = {float(memory.z):.6g}")
             loss = pirl_loss(image_embeddings, jigsaw_embeddings, positives, noise, memory.z, args, n_data)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
             applied = False
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                     applied = True
                 scaler.update()
             if applied:  # the memory tracks f(v_I) only (Sec. 3.2); a skipped step writes nothing
                 memory.update(image_embeddings, indices)
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
-                        bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":
