@@ -50,16 +50,14 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import checkpoint, cli, data, dist, features, gpu_aug, models, ops, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common.run import Run, RunArgs, launch
 
 STAGES = ("extract", "cluster", "train")
 KMEANS = ("l2norm-euclidean", "spherical", "euclidean")
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     stage: str = field(default="all", metadata={"choices": ["all", *STAGES]})  # extract, cluster, train, or all three in order
     # stage 1: features of the pretrained network
     weights: str = field(default="", metadata={"help": "pretrained checkpoint (ours or a torchvision state dict) "
@@ -90,22 +88,7 @@ class Args:
     crop_size: int = 224  # RandomResizedCrop size of the fresh trunk's training images
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue (VISSL's [0.6, 1.4] ...)
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # stage 3; auto: on with CUDA
-    compile: bool = False  # torch.compile the stage-3 model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/clusterfit"
-    max_steps: int = 0  # stop after this many training steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -189,6 +172,11 @@ def image_transform(args):
     ])
 
 
+def one_view(view):
+    """The training loader yields a list of view batches (common/run.py); ClusterFit's list holds one, the crop."""
+    return [view]
+
+
 def device_views(args, channels_last=False):
     """The batched twin of image_transform for --gpu-aug (common.gpu_aug, same parameters and distributions;
     the jitter always applies; the flip commutes with it, so it is folded into the crop); one view."""
@@ -244,107 +232,43 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
 # ----------------------------------------------------------------------------- stage 3: training
 
 def train_stage(args, runtime, dataset, pseudo_labels):
-    device = runtime.device
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if use_gpu_aug:  # workers decode only; crops are made batched on the device
-        images = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.crop_size])), None, seed=args.seed)
-        make_views = device_views(args, channels_last)
-    else:
-        images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
-    sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-    pseudo_labels_on_device = pseudo_labels.to(device)
-
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("clusterfit", args, runtime)
+    loader = run.loader(dataset, T.Compose([image_transform(args), one_view]), device_views(args, run.channels_last),
+                        speed.max_side([args.crop_size]))
     torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
-    model = ClusterFitNet(args).to(device, memory_format=memory_format)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
+    model, core = run.wrap(ClusterFitNet(args))
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = run.grad_scaler()
+    state = run.latest_state()
+    if state is not None and not torch.equal(state["pseudo_labels"], pseudo_labels):
+        raise ValueError(f"{run.last_path} was trained on other pseudo-labels than {args.output_dir}/clusters.pth; "
+                         f"use another --output-dir.")
+    run.resume(core, optimizer, scaler)
+    run.save_also(lambda: {"pseudo_labels": pseudo_labels})  # each checkpoint names the clusters it learns
 
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "clusterfit")
-        if not torch.equal(state["pseudo_labels"], pseudo_labels):
-            raise ValueError(f"{last} was trained on other pseudo-labels than {args.output_dir}/clusters.pth; "
-                             f"use another --output-dir.")
-        checkpoint.load_model(core, state["model"], last)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "clusterfit", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "pseudo_labels": pseudo_labels,
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"clusterfit: {len(images)} images in {args.num_clusters} clusters, {runtime.world_size} process(es) "
-                f"x batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
-                f"{peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    pseudo_labels_on_device = pseudo_labels.to(run.device)
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    run.start(f"{args.num_clusters} clusters, peak lr {peak_lr:.4g}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+    for epoch in run.epochs():
+        for (images,), indices in run.batches(loader):
+            lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            targets = pseudo_labels_on_device[indices.to(device, non_blocking=True)]
-            batch = (make_views(batch, epoch, indices, device)[0] if use_gpu_aug
-                     else batch.to(device, non_blocking=True, memory_format=memory_format))
-            with dist.autocast(device, precision):
-                logits = model(batch)
+            targets = pseudo_labels_on_device[indices.to(run.device, non_blocking=True)]
+            with run.autocast():
+                logits = model(images)
             loss = pseudo_label_loss(logits, targets)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                 scaler.update()
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(), lr=lr,
-                        bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), lr=lr)
+    return run.finish()
 
 
 def run_stages(args, runtime):
@@ -376,7 +300,7 @@ def run_stages(args, runtime):
         if clusters["num_clusters"] != args.num_clusters:
             raise ValueError(f"{clusters_path} has {clusters['num_clusters']} clusters, not --num-clusters "
                              f"{args.num_clusters}; delete it or use another --output-dir.")
-        train_stage(args, runtime, dataset, clusters["assignments"])
+        return train_stage(args, runtime, dataset, clusters["assignments"])
 
 
 def load_output(path, stage, n_images):
@@ -429,13 +353,7 @@ def load_output(path, stage, n_images):
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        run_stages(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(run_stages, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -52,14 +52,12 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, gpu_aug, models, optim, speed
-from common.guard import StepGuard
-from common.log import MetricLogger
+from common import cli, dist, gpu_aug, models, optim, speed
+from common.run import Run, RunArgs, launch
 
 
 @dataclass
-class Args:
-    data: str = field(default="", metadata={"help": "ImageFolder dir, file list, or cifar10 / cifar10-mini / fashion-mnist"})
+class Args(RunArgs):
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 105
@@ -75,22 +73,7 @@ class Args:
     rotations: int = field(default=4, metadata={"help": "rotated copies per image: 4 (paper) or 1 random (VISSL)"})
     crop_size: int = 224  # RandomResizedCrop size, before the rotations
     crop_scale: tuple[float, ...] = (0.08, 1.0)
-    workers: int = 8
-    gpu_aug: str = field(default="auto", metadata={"choices": ["auto", "on", "off"]})  # auto: on with CUDA
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    precision: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
     output_dir: str = "runs/rotnet"
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    data_fraction: float = 1.0
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch's end (0: epochs only)
-    keep_checkpoints: int = 3
-    nan_policy: str = field(default="stop", metadata={"choices": ["stop", "skip"]})  # on a NaN/Inf loss or gradient
-    max_nan_skips: int = 20  # with --nan-policy skip: stop after this many skipped batches
-    max_bad_fraction: float = 0.01  # stop when more unreadable images than this are met
-    print_every: int = 10
-    resume: bool = True  # continue from the latest checkpoint in --output-dir
 
 
 PRESETS = {
@@ -113,6 +96,11 @@ def image_transform(args):
         T.ToTensor(),
         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
+
+
+def one_view(view):
+    """The training loader yields a list of view batches (common/run.py); RotNet's list holds one, the crop."""
+    return [view]
 
 
 def device_views(args, channels_last=False):
@@ -183,125 +171,49 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
 
 
 def train(args, runtime):
-    device = runtime.device
-    checkpoint.prepare_output_dir(args.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     if args.rotations not in (1, 4):
         raise ValueError(f"--rotations must be 4 (every rotation of every image) or 1 (one at random), "
                          f"got {args.rotations}.")
-
-    use_gpu_aug, channels_last = speed.use_gpu_aug(args.gpu_aug, device), speed.channels_last(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    dataset = data.subset(data.build_dataset(args.data, "train"), args.data_fraction, args.seed)
-    if use_gpu_aug:  # workers decode only; crops are made batched on the device
-        decoded = data.DecodedImages(dataset, speed.max_side([args.crop_size]))
-        images = data.ViewDataset(decoded, None, seed=args.seed)
-        make_views = device_views(args)  # channels_last after the rotation
-    else:
-        images = data.ViewDataset(dataset, image_transform(args), seed=args.seed)
-    sampler = data.EpochSampler(len(images), runtime.rank, runtime.world_size, seed=args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than this process's share of the data "
-                         f"({sampler.num_samples} of {len(images)} images over {runtime.world_size} processes).")
-    loader = data.build_loader(images, sampler, args.batch_size, args.workers, device,
-                               collate_fn=data.collate_canvas if use_gpu_aug else data.collate)
-
-    model = RotNet(args).to(device, memory_format=memory_format)
-    core = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = speed.compile_model(model, args.compile)
+    # ---- run management (common/run.py): data, model on the device, optimizer, resume
+    run = Run("rotnet", args, runtime)
+    # one view per image; with --gpu-aug the crop is made on the device, channels_last after the rotation
+    loader = run.loader(None, T.Compose([image_transform(args), one_view]), device_views(args),
+                        speed.max_side([args.crop_size]))
+    model, core = run.wrap(RotNet(args))
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum,
                                 nesterov=args.nesterov)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = run.grad_scaler()
+    run.resume(core, optimizer, scaler)
 
-    global_batch = args.batch_size * runtime.world_size
-    peak_lr = optim.scaled_lr(args.lr, global_batch)
-    total_steps = args.epochs * steps_per_epoch
-    step = 0
-    last = checkpoint.latest(args.output_dir) if args.resume else None
-    if last is not None:
-        state = checkpoint.load_training(last, "rotnet")
-        checkpoint.load_model(core, state["model"], last)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
-        if runtime.is_main:
-            print(f"resumed from {last} at step {step}", flush=True)
-
-    saved = {"step": step, "path": last}
-
-    def save():
-        saved["step"], saved["path"] = step, None
-        if runtime.is_main:
-            saved["path"] = checkpoint.save_training({
-                "method": "rotnet", "args": cli.as_dict(args), "epoch": step // steps_per_epoch, "step": step,
-                "world_size": runtime.world_size, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "trunk": models.trunk_state_dict(core.trunk), "arch": args.arch, "cifar_stem": args.cifar_stem,
-            }, args.output_dir, step, keep=args.keep_checkpoints)
-        dist.barrier()
-
-    logger = MetricLogger(args.output_dir, total_steps, enabled=runtime.is_main, print_every=args.print_every)
-    logger.info(f"rotnet: {len(images)} images, {runtime.world_size} process(es) x batch {args.batch_size} x "
-                f"{args.rotations} rotation(s), {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr "
-                f"{peak_lr:.4g}, {precision}, gpu-aug {'on' if use_gpu_aug else 'off'}"
-                f"{', compiled' if args.compile else ''}")
-    guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+    # ---- the method: edit here
+    peak_lr = optim.scaled_lr(args.lr, run.global_batch)
+    run.start(f"{args.rotations} rotation(s) per image, peak lr {peak_lr:.4g}")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=(step % steps_per_epoch) * args.batch_size)
-        for batch, _, indices, bad in loader:
-            if args.max_steps and step >= args.max_steps:
-                break
-            lr = learning_rate(step, steps_per_epoch, total_steps, peak_lr, args)
+    for epoch in run.epochs():
+        for (images,), indices in run.batches(loader):
+            lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
             # rotations drawn from (seed, step, rank) alone: a resumed run draws the same ones
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 4_099 + runtime.rank)
-            batch = (make_views(batch, epoch, indices, device)[0] if use_gpu_aug
-                     else batch.to(device, non_blocking=True))
-            rotated, labels = rotate_batch(batch, args.rotations, generator)
-            rotated = rotated.contiguous(memory_format=memory_format)
-            with dist.autocast(device, precision):
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + run.step) * 4_099 + runtime.rank)
+            rotated, labels = rotate_batch(images, args.rotations, generator)
+            rotated = rotated.contiguous(memory_format=run.memory_format)
+            with run.autocast():
                 logits = model(rotated)
             loss = rotation_loss(logits, labels)
-            mean_loss, preempted = guard.sync(loss)
+            mean_loss = run.sync(loss)
             optimizer.zero_grad(set_to_none=True)
-            if guard.finite_loss(mean_loss, step, lr, last_checkpoint=saved["path"]):
+            if run.finite_loss(mean_loss, lr):  # --nan-policy: stop, or skip the batch
                 scaler.scale(loss).backward()
-                if guard.finite_grads(core, step, lr, mean_loss, last_checkpoint=saved["path"], scaler=scaler):
+                if run.finite_grads(core, mean_loss, lr, scaler):
                     scaler.step(optimizer)
                 scaler.update()
-            step += 1
-            guard.count_images(args.batch_size, bad, logger)
             accuracy = (logits.detach().argmax(1) == labels).float().mean()
-            logger.step(step, epoch, global_batch, loss=mean_loss.item(),
-                        rotation_acc=dist.all_reduce_mean(accuracy).item(), lr=lr, bad_images=guard.bad_images)
-            if preempted:
-                save()
-                guard.exit_preempted(logger)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save()
-        if args.max_steps and step >= args.max_steps:
-            break
-        save()
-    if saved["step"] != step:
-        save()
-    logger.close()
-    return step
+            run.log(loss=mean_loss.item(), rotation_acc=dist.all_reduce_mean(accuracy).item(), lr=lr)
+    return run.finish()
 
 
 def main(argv=None):
-    args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
-    torch.manual_seed(args.seed)
-    runtime = dist.setup(args.device)
-    try:
-        train(args, runtime)
-    finally:
-        dist.cleanup()
+    return launch(train, Args, PRESETS, __doc__, argv)
 
 
 if __name__ == "__main__":
