@@ -312,7 +312,6 @@ def train(args, runtime):
     make_puzzles = functools.partial(device_puzzles, device_views(args), permutations=permutations, args=args)
     loader = run.loader(None, Puzzle(args, permutations), make_puzzles, speed.max_side([args.resize_size]))
     model, core = run.wrap(JigsawNet(args))
-    run.memory_format = torch.contiguous_format  # the batches (tiles [B, 9, 3, t, t], labels [B]) move as they are
     optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = run.grad_scaler()
     run.resume(core, optimizer, scaler)

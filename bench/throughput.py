@@ -302,7 +302,7 @@ def npid_step(args, device, precision, memory_format, n_data=50_000):
         positives = memory.bank[indices]
         noise = memory.bank[npid.noise_indices(n_data, args.num_negatives, 0, count[0], 0, device)]
         if float(memory.z) < 0:
-            memory.z.fill_(npid.estimate_z(embeddings.detach(), noise, args.temperature, n_data))
+            memory.z.fill_(npid.estimate_z(embeddings.detach(), positives, noise, args.temperature, n_data))
         loss = npid.nce_loss(embeddings, positives, noise, memory.z, args.temperature, n_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,7 +391,8 @@ def pirl_step(args, device, precision, memory_format, n_data=50_000):
             image_embeddings, jigsaw_embeddings = model(images, patches)
         noise = memory.bank[pirl.noise_indices(n_data, args.num_negatives, args.seed, count[0], 0, device)]
         if not z_estimated[0]:
-            memory.z.fill_(pirl.estimate_z(image_embeddings.detach(), noise, args.temperature, n_data))
+            memory.z.fill_(pirl.estimate_z(jigsaw_embeddings.detach(), memory.bank[indices], noise, args.temperature,
+                                           n_data))
             z_estimated[0] = True
         loss = pirl.pirl_loss(image_embeddings, jigsaw_embeddings, memory.bank[indices], noise, memory.z, args,
                               n_data)

@@ -159,7 +159,8 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def latest_state(self):
-        """The latest checkpoint's dict (validated for this method), or None with --no-resume or none yet."""
+        """The latest checkpoint's dict (validated for this method), or None with --no-resume or none yet; read
+        once, and released by `resume` (which returns it)."""
         if not hasattr(self, "_state"):
             self.last_path = checkpoint.latest(self.args.output_dir) if self.args.resume else None
             self._state = None if self.last_path is None else checkpoint.load_training(self.last_path, self.method)
@@ -169,7 +170,7 @@ class Run:
         """Load the latest checkpoint's model, optimizer, scaler, RNG states and step; returns its dict (the
         method restores its own state from it) or None on a fresh start."""
         self.core, self.optimizer, self.scaler = core, optimizer, scaler
-        state = self.latest_state()
+        state, self._state = self.latest_state(), None  # the caller holds it while it needs it, not the run
         if state is None:
             return None
         checkpoint.load_model(core, state["model"], self.last_path)

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common import ops
 from tests.helpers import global_data
