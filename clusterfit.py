@@ -24,6 +24,7 @@ starts at --lr (the rate quoted for 256 images) and exists only when the global 
 
     torchrun --nproc_per_node=8 clusterfit.py --weights rotnet.pth --data /datasets/imagenet/train
     python clusterfit.py --preset cifar --weights runs/rotnet-cifar/checkpoint-00078000.pth --data cifar10
+    python clusterfit.py --preset cpu --weights runs/simclr-cpu/checkpoint-00000120.pth   # the CPU recipe of its convergence test
     python clusterfit.py --stage cluster --num-clusters 8000 --output-dir runs/clusterfit ...   # one stage
 
 Speed (common/speed.py): on CUDA the workers only decode images and the stage-3 training view is
@@ -98,6 +99,14 @@ PRESETS = {
                   crop_scale=(0.2, 1.0), batch_size=256, lr=0.1, warmup_start=0.25, lr_schedule="cosine", epochs=100,
                   workers=4, output_dir="runs/clusterfit-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test (with --weights a SimCLR --preset cpu "
+                            "checkpoint): --preset cifar with the ImageNet stem at 32 px on the embedded "
+                            "cifar10-mini, 30 clusters, 14 epochs, batch 256, lr 0.2"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, num_clusters=30, epochs=14, warmup_epochs=1.0,
+                      batch_size=256, lr=0.2, output_dir="runs/clusterfit-cpu")
 
 
 # ----------------------------------------------------------------------------- stage 1: features

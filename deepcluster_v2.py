@@ -39,7 +39,7 @@ Deviations from the original code (main_deepclusterv2.py, VISSL's deepclusterv2_
 
     torchrun --nproc_per_node=8 --nnodes=8 ... deepcluster_v2.py --data /datasets/imagenet/train
     python deepcluster_v2.py --preset cifar --data cifar10 --epochs 800
-    python deepcluster_v2.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python deepcluster_v2.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
 batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
@@ -98,6 +98,15 @@ PRESETS = {
                   lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=10.0, hidden_dim=512, jitter_strength=0.5,
                   blur_p=0.0, epochs=800, workers=4, output_dir="runs/deepcluster_v2-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on a quarter of the embedded cifar10-mini, 2x32 crops, 28 epochs, batch 128, lr "
+                            "1.0, 3 x 30 clusters"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, crops="2x32", data_fraction=0.25, epochs=28,
+                      warmup_epochs=0.5, batch_size=128, lr=1.0, num_clusters=(30, 30, 30),
+                      exclude_bias_and_norm=True, output_dir="runs/deepcluster_v2-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

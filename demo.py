@@ -1,7 +1,7 @@
 """The main job on the embedded default: SimCLR on cifar10-mini, then weighted kNN vs a random trunk.
 
 Pretrains a ResNet-18 (ImageNet stem, 32 px: the CIFAR stem is ~15x slower on a CPU) with
-SimCLR on the 4,000 training images of cifar10-mini, then evaluates the trained trunk and
+SimCLR's `--preset cpu` on the 4,000 training images of cifar10-mini, then evaluates the trained trunk and
 a random-init one of the same architecture with eval_knn.py (k = 20, T = 0.07) on CIFAR-10's
 10,000 test images (the embedded cifar10-test), the 4,000 training images as the bank. Runs on
 a 2-core CPU in about five minutes; pass --epochs for longer.
@@ -38,9 +38,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
-    run("simclr.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", str(args.epochs),
-        "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
-        "--workers", str(args.workers), "--print-every", "15", "--output-dir", args.output_dir)
+    run("simclr.py", "--preset", "cpu", "--epochs", str(args.epochs), "--workers", str(args.workers),
+        "--print-every", "15", "--output-dir", args.output_dir)
     trained_seconds = time.time() - started
     knn = ("--train-data", "cifar10-mini", "--test-data", "cifar10-test", "--arch", "resnet18", "--no-cifar-stem", "--image-size", "32",
            "--workers", str(args.workers))

@@ -34,10 +34,9 @@ position n/9 times, as evenly as possible, which minimises the pairs that agree 
 
     torchrun --nproc_per_node=8 jigsaw.py --data /datasets/imagenet/train
     python jigsaw.py --preset cifar --data cifar10
-    python jigsaw.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 6 --batch-size 128 \
-        --resize-size 54 --crop-size 54 --tile-size 16 --warmup-epochs 0.5 --lr 0.025   # 2-core CPU, ~2-3 min
-    python eval_knn.py --weights runs/jigsaw-cifar/checkpoint-00000186.pth --arch resnet18 --no-cifar-stem \
-        --image-size 32 --train-data cifar10-mini --test-data cifar10-mini --layers res4 --precise-bn 4000
+    python jigsaw.py --preset cpu   # the CPU recipe of its convergence test
+    python eval_knn.py --weights runs/jigsaw-cpu/checkpoint-00000186.pth --arch resnet18 --no-cifar-stem \
+        --image-size 32 --train-data cifar10-mini --test-data cifar10-test --layers res4 --precise-bn 4000
 
 On CPU at 32 px the res4 features gain most (tests/test_convergence_cluster_pretext.py): the trunk
 only sees tiles, so kNN re-estimates BatchNorm statistics on whole images first (--precise-bn).
@@ -113,6 +112,13 @@ PRESETS = {
                   batch_size=128, lr=0.1, epochs=100, warmup_epochs=5, lr_schedule="cosine", workers=4,
                   output_dir="runs/jigsaw-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem on "
+                            "the embedded cifar10-mini resized to 54 px, 16-px tiles, 6 epochs, batch 128, lr 0.025"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, resize_size=54, crop_size=54, tile_size=16,
+                      epochs=6, warmup_epochs=0.5, batch_size=128, lr=0.025, output_dir="runs/jigsaw-cpu")
 
 
 # ----------------------------------------------------------------------------- permutation set

@@ -46,7 +46,7 @@ non-finite loss or gradient is skipped and enqueues nothing.
 
     torchrun --nproc_per_node=8 moco.py --data /datasets/imagenet/train --epochs 200
     python moco.py --preset cifar --data cifar10 --epochs 800
-    python moco.py --preset cifar --data cifar10-mini --no-cifar-stem --queue-size 1024 --queue-init empty --epochs 5
+    python moco.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and both views are made batched on
 the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as
@@ -107,6 +107,14 @@ PRESETS = {
                   queue_size=4096, key_momentum=0.99, weight_decay=5e-4, hidden_dim=512, blur_p=0.0, epochs=800,
                   workers=4, output_dir="runs/moco-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on the embedded cifar10-mini, 16 epochs, batch 256, lr 0.06, K=1024 starting "
+                            "empty"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, epochs=16, batch_size=256, lr=0.06,
+                      queue_size=1024, queue_init="empty", output_dir="runs/moco-cpu")
 
 
 def resolve_version_defaults(args):

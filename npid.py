@@ -30,8 +30,7 @@ norm_init. The `cifar` preset is ours (see PRESETS), not lemniscate's cifar.py.
     torchrun --nproc_per_node=8 npid.py --data /datasets/imagenet/train
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 npid.py --npid++ --data /datasets/imagenet/train
     python npid.py --preset cifar --data cifar10
-    python npid.py --preset cifar --data cifar10-mini --no-cifar-stem --data-fraction 0.125 --epochs 100 \\
-        --lr 0.03 --lr-schedule cosine --loss-type cross_entropy --num-negatives 256   # 2-core CPU, ~100 s
+    python npid.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and the view is made batched on the
 GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as the
@@ -84,6 +83,15 @@ PRESETS = {
                   arch="resnet18", cifar_stem=True, image_size=32, crop_scale=(0.2, 1.0), grayscale_p=0.2,
                   batch_size=128, lr=0.06, temperature=0.1, workers=4, output_dir="runs/npid-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on an eighth of the embedded cifar10-mini (each memory entry refreshed often), "
+                            "100 epochs, batch 128, cosine lr 0.03, cross-entropy with 256 negatives"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, data_fraction=0.125, epochs=100,
+                      batch_size=128, lr=0.03, lr_schedule="cosine", loss_type="cross_entropy", num_negatives=256,
+                      output_dir="runs/npid-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

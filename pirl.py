@@ -32,8 +32,7 @@ than VISSL's and the PIL path here.
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 pirl.py --data /datasets/imagenet/train
     torchrun --nproc_per_node=8 pirl.py --data /datasets/imagenet/train --mlp-head --loss-type cross_entropy --temperature 0.1
     python pirl.py --preset cifar --data cifar10
-    python pirl.py --preset cifar --data cifar10-mini --no-cifar-stem --gblur --data-fraction 0.0625 --epochs 100 \
-        --batch-size 64 --loss-type cross_entropy --num-negatives 256 --crop-scale 0.2 1   # 2-core CPU, ~4 min
+    python pirl.py --preset cpu   # the CPU recipe of its convergence test
 
 At 32 px VISSL's default photometric transform (solarize with a threshold drawn from 0-256, posterize,
 autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py).
@@ -91,6 +90,15 @@ PRESETS = {
                   arch="resnet18", cifar_stem=True, image_size=32, patch_crop_size=48, patch_size=14,
                   batch_size=128, num_negatives=4096, epochs=400, workers=4, output_dir="runs/pirl-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on a sixteenth of the embedded cifar10-mini, 100 epochs, batch 64, lr 0.03, "
+                            "cross-entropy with 256 negatives, crop scale 0.2-1, Gaussian-blur colour pipeline"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, data_fraction=0.0625, epochs=100,
+                      batch_size=64, lr=0.03, loss_type="cross_entropy", num_negatives=256, crop_scale=(0.2, 1.0),
+                      gblur=True, output_dir="runs/pirl-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

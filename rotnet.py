@@ -39,7 +39,7 @@ statistics (the batched GPU augmentation makes resized crops).
 
     torchrun --nproc_per_node=8 rotnet.py --data /datasets/imagenet/train
     python rotnet.py --preset cifar --data cifar10
-    python rotnet.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python rotnet.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and the crop (then its four
 rotations) is made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the
@@ -83,6 +83,13 @@ PRESETS = {
                   weight_decay=5e-4, nesterov=True, epochs=200, lr_milestones=(60, 120, 160), lr_decay=0.2,
                   workers=4, output_dir="runs/rotnet-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on the embedded cifar10-mini, 4 epochs, batch 32, cosine lr 0.1"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, epochs=4, batch_size=32, lr=0.1,
+                      lr_schedule="cosine", output_dir="runs/rotnet-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

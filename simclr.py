@@ -29,7 +29,7 @@ Deviations from the original code:
 
     torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
     python simclr.py --preset cifar --data cifar10 --epochs 800
-    python simclr.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python simclr.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and the views are made
 batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
@@ -85,6 +85,13 @@ PRESETS = {
                   hidden_dim=512, jitter_strength=0.5, blur_p=0.0, epochs=800, warmup_epochs=10, workers=4,
                   warmup_start_lr=0.0, head_bn=True, exclude_bias_and_norm=True, output_dir="runs/simclr-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test and demo.py: --preset cifar with the "
+                            "ImageNet stem at 32 px on the embedded cifar10-mini, 8 epochs, batch 256, lr 2.0, T=0.2"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, epochs=8, warmup_epochs=1.0, batch_size=256,
+                      lr=2.0, temperature=0.2, output_dir="runs/simclr-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

@@ -41,7 +41,7 @@ ResNet-18, cifar10-mini, 8 epochs gave kNN top-1 30.1 / 31.7 / 33.2 / 34.1 at --
     torchrun --nproc_per_node=8 --nnodes=8 ... swav.py --data /datasets/imagenet/train
     torchrun --nproc_per_node=8 swav.py --preset small-batch --data /datasets/imagenet/train
     python swav.py --preset cifar --data cifar10 --epochs 800
-    python swav.py --preset cifar --data cifar10-mini --no-cifar-stem --epochs 5   # 2-core CPU demo
+    python swav.py --preset cpu   # the CPU recipe of its convergence test
 
 Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
 batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
@@ -105,6 +105,15 @@ PRESETS = {
                   lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=10.0, queue_length=3840, epoch_queue_starts=30,
                   hidden_dim=512, jitter_strength=0.5, blur_p=0.0, epochs=800, workers=4, output_dir="runs/swav-cifar"),
 }
+
+# the recipe the CPU convergence test, demo.py and bench/convergence.py run: `--preset cpu` alone
+PRESETS["cpu"] = dict(PRESETS["cifar"],
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem at "
+                            "32 px on the embedded cifar10-mini, 2x32 crops, 12 epochs, batch 128, lr 1.0, 100 "
+                            "prototypes, no queue, eps 0.01"),
+                      data="cifar10-mini", cifar_stem=False, workers=2, crops="2x32", epochs=12, warmup_epochs=0.5,
+                      batch_size=128, lr=1.0, n_prototypes=100, queue_length=0, exclude_bias_and_norm=True,
+                      epsilon=0.01, output_dir="runs/swav-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

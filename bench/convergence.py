@@ -1,7 +1,7 @@
 """CPU convergence runs: pretrain each method briefly on cifar10-mini, then weighted kNN vs random init.
 
 Every method pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini's 4,000 training
-images for the given number of epochs, then eval_knn.py (k = 20, T = 0.07) measures top-1
+images with its script's `--preset cpu` (epochs times --epochs-scale), then eval_knn.py (k = 20, T = 0.07) measures top-1
 on CIFAR-10's 10,000 test images (the embedded cifar10-test, or --test-data) with the 4,000
 training images as the bank. The same
 evaluation of a seeded random-init trunk is the baseline (Jigsaw is scored at res4 with
@@ -11,6 +11,7 @@ precise BN, and so is its baseline: EVAL_FLAGS). Prints one JSON object.
     python bench/convergence.py --methods simclr moco --epochs-scale 4 --out bench/results/conv.json
 """
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -19,53 +20,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["--data", "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50"]
-# method -> (extra flags, epochs): the CPU recipes (--preset cifar with the ImageNet stem at 32 px)
-RUNS = {
-    "simclr": (["--preset", "cifar", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
-                "--warmup-epochs", "1"], 8),
+# every method runs its script's `--preset cpu`, the recipe its convergence test runs (--preset cifar with the
+# ImageNet stem at 32 px on cifar10-mini, and the changes the script's preset states); measurements in the comments
+COMMON = ["--preset", "cpu", "--print-every", "50"]
+METHODS = [
+    "simclr",
     # the moco recipe of tests/test_convergence_*.py: 33.78 / 33.84 (seeds 0 / 1, bicubic crops); 8 epochs 31.70. The
     # queue starts empty: from random unit vectors (the official code's start) every query went to one direction
-    "moco": (["--preset", "cifar", "--batch-size", "256", "--lr", "0.06", "--queue-size", "1024", "--queue-init",
-              "empty"], 16),
+    "moco",
     # the swav recipe of tests/test_convergence_*.py: 34.49 / 34.86 / 34.64 / 34.29 (seeds 0-3, one thread); 8 epochs gave
     # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs
-    "swav": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32", "--lr", "1.0",
-              "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm", "--epsilon", "0.01"], 12),
+    "swav",
     # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.89 / 32.63 (seeds 0 / 1, one thread) with the default
     # banks of crops 0 and 1, 33.66 / 33.41 with crop 0's bank alone; the whole set for 7 epochs with 3 x 100 centroids
     # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank)
-    "deepcluster_v2": (["--preset", "cifar", "--batch-size", "128", "--warmup-epochs", "0.5", "--crops", "2x32",
-                        "--lr", "1.0", "--num-clusters", "30", "30", "30", "--exclude-bias-and-norm",
-                        "--data-fraction", "0.25"], 28),
+    "deepcluster_v2",
     # the npid recipe of tests/test_convergence_*.py: 35.55 (seed 0, one thread); 35.87 / 35.36 (seeds 0 / 1)
     # with a cross-entropy that also counted the batch's other memory entries as negatives (VISSL's: the noise
     # only). An eighth of the images for many epochs keeps the memory bank fresh (each entry is refreshed once
     # per epoch); with that earlier loss --data-fraction 0.5, 28 epochs, 1024 negatives gave 33.62 / 32.11, and
     # lr 0.06 29.58
-    "npid": (["--preset", "cifar", "--batch-size", "128", "--lr", "0.03", "--lr-schedule", "cosine", "--loss-type",
-              "cross_entropy", "--num-negatives", "256", "--data-fraction", "0.125"], 100),
+    "npid",
     # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread) with
     # that same batch-negatives cross-entropy and patch offsets 0-2 px (VISSL's: 0-1). VISSL's
     # default photometric transform (posterize, sharpness, solarize 0-256, autocontrast at p 0.66) keeps PIRL near
     # chance at 32 px: an eighth of the images for 40 epochs 28.11 (29.12 with --jigsaw-weight 0); --gblur there
     # 32.79 / 27.38, 100 epochs 33.84 / 32.82; --loss-type nce (Z fixed) diverged (kNN 16-20), --mlp-head collapsed
-    "pirl": (["--preset", "cifar", "--batch-size", "64", "--lr", "0.03", "--loss-type", "cross_entropy",
-              "--num-negatives", "256", "--crop-scale", "0.2", "1", "--gblur", "--data-fraction", "0.0625"], 100),
+    "pirl",
     # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1)
-    "rotnet": (["--preset", "cifar", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine"], 4),
+    "rotnet",
     # the jigsaw recipe of tests/test_convergence_*.py, scored at res4 with precise BN (EVAL_FLAGS): 33.49 / 34.29 /
     # 34.46 / 34.38 (seeds 0-3, one thread), 33.93 / 34.73 (seeds 0 / 1, two threads) vs random init 31.16 under the
     # same evaluation. Pooled features gain less and vary more (precise BN, random 27.79): 29.43 / 29.95 at 6 epochs;
     # 3 epochs 28.21-30.18 over seeds and thread counts, as were 13-px tiles in 18-px cells (the paper's gap) 29.30
     # and 18-px tiles of a 72-px resize 27.84. Without precise BN the tiles' BatchNorm statistics hurt res3/res4
     # (31.34 at res4 vs 34.43 for random init); 2 epochs of the preset's own geometry gave 28.06 pooled.
-    "jigsaw": (["--preset", "cifar", "--batch-size", "128", "--resize-size", "54", "--crop-size", "54",
-                "--tile-size", "16", "--warmup-epochs", "0.5", "--lr", "0.025"], 6),
-    # clusters the features of a SimCLR run at its RUNS recipe (trained first), then trains a fresh trunk
-    "clusterfit": (["--preset", "cifar", "--num-clusters", "30", "--batch-size", "256", "--lr", "0.2",
-                    "--warmup-epochs", "1"], 14),
-}
+    "jigsaw",
+    # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk
+    "clusterfit",
+]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
 # not fit 32-px images, and its last block is specific to the pretext task (Goyal et al. 2019 probe Jigsaw at res4).
@@ -85,6 +78,12 @@ def knn_top1(weights, test_data, eval_flags=()):
     return json.loads(out.strip().splitlines()[-1])["top1"]
 
 
+def preset_epochs(method):
+    """The epochs of `method`'s `--preset cpu`."""
+    sys.path.insert(0, str(ROOT))
+    return importlib.import_module(method).PRESETS["cpu"]["epochs"]
+
+
 def torch_threads():
     """The intra-op threads each training and evaluation process gets (OMP_NUM_THREADS, else torch's default)."""
     return int(run(["-c", "import torch; print(torch.get_num_threads())"]).strip())
@@ -92,7 +91,7 @@ def torch_threads():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every budget")
     parser.add_argument("--test-data", default="cifar10-test", help="labelled test images (default: the embedded CIFAR-10 test split)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every training run (the random-init baseline "
@@ -103,14 +102,12 @@ def main():
     result = {"command": " ".join(["python", "bench/convergence.py", *sys.argv[1:]]), "test_data": test_data, "seed": args.seed,
               "torch_threads": torch_threads(), "random_init_top1": knn_top1("random", test_data), "methods": {}}
     for method in args.methods:
-        flags, epochs = RUNS[method]
-        epochs = max(1, round(epochs * args.epochs_scale))
+        epochs = max(1, round(preset_epochs(method) * args.epochs_scale))
         with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryDirectory() as teacher_dir:
-            if method == "clusterfit":  # its pretrained network N_pre: SimCLR at its RUNS budget
-                simclr_flags, simclr_epochs = RUNS["simclr"]
-                run(["simclr.py", *COMMON, *simclr_flags, "--epochs", str(simclr_epochs), "--seed", str(args.seed),
-                     "--output-dir", teacher_dir])
-                flags = [*flags, "--weights", str(sorted(Path(teacher_dir).glob("checkpoint-*.pth"))[-1])]
+            flags = []
+            if method == "clusterfit":  # its pretrained network N_pre: SimCLR's --preset cpu
+                run(["simclr.py", *COMMON, "--seed", str(args.seed), "--output-dir", teacher_dir])
+                flags = ["--weights", str(sorted(Path(teacher_dir).glob("checkpoint-*.pth"))[-1])]
             started = time.time()
             run([f"{method}.py", *COMMON, *flags, "--epochs", str(epochs), "--seed", str(args.seed),
                  "--output-dir", out_dir])

@@ -98,9 +98,7 @@ def assert_beats_random_init(method, top1, random_top1, margin):
 
 
 # the SimCLR convergence recipe (tests/test_convergence_instance.py): 8 epochs of cifar10-mini, ~100 s on 2 idle cores
-SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem", "--epochs", "8",
-                            "--warmup-epochs", "1", "--batch-size", "256", "--lr", "2.0", "--temperature", "0.2",
-                            "--workers", "2", "--print-every", "40")
+SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cpu", "--print-every", "40")
 
 
 def swav_sinkhorn(scores, epsilon, n_iters):

@@ -316,3 +316,39 @@ def test_malformed_training_checkpoints_are_refused_in_one_sentence(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match=words) as caught:
             checkpoint.load_training(tmp_path / "bad.pth", "simclr")
         assert "\n" not in str(caught.value)
+
+
+TRAINING_SCRIPTS = ["simclr", "moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw", "clusterfit"]
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_cpu_preset_is_the_cifar_recipe_on_the_embedded_data_with_the_imagenet_stem(script):
+    """`--preset cpu` (what the convergence tests, demo.py and bench/convergence.py run) starts from the script's
+    `--preset cifar` and trains the ImageNet stem on cifar10-mini; anything else it changes is the script's own
+    statement of the CPU recipe."""
+    import importlib
+
+    from common.run import RunArgs
+
+    module = importlib.import_module(script)
+    cpu = cli.parse_args(module.Args, module.PRESETS, ["--preset", "cpu"])
+    assert issubclass(module.Args, RunArgs)
+    assert (cpu.data, cpu.cifar_stem, cpu.arch, cpu.output_dir) == ("cifar10-mini", False, "resnet18",
+                                                                   f"runs/{script}-cpu")
+    assert set(module.PRESETS["cifar"]) <= set(module.PRESETS["cpu"])  # every cifar setting, kept or restated
+
+
+def test_convergence_tests_run_the_cpu_presets():
+    """Each convergence test trains its script's `--preset cpu` (no recipe kept in the tests)."""
+    import re
+
+    here = Path(__file__).parent
+    sources = "".join((here / f).read_text() for f in ("test_convergence_instance.py",
+                                                                "test_convergence_cluster_pretext.py", "helpers.py"))
+    for script in TRAINING_SCRIPTS:
+        if script == "simclr":
+            assert 'SIMCLR_CONVERGENCE_FLAGS = ("--preset", "cpu"' in sources
+            continue
+        call = re.search(rf'pretrain_knn_top1\(tmp_path, "{script}\.py", ([^)]*)\)', sources)
+        assert call and call.group(1).startswith('"--preset", "cpu"'), script
+        assert "--epochs" not in call.group(1) and "--lr" not in call.group(1), call.group(1)

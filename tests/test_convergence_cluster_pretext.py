@@ -25,7 +25,7 @@ def test_swav_beats_random_init(tmp_path, random_knn_top1):
     """A short CPU SwAV run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
 
     Budget: 12 epochs over cifar10-mini's 4,000 training images (372 steps of 128 images x 2 crops of
-    32 px, ResNet-18 with the ImageNet stem), about 4 min single-threaded. Recipe: --preset cifar
+    32 px, ResNet-18 with the ImageNet stem), about 4 min single-threaded. Recipe (`--preset cpu`): --preset cifar
     with 2x32 crops only, 100 prototypes (frozen for the first epoch), no queue, lr 1.0 per 256 images
     after a half-epoch warmup, SimCLR's optimiser groups (--exclude-bias-and-norm), and --epsilon 0.01:
     at the VISSL default 0.05 the Sinkhorn codes of a fresh network stay near uniform (mean largest
@@ -39,10 +39,7 @@ def test_swav_beats_random_init(tmp_path, random_knn_top1):
     `make test-convergence`): 34.49, 34.86, 34.64 and 34.29 (seeds 0-3) vs random init 31.77, +2.5 to +3.1 points.
     The assertion asks for +1 point, below every measurement.
     """
-    top1 = pretrain_knn_top1(tmp_path, "swav.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--crops", "2x32", "--batch-size", "128", "--epochs", "12", "--warmup-epochs", "0.5",
-                             "--lr", "1.0", "--n-prototypes", "100", "--queue-length", "0", "--exclude-bias-and-norm",
-                             "--epsilon", "0.01", "--workers", "2", "--print-every", "40")
+    top1 = pretrain_knn_top1(tmp_path, "swav.py", "--preset", "cpu", "--print-every", "40")
     assert_beats_random_init("swav", top1, random_knn_top1, SWAV_MARGIN)
 
 
@@ -57,7 +54,7 @@ def test_deepcluster_v2_beats_random_init(tmp_path, random_knn_top1):
     class), 196 steps of 128 images x 2 crops of 32 px (ResNet-18 with the ImageNet stem), 50,000 training
     views plus one forward pass over the 1,000 images' two bank crops before training and 28 k-means
     clusterings, roughly 100 s on 2 idle cores (13 min single-threaded on a busy shared machine).
-    Recipe: --preset cifar with 2x32 crops only (no 16-px crops, whose passes would also feed BatchNorm's
+    Recipe (`--preset cpu`): --preset cifar with 2x32 crops only (no 16-px crops, whose passes would also feed BatchNorm's
     running statistics), 3 clusterings of 30 centroids, lr 1.0 per 256 images (0.5 at batch 128) after a
     half-epoch warmup, and SimCLR's optimiser groups (--exclude-bias-and-norm: biases and BN get plain SGD
     without decay); with LARC on every parameter (the swav repository's default) the whole set for 7 epochs
@@ -77,10 +74,7 @@ def test_deepcluster_v2_beats_random_init(tmp_path, random_knn_top1):
     lr 0 (BatchNorm statistics of augmented training crops, weights untouched) scores 27.9 %. The
     assertion asks for +0.5 points, below both measurements.
     """
-    top1 = pretrain_knn_top1(tmp_path, "deepcluster_v2.py", "--preset", "cifar", "--data", "cifar10-mini",
-                             "--no-cifar-stem", "--crops", "2x32", "--data-fraction", "0.25", "--batch-size", "128",
-                             "--epochs", "28", "--warmup-epochs", "0.5", "--lr", "1.0", "--num-clusters", "30", "30",
-                             "30", "--exclude-bias-and-norm", "--workers", "2", "--print-every", "40")
+    top1 = pretrain_knn_top1(tmp_path, "deepcluster_v2.py", "--preset", "cpu", "--print-every", "40")
     assert_beats_random_init("deepcluster_v2", top1, random_knn_top1, DEEPCLUSTER_V2_MARGIN)
 
 
@@ -101,9 +95,7 @@ def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
     for +1 point, below both (CPU runs are deterministic per seed; the test runs seed 0 and got 34.54 again
     through pytest). Wall time on the shared 2-core machine: 2 min 43 s.
     """
-    top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--epochs", "4", "--batch-size", "32", "--lr", "0.1", "--lr-schedule", "cosine",
-                             "--workers", "2", "--print-every", "100")
+    top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cpu", "--print-every", "100")
     assert_beats_random_init("rotnet", top1, random_knn_top1, ROTNET_MARGIN)
 
 
@@ -116,7 +108,7 @@ def test_jigsaw_beats_random_init_at_res4(tmp_path):
     """A short CPU Jigsaw run must lift weighted-kNN accuracy of res4 features above a random-init trunk's.
 
     Budget: 6 epochs over cifar10-mini's 4,000 training images, 186 steps of 128 puzzles, each nine 16-px tiles
-    cut from a 54-px resize (ResNet-18 with the ImageNet stem), about 3 min single-threaded. Recipe: --preset
+    cut from a 54-px resize (ResNet-18 with the ImageNet stem), about 3 min single-threaded. Recipe (`--preset cpu`): --preset
     cifar (100 permutations, grayscale p 0.66, cosine), lr 0.025 per 256 puzzles after a half-epoch warmup. The loss
     falls from ln 100 = 4.6 to about 1.9.
 
@@ -132,9 +124,7 @@ def test_jigsaw_beats_random_init_at_res4(tmp_path):
     same evaluation: +2.3 to +3.6 points. The assertion asks for +1.5 points, below every measurement; the
     test runs seed 0.
     """
-    top1 = pretrain_knn_top1(tmp_path, "jigsaw.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--batch-size", "128", "--epochs", "6", "--resize-size", "54", "--crop-size", "54",
-                             "--tile-size", "16", "--warmup-epochs", "0.5", "--lr", "0.025", "--workers", "2",
-                             "--print-every", "40", eval_flags=RES4_WITH_PRECISE_BN)
+    top1 = pretrain_knn_top1(tmp_path, "jigsaw.py", "--preset", "cpu", "--print-every", "40",
+                             eval_flags=RES4_WITH_PRECISE_BN)
     random_top1 = knn_top1("random", *RES4_WITH_PRECISE_BN)
     assert_beats_random_init("jigsaw", top1, random_top1, JIGSAW_MARGIN)

@@ -31,7 +31,7 @@ def test_simclr_beats_random_init(simclr_checkpoint, random_knn_top1):
     SimCLR 38.85 % vs random init 31.77 % (+7.1 points; +7.2 in a second run with the batched
     augmentations). The assertion asks for +3 points, well below that, so seeds and machines do not flake.
     """
-    # the session fixture trains exactly this recipe (conftest.SIMCLR_CONVERGENCE_FLAGS); ClusterFit reuses it
+    # the session fixture trains exactly this recipe (SIMCLR_CONVERGENCE_FLAGS: `--preset cpu`); ClusterFit reuses it
     top1 = knn_top1(simclr_checkpoint)
     assert_beats_random_init("simclr", top1, random_knn_top1, SIMCLR_MARGIN)
 
@@ -44,7 +44,7 @@ def test_moco_beats_random_init(tmp_path, random_knn_top1):
     """A short CPU MoCo v2 run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
 
     Budget: 16 epochs over cifar10-mini's 4,000 training images (240 steps of 256 images x 2 views,
-    ResNet-18 with the ImageNet stem at 32 px), about 145 s on 2 idle cores. Recipe: --preset cifar
+    ResNet-18 with the ImageNet stem at 32 px), about 145 s on 2 idle cores. Recipe (`--preset cpu`): --preset cifar
     (head 512-512-128, T=0.1, m=0.99, wd 5e-4, cosine) with a queue of 1,024 keys (4 batches; the
     queue must stay below the 4,000 images) and lr 0.06 per 256 images; the default 8 Shuffling-BN
     chunks of 32 for both encoders.
@@ -60,9 +60,7 @@ def test_moco_beats_random_init(tmp_path, random_knn_top1):
     +2.0 and +2.1 points (the chunks encoded one after another instead of SplitBatchNorm2d's one pass: 34.50 /
     33.77; 8 epochs: 31.70). The crops are now bilinear, as in main_moco.py. The assertion asks for +1 point.
     """
-    top1 = pretrain_knn_top1(tmp_path, "moco.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--batch-size", "256", "--queue-size", "1024", "--queue-init", "empty", "--lr", "0.06",
-                             "--epochs", "16", "--workers", "2", "--print-every", "40")
+    top1 = pretrain_knn_top1(tmp_path, "moco.py", "--preset", "cpu", "--print-every", "40")
     assert_beats_random_init("moco", top1, random_knn_top1, MOCO_MARGIN)
 
 
@@ -75,7 +73,7 @@ def test_npid_beats_random_init(tmp_path, random_knn_top1):
 
     Budget: 100 epochs over an eighth of cifar10-mini (--data-fraction 0.125: 500 training images, 50 per
     class), 300 steps of 128 images (38,400 32-px views, ResNet-18 with the ImageNet stem), about 100 s on
-    2 idle cores. Recipe: --preset cifar (128-d embeddings, memory momentum 0.5, T = 0.07) with VISSL's InfoNCE
+    2 idle cores. Recipe (`--preset cpu`): --preset cifar (128-d embeddings, memory momentum 0.5, T = 0.07) with VISSL's InfoNCE
     (--loss-type cross_entropy: each image's own memory entry against 256 noise entries of the bank; NCE's Z
     estimate is the paper's default), lr 0.03 per 256 images with a cosine schedule.
 
@@ -90,16 +88,11 @@ def test_npid_beats_random_init(tmp_path, random_knn_top1):
     with it, the whole set (--data-fraction 0.5 for 28 epochs, 1024 negatives) gave only 33.62 / 32.11. The
     assertion asks for +2 points, below every measurement.
     """
-    top1 = pretrain_knn_top1(tmp_path, "npid.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--data-fraction", "0.125", "--epochs", "100", "--batch-size", "128", "--lr", "0.03",
-                             "--lr-schedule", "cosine", "--loss-type", "cross_entropy", "--num-negatives", "256",
-                             "--workers", "2", "--print-every", "50")
+    top1 = pretrain_knn_top1(tmp_path, "npid.py", "--preset", "cpu", "--print-every", "50")
     assert_beats_random_init("npid", top1, random_knn_top1, NPID_MARGIN)
 
 
 CLUSTERFIT_MARGIN = 1.0
-CLUSTERFIT_RECIPE = ("--preset", "cifar", "--num-clusters", "30", "--batch-size", "256", "--lr", "0.2",
-                     "--warmup-epochs", "1", "--epochs", "14")
 
 
 @pytest.mark.convergence
@@ -121,8 +114,8 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
     deterministic on CPU). The assertion asks for +1 point, below both. Wall time on the shared 2-core
     machine: 6 min, half of it the session's SimCLR fixture.
     """
-    top1 = pretrain_knn_top1(tmp_path, "clusterfit.py", "--weights", simclr_checkpoint, *CLUSTERFIT_RECIPE, "--data",
-                             "cifar10-mini", "--no-cifar-stem", "--workers", "2", "--print-every", "50")
+    top1 = pretrain_knn_top1(tmp_path, "clusterfit.py", "--preset", "cpu", "--weights", simclr_checkpoint,
+                             "--print-every", "50")
     assert_beats_random_init("clusterfit", top1, random_knn_top1, CLUSTERFIT_MARGIN)
 
 
@@ -135,7 +128,7 @@ def test_pirl_beats_random_init(tmp_path, random_knn_top1):
 
     Budget: 100 epochs over a sixteenth of cifar10-mini (--data-fraction 0.0625: 250 training images),
     300 steps of 64 images, each a 32-px view plus 9 shuffled 14-px patches (ResNet-18 with the ImageNet
-    stem), about 4 min single-threaded. Recipe: --preset cifar (memory momentum 0.5, T = 0.07, lambda 0.5)
+    stem), about 4 min single-threaded. Recipe (`--preset cpu`): --preset cifar (memory momentum 0.5, T = 0.07, lambda 0.5)
     with VISSL's InfoNCE over 256 noise entries (--loss-type cross_entropy), lr 0.03 per 256 images, cosine, and
     VISSL's photo_gblur transforms (--gblur). A small subset for many epochs keeps the memory bank fresh
     (NPID's test explains why); the kNN bank is still all 4,000 training images.
@@ -153,8 +146,5 @@ def test_pirl_beats_random_init(tmp_path, random_knn_top1):
     0-3) vs random init 31.77, i.e. +1.0, +1.6, +2.0 and +0.55 points. The assertion asks for +0.5 points,
     below every measurement; the test runs seed 0.
     """
-    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cifar", "--data", "cifar10-mini", "--no-cifar-stem",
-                             "--data-fraction", "0.0625", "--epochs", "100", "--batch-size", "64", "--lr", "0.03",
-                             "--loss-type", "cross_entropy", "--num-negatives", "256", "--crop-scale", "0.2", "1",
-                             "--gblur", "--workers", "2", "--print-every", "50")
+    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cpu", "--print-every", "50")
     assert_beats_random_init("pirl", top1, random_knn_top1, PIRL_MARGIN)
