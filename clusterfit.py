@@ -213,29 +213,15 @@ def pseudo_label_loss(logits, pseudo_labels):
     return nn.functional.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), pseudo_labels)
 
 
-def sgd_param_groups(model, weight_decay):
-    """VISSL's regularize_bn=False, regularize_bias=True: BatchNorm parameters get no weight decay."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                   for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) not in norm_params], weight_decay=weight_decay),
-            dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
-
-
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
     """Linear ramp from the warmup start to peak, then x lr_decay at each milestone, or cosine to 0.
 
     The ramp starts at --warmup-start x peak, by default at --lr, the rate of a 256-image batch that peak
     scales up (Goyal et al. 2017, as VISSL's auto-scaled warmup): no ramp for 256 images or fewer.
     """
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    if step < warmup_steps:
-        start = args.warmup_start if args.warmup_start is not None else min(1.0, args.lr / peak_lr) if peak_lr else 1.0
-        return peak_lr * (start + (1 - start) * step / warmup_steps)
-    if args.lr_schedule == "cosine":
-        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-    epoch = step // steps_per_epoch
-    return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
+    start = args.warmup_start if args.warmup_start is not None else min(1.0, args.lr / peak_lr) if peak_lr else 1.0
+    return optim.warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr, args.warmup_epochs,
+                                                  start, args.lr_schedule, args.lr_decay, args.lr_milestones)
 
 
 # ----------------------------------------------------------------------------- stage 3: training
@@ -247,7 +233,7 @@ def train_stage(args, runtime, dataset, pseudo_labels):
                         speed.max_side([args.crop_size]))
     torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
     model, core = run.wrap(ClusterFitNet(args))
-    optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = run.grad_scaler()
     state = run.latest_state()
     if state is not None and not torch.equal(state["pseudo_labels"], pseudo_labels):

@@ -170,16 +170,6 @@ class MemoryBank(nn.Module):
         self.bank.index_copy_(0, indices, nn.functional.normalize(mixed, dim=1))
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on every weight and bias, none on BatchNorm's affine parameters: VISSL's npid configs
-    (regularize_bias: True, regularize_bn: False). The head's bias is the only bias of a torchvision ResNet."""
-    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-            for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) not in norm], weight_decay=weight_decay),
-            dict(params=[p for p in params if id(p) in norm], weight_decay=0.0)]
-
-
 def noise_indices(n_data, count, seed, step, rank, device):
     """m noise samples from Pn = 1/n, seeded by (seed, step, rank): exact resume needs no RNG state."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729 + 1) % (2**63 - 1))
@@ -258,7 +248,7 @@ def train(args, runtime):
     n_data = run.n_images
     model, core = run.wrap(NPID(args))
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(run.device)
-    optimizer = torch.optim.SGD(param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = run.grad_scaler()
     state = run.resume(core, optimizer, scaler)
     if state is not None:

@@ -42,7 +42,6 @@ shuffled patches are made batched on the GPU (`--gpu-aug`, default on with CUDA;
 the same parameter distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last,
 bf16 autocast, `--compile`.
 """
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -51,8 +50,10 @@ import torch.nn as nn
 import torchvision.transforms as T
 from PIL import ImageFilter, ImageOps, ImageEnhance
 
-from common import cli, data, dist, gpu_aug, models, ops, optim, speed
+from common import cli, data, gpu_aug, models, ops, optim, speed
 from common.run import Run, RunArgs, launch
+# PIRL keeps NPID's memory bank, noise draws, Z estimate and NCE loss (Misra & van der Maaten 2020, Sec. 3.2)
+from npid import MemoryBank, estimate_z, info_nce_loss, nce_loss, noise_indices
 
 GRID = 3  # 3 x 3 jigsaw patches
 
@@ -229,77 +230,7 @@ class PIRL(nn.Module):
         return [nn.functional.normalize(x if x.dtype == torch.float64 else x.float(), dim=1) for x in (f, g)]
 
 
-class MemoryBank(nn.Module):
-    """m_I for every training image (Sec. 3.2) and the NCE normalisation constant Z.
-
-    Uniform noise on the unit sphere from `seed` alone (identical on every rank); `update`
-    gathers every rank's f(v_I) so the banks stay identical. Kept out of the DDP model so
-    DDP does not broadcast it at every forward pass.
-    """
-
-    def __init__(self, size, dim, momentum, seed=0):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        std = 1.0 / math.sqrt(dim / 3)
-        bank = (torch.rand(size, dim, generator=generator) * 2 - 1) * std
-        self.register_buffer("bank", nn.functional.normalize(bank, dim=1))
-        self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))  # < 0: not estimated yet
-        self.momentum = momentum
-
-    @torch.no_grad()
-    def update(self, embeddings, indices):
-        """m_I <- normalise(momentum * m_I + (1 - momentum) * f(v_I)) for every rank's batch."""
-        embeddings, indices = dist.gather(embeddings.detach().to(self.bank.dtype)), dist.gather(indices)
-        mixed = self.bank[indices] * self.momentum + embeddings * (1 - self.momentum)
-        self.bank.index_copy_(0, indices, nn.functional.normalize(mixed, dim=1))
-
-
-def noise_indices(n_data, count, seed, step, rank, device):
-    """Noise samples from Pn = 1/n, seeded by (seed, step, rank): exact resume needs no RNG state."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729 + 1) % (2**63 - 1))
-    return torch.randint(n_data, (count,), generator=generator).to(device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------- loss
-
-@torch.no_grad()
-def estimate_z(embeddings, positives, noise, temperature, n_data):
-    """Z ~= n * E[exp(v . m / T)] over the first batch's scores (NPID Sec. 3.2), all ranks averaged: the mean
-    runs over each sample's positive m_I and its noise entries, B x (m + 1) values (NPID's NCEAverage)."""
-    v = embeddings.double()
-    total = torch.exp((v * positives.double()).sum(1) / temperature).sum()
-    total = total + torch.exp(v @ noise.double().t() / temperature).sum()
-    mean_exp = total / (len(v) * (len(noise) + 1))
-    return n_data * dist.all_reduce_mean(mean_exp)
-
-
-NCE_EPS = 2.0 ** -23  # what VISSL's NCECriterion adds to both denominators (float32's eps; lemniscate.pytorch 1e-7)
-
-
-def nce_loss(embeddings, positives, noise, z, temperature, n_data):
-    """NPID's binary NCE (Eq. 2-4 of Wu et al.; PIRL Eq. 3-4; VISSL's NCECriterion), in log space.
-
-    P = exp(v . m / T) / Z, h = P / (P + m Pn + eps) with Pn = 1/n; loss = -mean over the batch of
-    [log h(m_I, v) + sum over the shared noise entries of log(m Pn / (P(m_j, v) + m Pn + eps))].
-    """
-    log_noise = math.log(len(noise) / n_data)  # log(m Pn)
-    log_noise_eps = math.log(len(noise) / n_data + NCE_EPS)  # log(m Pn + eps)
-    log_z = torch.log(torch.as_tensor(z, dtype=embeddings.dtype, device=embeddings.device))
-    log_p_pos = (embeddings * positives).sum(1) / temperature - log_z
-    log_p_noise = embeddings @ noise.t() / temperature - log_z
-    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise_eps))
-    log_not_h_noise = log_noise - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_noise_eps))
-    return -(log_h_pos + log_not_h_noise.sum(1)).mean()
-
-
-def info_nce_loss(embeddings, positives, noise, temperature):
-    """`--loss-type cross_entropy`, VISSL's InfoNCE variant of NCELossWithMemory: sample I's logits are
-    [v_I . m_I, v_I . noise_1, ..., v_I . noise_m] / T, cross-entropy against index 0, batch-averaged; the
-    batch's other memory entries are not negatives (only when drawn as noise)."""
-    positive = (embeddings * positives.to(embeddings.dtype)).sum(1, keepdim=True)
-    logits = torch.cat([positive, embeddings @ noise.to(embeddings.dtype).t()], dim=1) / temperature
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
-
+# ----------------------------------------------------------------------------- loss (NPID's NCE, imported above)
 
 def pirl_loss(image_embeddings, jigsaw_embeddings, positives, noise, z, args, n_data):
     """Eq. 5: lambda L(m_I, g(v_I^t)) + (1 - lambda) L(m_I, f(v_I)), both against the same memory entries."""

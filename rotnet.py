@@ -157,24 +157,10 @@ def rotation_loss(logits, labels):
 
 # ----------------------------------------------------------------------------- training
 
-def sgd_param_groups(model, weight_decay):
-    """VISSL's regularize_bn=False, regularize_bias=True: BatchNorm parameters get no weight decay."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                   for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) not in norm_params], weight_decay=weight_decay),
-            dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
-
-
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
     """Linear warmup from peak/4 (VISSL's composite schedule), then x lr_decay at each milestone, or cosine to 0."""
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    if step < warmup_steps:
-        return peak_lr * (0.25 + 0.75 * step / warmup_steps)
-    if args.lr_schedule == "cosine":
-        return optim.warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-    epoch = step // steps_per_epoch
-    return peak_lr * args.lr_decay ** sum(epoch >= m for m in args.lr_milestones)
+    return optim.warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr, args.warmup_epochs,
+                                                  0.25, args.lr_schedule, args.lr_decay, args.lr_milestones)
 
 
 def train(args, runtime):
@@ -187,7 +173,7 @@ def train(args, runtime):
     loader = run.loader(None, T.Compose([image_transform(args), one_view]), device_views(args),
                         speed.max_side([args.crop_size]))
     model, core = run.wrap(RotNet(args))
-    optimizer = torch.optim.SGD(sgd_param_groups(core, args.weight_decay), lr=0.0, momentum=args.momentum,
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum,
                                 nesterov=args.nesterov)
     scaler = run.grad_scaler()
     run.resume(core, optimizer, scaler)

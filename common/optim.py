@@ -9,6 +9,16 @@ def scaled_lr(base_lr, global_batch_size):
     return base_lr * global_batch_size / 256
 
 
+def decay_all_but_norm(model, weight_decay):
+    """Two SGD groups: every trained weight and bias with weight decay, BatchNorm's affine parameters without
+    (VISSL's regularize_bn: False, regularize_bias: True)."""
+    norm = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [dict(params=[p for p in params if id(p) not in norm], weight_decay=weight_decay),
+            dict(params=[p for p in params if id(p) in norm], weight_decay=0.0)]
+
+
 def param_groups(model, weight_decay, exclude_bias_and_norm=True):
     """Two groups: weights (decayed, LARS-adapted) and biases + norm parameters (neither).
 
@@ -136,6 +146,19 @@ def warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr=0.0, start_
         return start_lr + (peak_lr - start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr, warmup_epochs, warmup_start,
+                                     schedule, decay, milestones):
+    """VISSL's composite schedule: linear warmup from `warmup_start` x peak over `warmup_epochs`, then
+    `schedule` "step": x `decay` at each milestone epoch, or "cosine": cosine to 0, per step."""
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return peak_lr * (warmup_start + (1 - warmup_start) * step / warmup_steps)
+    if schedule == "cosine":
+        return warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+    epoch = step // steps_per_epoch
+    return peak_lr * decay ** sum(epoch >= m for m in milestones)
 
 
 def set_lr(optimizer, lr):

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import clusterfit
-from common import cli, data, features, ops
+from common import cli, data, features, ops, optim
 from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
@@ -89,7 +89,7 @@ def test_loss_falls_on_a_fixed_batch():
     images = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), clusterfit.image_transform(args), seed=0)
     batch = data.collate([images[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images
     pseudo_labels = torch.arange(32) % 10
-    optimizer = torch.optim.SGD(clusterfit.sgd_param_groups(model, 1e-4), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 1e-4), lr=0.05, momentum=0.9)
     losses = []
     model.train()
     for _ in range(12):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import npid
 import pirl
-from common import cli
+from common import cli, optim
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # VISSL's NCECriterion eps (lemniscate.pytorch: 1e-7)
 
@@ -190,7 +190,7 @@ def test_npid_fidelity_weight_decay_groups_follow_vissl():
     not; PIRL (regularize_bias False): biases and BatchNorm are both free."""
     args = npid.parse_args(["--arch", "resnet18"])
     model = npid.NPID(args)
-    decayed, plain = npid.param_groups(model, 1e-4)
+    decayed, plain = optim.decay_all_but_norm(model, 1e-4)
     assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}

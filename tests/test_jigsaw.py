@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 import jigsaw
-from common import cli, data
+from common import cli, data, optim
 from tests.helpers import metrics, run_script
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
@@ -86,7 +86,7 @@ def test_loss_falls_on_a_fixed_batch():
     model = jigsaw.JigsawNet(args)
     puzzles = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), jigsaw.Puzzle(args, perms), seed=0)
     tiles, labels = data.collate([puzzles[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 puzzles
-    optimizer = torch.optim.SGD(jigsaw.sgd_param_groups(model, 1e-4), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 1e-4), lr=0.05, momentum=0.9)
     losses = []
     model.train()
     for _ in range(12):

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import rotnet
-from common import cli, data
+from common import cli, data, optim
 from tests.helpers import metrics, run_script
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.01", "--arch", "resnet18", "--crop-size", "32",
@@ -48,7 +48,7 @@ def test_loss_falls_on_a_fixed_batch():
     images = data.ViewDataset(base, rotnet.image_transform(args), seed=0)
     batch = data.collate([images[(0, i)] for i in range(0, 4000, 250)])[0]  # 16 images
     rotated, labels = rotnet.rotate_batch(batch)
-    optimizer = torch.optim.SGD(rotnet.sgd_param_groups(model, 5e-4), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 5e-4), lr=0.05, momentum=0.9)
     losses = []
     model.train()
     for _ in range(10):
