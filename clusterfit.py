@@ -181,11 +181,6 @@ def image_transform(args):
     ])
 
 
-def one_view(view):
-    """The training loader yields a list of view batches (common/run.py); ClusterFit's list holds one, the crop."""
-    return [view]
-
-
 def device_views(args, channels_last=False):
     """The batched twin of image_transform for --gpu-aug (common.gpu_aug, same parameters and distributions;
     the jitter always applies; the flip commutes with it, so it is folded into the crop); one view."""
@@ -229,7 +224,7 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
 def train_stage(args, runtime, dataset, pseudo_labels):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("clusterfit", args, runtime)
-    loader = run.loader(dataset, T.Compose([image_transform(args), one_view]), device_views(args, run.channels_last),
+    loader = run.loader(dataset, image_transform(args), device_views(args, run.channels_last),
                         speed.max_side([args.crop_size]))
     torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
     model, core = run.wrap(ClusterFitNet(args))

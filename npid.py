@@ -109,18 +109,8 @@ def view_transform(args):
     return T.Compose(steps)
 
 
-class OneView:
-    """Image -> [its view]: the loader's batches are lists of view batches, as the two-view methods' are."""
-
-    def __init__(self, args):
-        self.transform = view_transform(args)
-
-    def __call__(self, image):
-        return [self.transform(image)]
-
-
 def device_views(args, channels_last=False):
-    """The batched twin of OneView for --gpu-aug (common.gpu_aug, same parameters and distributions; the jitter
+    """The batched twin of view_transform for --gpu-aug (common.gpu_aug, same parameters and distributions; the jitter
     always applies): a list of one view batch."""
     brightness, contrast, saturation, hue = args.jitter
     augmentation = gpu_aug.ViewAugmentation(args.image_size, scale=tuple(args.crop_scale), brightness=brightness,
@@ -244,7 +234,7 @@ def train(args, runtime):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("npid", args, runtime)
     max_side = speed.max_side([args.image_size])
-    loader = run.loader(None, OneView(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(None, view_transform(args), device_views(args, run.channels_last), max_side)
     n_data = run.n_images
     model, core = run.wrap(NPID(args))
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(run.device)

@@ -105,11 +105,6 @@ def image_transform(args):
     ])
 
 
-def one_view(view):
-    """The training loader yields a list of view batches (common/run.py); RotNet's list holds one, the crop."""
-    return [view]
-
-
 def device_views(args, channels_last=False):
     """The batched twin of image_transform for --gpu-aug (common.gpu_aug: the same crop distribution and
     flip, no colour ops); one view: the first of the list it returns."""
@@ -170,7 +165,7 @@ def train(args, runtime):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("rotnet", args, runtime)
     # one view per image; with --gpu-aug the crop is made on the device, channels_last after the rotation
-    loader = run.loader(None, T.Compose([image_transform(args), one_view]), device_views(args),
+    loader = run.loader(None, image_transform(args), device_views(args),
                         speed.max_side([args.crop_size]))
     model, core = run.wrap(RotNet(args))
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum,

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common.cli import parse_crops
 from common.run import Run, RunArgs, launch
 
 
@@ -117,16 +118,6 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 
 # ----------------------------------------------------------------------------- augmentations
-
-def parse_crops(spec):
-    """'2x224,6x96' -> [(2, 224), (6, 96)]."""
-    try:
-        groups = [tuple(int(n) for n in part.split("x")) for part in spec.split(",")]
-        assert groups and all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in groups)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--crops must look like 2x224 or 2x224,6x96, got {spec!r}.") from None
-    return groups
-
 
 def view_transform(size, scale, args):
     """One SwAV crop (swav repo's MultiCropDataset): crop, flip, colour distortion, blur."""

@@ -168,6 +168,16 @@ def parse_args(args_cls, presets=None, argv=None, description=None):
     return values
 
 
+def parse_crops(spec):
+    """--crops: '2x160,4x96' -> [(2, 160), (4, 96)], groups of (views, side in pixels)."""
+    try:
+        groups = [tuple(int(n) for n in part.split("x")) for part in spec.split(",")]
+        assert groups and all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in groups)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--crops must look like 2x224 or 2x160,4x96, got {spec!r}.") from None
+    return groups
+
+
 def check_output_file(path, flag="--output"):
     """Fail before any work is done when the result file `path` could not be written at the end."""
     if not path:

@@ -46,8 +46,10 @@ def max_side(crop_sizes):
 
 
 def to_device(views, device, memory_format=None):
-    """The per-image path's list of batches, copied to the device without blocking; `memory_format` (e.g.
-    channels_last) applies to the 4-D image batches, other tensors (tiles, labels) move as they are."""
+    """The per-image path's list of batches (one tensor: a list of one, the single view's batch), copied to the
+    device without blocking; `memory_format` (e.g. channels_last) applies to the 4-D image batches, other tensors
+    (tiles, labels) move as they are."""
+    views = [views] if isinstance(views, torch.Tensor) else views
     return [v.to(device, non_blocking=True, **({"memory_format": memory_format} if memory_format is not None
                                               and v.dim() == 4 else {})) for v in views]
 

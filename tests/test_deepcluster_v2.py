@@ -117,7 +117,7 @@ def test_interrupted_run_resumes_exactly_across_a_clustering(tmp_path):
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
-    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
+    # the bad-input table (tests/bad_inputs.md, run by tests/test_reliability.py) has this script's other rows
     cases = [
         (["--num-clusters", "0"], "--num-clusters must be positive"),
     ]

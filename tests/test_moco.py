@@ -224,7 +224,7 @@ def test_v1_switches_head_temperature_blur_and_schedule():
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
-    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
+    # the bad-input table (tests/bad_inputs.md, run by tests/test_reliability.py) has this script's other rows
     cases = [
         (["--queue-size", "128"], "must be smaller than the 120 training images"),  # 3% of cifar10-mini
         (["--data", "/no/such/dir"], "does not exist"),

@@ -120,7 +120,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, loss_type):
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
-    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
+    # the bad-input table (tests/bad_inputs.md, run by tests/test_reliability.py) has this script's other rows
     cases = [
         (["--data", "/no/such/dir"], "does not exist"),
         (["--memory-momentum", "1.0"], "--memory-momentum"),

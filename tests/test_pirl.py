@@ -134,7 +134,7 @@ def test_two_ranks_keep_identical_memory_banks(tmp_path):
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
-    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
+    # the bad-input table (tests/bad_inputs.md, run by tests/test_reliability.py) has this script's other rows
     cases = [
         (["--data", "/no/such/dir"], "does not exist"),
         (["--batch-size", "100000"], "larger than this process's share"),

@@ -138,7 +138,7 @@ def test_interrupted_run_with_a_queue_resumes_exactly_and_prototypes_wait_one_ep
 
 
 def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
-    # the README's bad-input table (tests/test_reliability.py) runs this script's other rows
+    # the bad-input table (tests/bad_inputs.md, run by tests/test_reliability.py) has this script's other rows
     cases = [
         (["--batch-size", "100000", "--queue-length", "0"], "larger than this process's share"),
     ]
