@@ -4,7 +4,7 @@ Pretrains a ResNet-18 (ImageNet stem, 32 px: the CIFAR stem is ~15x slower on a 
 SimCLR's `--preset cpu` on the 4,000 training images of cifar10-mini, then evaluates the trained trunk and
 a random-init one of the same architecture with eval_knn.py (k = 20, T = 0.07) on CIFAR-10's
 10,000 test images (the embedded cifar10-test), the 4,000 training images as the bank. Runs on
-a 2-core CPU in about five minutes; pass --epochs for longer.
+a 2-core CPU in 5 to 25 minutes, depending on the cores' speed; pass --epochs for longer.
 
     python demo.py [--epochs 8] [--output-dir runs/demo-simclr]
 """
