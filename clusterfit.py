@@ -27,10 +27,10 @@ starts at --lr (the rate quoted for 256 images) and exists only when the global 
     python clusterfit.py --preset cpu --weights runs/simclr-cpu/checkpoint-00000120.pth   # the CPU recipe of its convergence test
     python clusterfit.py --stage cluster --num-clusters 8000 --output-dir runs/clusterfit ...   # one stage
 
-Speed (common/speed.py): on CUDA the workers only decode images and the stage-3 training view is
-made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
-distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
-`--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 
 Deviations from the original code: k-means is `ops.kmeans` (Lloyd iterations, k distinct rows
 as the first centroids, an empty cluster re-seeded with the point farthest from its centroid)
@@ -48,9 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import checkpoint, cli, data, dist, features, gpu_aug, models, ops, optim, speed
+from common import augment, checkpoint, cli, data, dist, features, models, ops, optim
 from common.run import Run, RunArgs, launch
 
 STAGES = ("extract", "cluster", "train")
@@ -170,25 +169,11 @@ def cluster_stage(args, runtime, feats, path):
 
 # ----------------------------------------------------------------------------- stage 3: augmentations, model, loss
 
-def image_transform(args):
-    """VISSL's clusterfit_resnet training crop: random-resized crop, colour jitter, flip, normalise."""
-    return T.Compose([
-        T.RandomResizedCrop(args.crop_size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.ColorJitter(*args.jitter),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of image_transform for --gpu-aug (common.gpu_aug, same parameters and distributions;
-    the jitter always applies; the flip commutes with it, so it is folded into the crop); one view."""
-    brightness, contrast, saturation, hue = args.jitter
-    augmentation = gpu_aug.ViewAugmentation(args.crop_size, scale=tuple(args.crop_scale), brightness=brightness,
-                                            contrast=contrast, saturation=saturation, hue=hue, jitter_p=1.0,
-                                            grayscale_p=0.0)
-    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
+def view_recipe(args):
+    """VISSL's clusterfit_resnet training view, stated once for both data paths (common/augment.py): random
+    resized crop (bicubic), colour jitter (always), flip, normalise."""
+    return [(1, augment.View(args.crop_size, scale=tuple(args.crop_scale), interpolation="bicubic",
+                             jitter=tuple(args.jitter), jitter_p=1.0))]
 
 
 class ClusterFitNet(nn.Module):
@@ -224,8 +209,7 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
 def train_stage(args, runtime, dataset, pseudo_labels):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("clusterfit", args, runtime)
-    loader = run.loader(dataset, image_transform(args), device_views(args, run.channels_last),
-                        speed.max_side([args.crop_size]))
+    loader = run.loader(dataset, view_recipe(args))
     torch.manual_seed(args.seed)  # the same fresh network whether or not earlier stages ran in this process
     model, core = run.wrap(ClusterFitNet(args))
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum)

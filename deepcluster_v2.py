@@ -41,18 +41,17 @@ Deviations from the original code (main_deepclusterv2.py, VISSL's deepclusterv2_
     python deepcluster_v2.py --preset cifar --data cifar10 --epochs 800
     python deepcluster_v2.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
-batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
-distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
-`--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common import augment, cli, dist, models, ops, optim
 from common.cli import parse_crops
 from common.run import Run, RunArgs, launch
 
@@ -112,53 +111,17 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-def view_transform(size, scale, args):
-    """One crop, as SwAV's: crop, flip, colour distortion, blur."""
+def view_recipe(args):
+    """DeepCluster-v2's multi-crop views, as SwAV's, stated once for both data paths (common/augment.py): bicubic crop, flip, colour
+    distortion of strength s, grayscale, blur (kernel 10% of the side, sigma in [0.1, 2.0]; PIL's
+    GaussianBlur(radius=sigma) in the swav repo). The first crop group at --crop-scale, later ones at
+    --small-crop-scale."""
     s = args.jitter_strength
-    steps = [
-        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
-        T.RandomGrayscale(p=args.grayscale_p),
-    ]
-    if args.blur_p > 0:  # sigma in [0.1, 2.0]
-        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
-    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    return T.Compose(steps)
-
-
-class MultiCrop:
-    """Image -> list of crops (the first group at `crop_scale`, later ones at `small_crop_scale`).
-
-    `only` keeps a subset of the crops (the memory-bank crops for the initial pass).
-    """
-
-    def __init__(self, args, only=None):
-        self.transforms = []
-        for group, (count, size) in enumerate(parse_crops(args.crops)):
-            scale = args.crop_scale if group == 0 else args.small_crop_scale
-            self.transforms += [view_transform(size, scale, args)] * count
-        if only is not None:
-            self.transforms = [self.transforms[c] for c in only]
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
-
-
-def device_views(args, channels_last=False, only=None, seed=None):
-    """The batched twin of MultiCrop for --gpu-aug (common.gpu_aug, same parameters and distributions);
-    `only`: one view of each listed crop (the memory-bank pass), `seed` defaults to --seed."""
-    s, groups = args.jitter_strength, []
-    for group, (count, size) in enumerate(parse_crops(args.crops)):
-        groups.append((count, gpu_aug.ViewAugmentation(
-            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
-            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
-            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
-    if only is not None:
-        per_crop = [augmentation for count, augmentation in groups for _ in range(count)]
-        groups = [(1, per_crop[c]) for c in only]
-    return speed.DeviceViews(groups, args.seed if seed is None else seed, channels_last)
-
+    return [(count, augment.View(size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+                                 interpolation="bicubic", jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                                 jitter_p=args.jitter_p, grayscale_p=args.grayscale_p, blur_p=args.blur_p,
+                                 blur_kernel_size=2 * (size // 20) + 1))
+            for group, (count, size) in enumerate(parse_crops(args.crops))]
 
 # ----------------------------------------------------------------------------- model
 
@@ -238,8 +201,7 @@ def train(args, runtime):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("deepcluster_v2", args, runtime)
     dataset = run.dataset()
-    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
-    loader = run.loader(dataset, MultiCrop(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(dataset, view_recipe(args))
     bank_rows = run.steps_per_epoch * args.batch_size  # per process: the images it trains on in one epoch
     if max(args.num_clusters) > bank_rows * runtime.world_size:
         raise ValueError(f"--num-clusters {max(args.num_clusters)} exceeds the {bank_rows * runtime.world_size} "
@@ -270,8 +232,9 @@ def train(args, runtime):
 
     # ---- the method: edit here
     if state is None:  # epoch 0 clusters the embeddings of an initial forward pass (swav repo's init_memory)
-        bank_items = run.view_dataset(dataset, MultiCrop(args, only=args.crops_for_mb), max_side, seed=args.seed + 1)
-        bank_views = device_views(args, run.channels_last, only=args.crops_for_mb, seed=args.seed + 1)
+        bank_recipe = augment.select(view_recipe(args), args.crops_for_mb)  # one view of each memory-bank crop
+        bank_items = run.view_dataset(dataset, bank_recipe, seed=args.seed + 1)
+        bank_views = run.device_views(bank_recipe, seed=args.seed + 1)
         bank_loader = run.build_loader(bank_items)
         run.sampler.set_epoch(0)
         with torch.no_grad():

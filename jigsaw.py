@@ -54,14 +54,14 @@ grayscale p 0.66) rather than the authors' release (a central 255 crop, no flip,
 the per-channel spatial jitter of their later data layer is not used. Ties in the permutation
 rule go to the lexicographically first candidate on exact integer distance sums; VISSL's
 generator averages float fractions, so its ties fall to rounding (the same rule, other sets).
-Resizing is bicubic on the per-image path (torchvision's default, bilinear, in VISSL).
+Resizing is bicubic on the per-image path (torchvision's default, bilinear, in VISSL), and one
+resampling of the crop's box rather than a resize of the whole image followed by a crop.
 
-Speed (common/speed.py): on CUDA the workers only decode images and the crop and its nine
-standardised, permuted tiles are made batched on the GPU (`--gpu-aug`, default on with CUDA;
-common/gpu_aug.py, the same parameter distributions as the per-image PIL path kept for `--gpu-aug
-off`); channels_last, bf16 autocast, `--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). The tiles are cut, standardised and permuted per batch on either path. Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 """
-import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -69,9 +69,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, optim, speed
+from common import augment, cli, dist, gpu_aug, models, optim
 from common.run import Run, RunArgs, launch
 
 GRID = 3  # tiles per side: 9 tiles
@@ -189,62 +188,27 @@ def mean_hamming_distance(permutations):
 
 # ----------------------------------------------------------------------------- augmentations
 
-class Puzzle:
-    """Image -> (tiles [9, 3, t, t] shuffled by a random permutation of the set, its index).
+def view_recipe(args):
+    """VISSL's Jigsaw image, stated once for both data paths (common/augment.py): resize (bicubic), random crop,
+    flip, grayscale (p=0.66), normalise. Its tiles are cut per batch (`puzzles`)."""
+    return [(1, augment.View(args.crop_size, resize_size=args.resize_size, interpolation="bicubic",
+                             grayscale_p=args.grayscale_p))]
 
-    VISSL's pipeline: resize, random crop, flip, grayscale (p=0.66), normalise, then
-    ImgPatchesFromTensor (a tile at a random offset inside each grid cell) and
-    ShuffleImgPatches; each tile is then standardised on its own (Noroozi & Favaro Sec. 3.2,
-    so that tiles cannot be matched by their low-level statistics).
+
+def puzzles(images, permutations, tile_size, generator=None):
+    """[B, 3, S, S] images -> (tiles [B, 9, 3, t, t] shuffled by a random permutation of the set, its index [B]).
+
+    VISSL's ImgPatchesFromTensor and ShuffleImgPatches: in each cell of the 3 x 3 grid a tile at an offset
+    uniform in 0 .. cell - t on each axis, each tile standardised on its own (Noroozi & Favaro Sec. 3.2, so that
+    tiles cannot be matched by their low-level statistics), then position i shows tile perm[i] of a
+    permutation drawn uniformly from the set. All draws from `generator`, one batch at a time.
     """
-
-    def __init__(self, args, permutations):
-        self.permutations = permutations
-        self.cell, self.tile = args.crop_size // GRID, args.tile_size
-        self.image = T.Compose([
-            T.Resize(args.resize_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomCrop(args.crop_size),
-            T.RandomHorizontalFlip(),
-            T.RandomGrayscale(p=args.grayscale_p),
-            T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
-
-    def __call__(self, image):
-        image = self.image(image)
-        offsets = torch.randint(self.cell - self.tile + 1, (GRID * GRID, 2)).tolist()
-        tiles = []
-        for position, (dy, dx) in enumerate(offsets):
-            y, x = (position // GRID) * self.cell + dy, (position % GRID) * self.cell + dx
-            tile = image[:, y:y + self.tile, x:x + self.tile]
-            mean, std = tile.mean(dim=(1, 2), keepdim=True), tile.std(dim=(1, 2), keepdim=True)
-            tiles.append((tile - mean) / (std + 1e-5))
-        label = torch.randint(len(self.permutations), ()).item()
-        order = self.permutations[label].tolist()  # position i shows tile order[i]
-        return torch.stack([tiles[j] for j in order]), torch.tensor(label)
-
-
-def device_views(args):
-    """The batched twin of Puzzle's image for --gpu-aug (common.gpu_aug): Resize + RandomCrop, flip,
-    grayscale, normalise."""
-    augmentation = gpu_aug.ViewAugmentation(args.crop_size, resize_size=args.resize_size, jitter_p=0.0,
-                                            grayscale_p=args.grayscale_p)
-    return speed.DeviceViews([(1, augmentation)], args.seed)
-
-
-def device_puzzles(make_views, batch, epoch, indices, device, permutations, args):
-    """The batched twin of Puzzle: the images (device_views), then per image a tile at a random offset
-    in each cell, standardised on its own, shuffled by a random permutation of the set; all drawn from the
-    batch's generator. Returns (tiles [B, 9, 3, t, t], labels [B])."""
-    generator = make_views.generator(epoch, indices)
-    images = make_views(batch, epoch, indices, device, generator)[0]
-    cell = args.crop_size // GRID
-    offsets = gpu_aug.sample_tile_offsets(len(images), GRID * GRID, cell - args.tile_size, generator, device)
-    tiles = gpu_aug.apply_jigsaw_tiles(images, offsets, cell, args.tile_size)
-    labels = torch.randint(len(permutations), (len(images),), generator=generator).to(device)
-    order = permutations.to(device)[labels]  # position i shows tile order[i]
+    cell = images.shape[-1] // GRID
+    offsets = gpu_aug.sample_tile_offsets(len(images), GRID * GRID, cell - tile_size, generator, images.device)
+    tiles = gpu_aug.apply_jigsaw_tiles(images, offsets, cell, tile_size)
+    labels = torch.randint(len(permutations), (len(images),), generator=generator).to(images.device)
+    order = permutations.to(images.device)[labels]  # position i shows tile order[i]
     return tiles.gather(1, order[:, :, None, None, None].expand_as(tiles)), labels
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -301,8 +265,7 @@ def train(args, runtime):
                              f"--num-permutations {args.num_permutations}; use another --output-dir.")
     else:
         permutations = hamming_permutations(args.num_permutations, seed=args.seed, rule=args.permutation_rule)
-    make_puzzles = functools.partial(device_puzzles, device_views(args), permutations=permutations, args=args)
-    loader = run.loader(None, Puzzle(args, permutations), make_puzzles, speed.max_side([args.resize_size]))
+    loader = run.loader(None, view_recipe(args))
     model, core = run.wrap(JigsawNet(args))
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum)
     scaler = run.grad_scaler()
@@ -316,9 +279,11 @@ def train(args, runtime):
               f"peak lr {peak_lr:.4g}")
     model.train()
     for epoch in run.epochs():
-        for (tiles, labels), _ in run.batches(loader):
+        for (images,), _ in run.batches(loader):
             lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
+            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + run.step) * 4_099 + runtime.rank)
+            tiles, labels = puzzles(images, permutations, args.tile_size, generator)
             with run.autocast():
                 logits = model(tiles)
             loss = permutation_loss(logits, labels)

@@ -48,9 +48,10 @@ non-finite loss or gradient is skipped and enqueues nothing.
     python moco.py --preset cifar --data cifar10 --epochs 800
     python moco.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and both views are made batched on
-the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as
-the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast, `--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 """
 import copy
 from dataclasses import dataclass, field
@@ -58,9 +59,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common import augment, cli, dist, models, ops, optim, speed
 from common.run import Run, RunArgs, launch
 
 
@@ -130,42 +130,18 @@ def resolve_version_defaults(args):
 
 # ----------------------------------------------------------------------------- augmentations
 
-def view_transform(args):
-    """One MoCo view: v2 (paper's Appendix / official main_moco.py --aug-plus) or v1."""
+def view_recipe(args):
+    """MoCo's query and key views, stated once for both data paths (common/augment.py): v2 (the paper's appendix,
+    main_moco.py --aug-plus) or v1 (grayscale, then an always-on jitter). Bilinear crops, as main_moco.py; its
+    flip, drawn last there, commutes with the colour ops and the symmetric blur. The blur is SimCLR's: kernel
+    10% of the image side, sigma in [0.1, 2.0]."""
     size = args.image_size
     if args.v1:
-        colour = [T.RandomGrayscale(p=args.grayscale_p), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
+        colour = dict(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True)
     else:
-        colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=args.grayscale_p)]
-    steps = [T.RandomResizedCrop(size, scale=tuple(args.crop_scale)), *colour]  # bilinear, as main_moco.py
-    if args.blur_p > 0:  # SimCLR's blur: kernel 10% of the image side, sigma in [0.1, 2.0]
-        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
-    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    return T.Compose(steps)
-
-
-class TwoViews:
-    """Image -> [query view, key view], two independent draws of the same augmentation."""
-
-    def __init__(self, args):
-        self.transform = view_transform(args)
-
-    def __call__(self, image):
-        return [self.transform(image), self.transform(image)]
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of TwoViews for --gpu-aug (common.gpu_aug, same parameters and distributions; the
-    flip, drawn last here, commutes with the colour ops and the symmetric blur, so it is folded into the crop)."""
-    size = args.image_size
-    if args.v1:
-        colour = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, jitter_p=1.0, grayscale_first=True)
-    else:
-        colour = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8)
-    augmentation = gpu_aug.ViewAugmentation(size, scale=tuple(args.crop_scale), grayscale_p=args.grayscale_p,
-                                            blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1, **colour)
-    return speed.DeviceViews([(2, augmentation)], args.seed, channels_last)
-
+        colour = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8)
+    return [(2, augment.View(size, scale=tuple(args.crop_scale), grayscale_p=args.grayscale_p, blur_p=args.blur_p,
+                             blur_kernel_size=2 * (size // 20) + 1, **colour))]
 
 # ----------------------------------------------------------------------------- model
 
@@ -364,8 +340,7 @@ def train(args, runtime):
         # keys of the last K images include an older key of the query's own image: a positive scored as a negative
         raise ValueError(f"--queue-size {args.queue_size} must be smaller than the {len(dataset)} training images "
                          f"(a queue holding the whole data set makes each query's own earlier keys negatives).")
-    max_side = speed.max_side([args.image_size])
-    loader = run.loader(dataset, TwoViews(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(dataset, view_recipe(args))
     # no SyncBN: Shuffling BN is what MoCo uses instead; the queue is identical on every process by construction, so
     # DDP need not broadcast its 32 MB of buffers each step; the encoders are compiled, not the top-level forward
     model, core = run.wrap(MoCo(args), compile=False, broadcast_buffers=False)

@@ -32,9 +32,10 @@ norm_init. The `cifar` preset is ours (see PRESETS), not lemniscate's cifar.py.
     python npid.py --preset cifar --data cifar10
     python npid.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and the view is made batched on the
-GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter distributions as the
-per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast, `--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 """
 import math
 import sys
@@ -42,9 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common import augment, cli, dist, models, ops, optim
 from common.run import Run, RunArgs, launch
 
 
@@ -96,28 +96,11 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-def view_transform(args):
-    """VISSL's NPID view: random resized crop, flip, colour jitter (+ grayscale in the CIFAR recipe)."""
-    steps = [
-        T.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale)),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(*args.jitter),
-    ]
-    if args.grayscale_p > 0:
-        steps.append(T.RandomGrayscale(p=args.grayscale_p))
-    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    return T.Compose(steps)
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of view_transform for --gpu-aug (common.gpu_aug, same parameters and distributions; the jitter
-    always applies): a list of one view batch."""
-    brightness, contrast, saturation, hue = args.jitter
-    augmentation = gpu_aug.ViewAugmentation(args.image_size, scale=tuple(args.crop_scale), brightness=brightness,
-                                            contrast=contrast, saturation=saturation, hue=hue, jitter_p=1.0,
-                                            grayscale_p=args.grayscale_p)
-    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
-
+def view_recipe(args):
+    """VISSL's NPID view, stated once for both data paths (common/augment.py): random resized crop, flip, colour
+    jitter (always), grayscale in the CIFAR recipe."""
+    return [(1, augment.View(args.image_size, scale=tuple(args.crop_scale), jitter=tuple(args.jitter), jitter_p=1.0,
+                             grayscale_p=args.grayscale_p))]
 
 # ----------------------------------------------------------------------------- model
 
@@ -233,8 +216,7 @@ def train(args, runtime):
         raise ValueError(f"--memory-momentum must be in [0, 1), got {args.memory_momentum}.")
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("npid", args, runtime)
-    max_side = speed.max_side([args.image_size])
-    loader = run.loader(None, view_transform(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(None, view_recipe(args))
     n_data = run.n_images
     model, core = run.wrap(NPID(args))
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(run.device)

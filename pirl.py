@@ -25,9 +25,9 @@ exactly on resume). The cosine schedule is updated every step, VISSL's every epo
 `--mlp-head` has no ReLU after its last (128-d) layer, as VISSL's MLP head since April
 2021 (skip_last_layer_relu_bn); VISSL's first release, which trained the published
 PIRL MLP-head models, put a ReLU there too, so their embeddings are non-negative.
-The batched --gpu-aug path (common/gpu_aug.py) draws the patch offsets, posterize bits
-and solarize threshold from closed ranges (0-21 px, 4-8 bits, 0-256), one value wider
-than VISSL's and the PIL path here.
+The blur (--gblur) is a Gaussian kernel of at most 13 taps (+-3 sigma_max) where VISSL uses
+PIL's GaussianBlur(radius=sigma), and each patch is one resampling of its box in the image
+where VISSL resizes the patch crop, then cuts the patches out of it.
 
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 pirl.py --data /datasets/imagenet/train
     torchrun --nproc_per_node=8 pirl.py --data /datasets/imagenet/train --mlp-head --loss-type cross_entropy --temperature 0.1
@@ -37,20 +37,17 @@ than VISSL's and the PIL path here.
 At 32 px VISSL's default photometric transform (solarize with a threshold drawn from 0-256, posterize,
 autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py).
 
-Speed (common/speed.py): on CUDA the workers only decode images and the image view and the nine
-shuffled patches are made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py,
-the same parameter distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last,
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
 bf16 autocast, `--compile`.
 """
-import random
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
-from PIL import ImageFilter, ImageOps, ImageEnhance
 
-from common import cli, data, gpu_aug, models, ops, optim, speed
+from common import augment, cli, models, ops, optim
 from common.run import Run, RunArgs, launch
 # PIRL keeps NPID's memory bank, noise draws, Z estimate and NCE loss (Misra & van der Maaten 2020, Sec. 3.2)
 from npid import MemoryBank, estimate_z, info_nce_loss, nce_loss, noise_indices
@@ -104,104 +101,24 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-class RandomPhotometric:
-    """VISSL's ImgPilRandomPhotometric (p = 0.66): posterize, sharpness, solarize, autocontrast, all or none.
-
-    Its values are drawn like VISSL's RandomValueApplier, from half-open ranges: posterize keeps 4-7 bits,
-    the solarize threshold is 0-255, the sharpness factor uniform in [0.1, 1.9).
-    """
-
-    def __init__(self, p=0.66):
-        self.p = p
-
-    def __call__(self, image):
-        if random.random() >= self.p:
-            return image
-        image = ImageOps.posterize(image, random.randrange(4, 8))
-        image = ImageEnhance.Sharpness(image).enhance(random.uniform(0.1, 1.9))
-        image = ImageOps.solarize(image, random.randrange(0, 256))
-        return ImageOps.autocontrast(image)
-
-
-class RandomGaussianBlur:
-    """VISSL's ImgPilGaussianBlur: PIL blur with a radius in [0.1, 2.0], with probability p."""
-
-    def __init__(self, p=0.5):
-        self.p = p
-
-    def __call__(self, image):
-        if random.random() >= self.p:
-            return image
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-
-def photometric_transform(args):
-    """Applied to the image and to every patch independently (VISSL's pirl transforms)."""
-    if args.gblur:  # photo_gblur.yaml
-        steps = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-                 T.RandomGrayscale(p=0.2), RandomGaussianBlur(p=0.5)]
-    else:  # pirl_jigsaw_4node_resnet50.yaml
-        steps = [T.ColorJitter(0.4, 0.4, 0.4, 0.2), RandomPhotometric(0.66), T.RandomGrayscale(p=0.2),
-                 T.RandomHorizontalFlip()]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-
-
-def jigsaw_patches(image, patch_size):
-    """The 9 patches of I^t (paper Sec. 3.3): a random patch_size square inside each cell of a
-    3 x 3 grid over `image`, in a random order (VISSL's ImgPatchesFromTensor and permute_patches).
-
-    The offset inside a cell is uniform in 0 .. cell - patch_size - 1 on each axis, as VISSL's
-    np.random.randint(0, patch_jitter) with patch_jitter = cell - patch_size (21 px for 64-px
-    patches in 85-px cells): a patch never touches the right or bottom edge of its cell.
-    """
-    cell = image.width // GRID
-    patches = []
-    for row in range(GRID):
-        for col in range(GRID):
-            left = col * cell + random.randrange(0, cell - patch_size)
-            top = row * cell + random.randrange(0, cell - patch_size)
-            patches.append(image.crop((left, top, left + patch_size, top + patch_size)))
-    random.shuffle(patches)
-    return patches
-
-
-class ImageAndPatches:
-    """Image -> [image view [3, S, S], patches [9, 3, P, P]] (VISSL's ImgPilToPatchesAndImage)."""
-
-    def __init__(self, args):
-        self.crop_image = T.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale))
-        self.crop_patches = T.RandomResizedCrop(args.patch_crop_size, scale=tuple(args.patch_crop_scale))
-        self.patch_size = args.patch_size
-        self.photometric = photometric_transform(args)
-
-    def __call__(self, image):
-        view = self.photometric(self.crop_image(image))
-        patches = jigsaw_patches(self.crop_patches(image), self.patch_size)
-        return [view, torch.stack([self.photometric(p) for p in patches])]
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of ImageAndPatches for --gpu-aug (common.gpu_aug, same parameters and distributions):
-    views [image, patch 1, ..., patch 9], the patches already shuffled, each with its own photometric draw."""
+def view_recipe(args):
+    """PIRL's views, stated once for both data paths (common/augment.py): the image I (a random resized crop) and
+    the 9 patches of I^t (paper Sec. 3.3; VISSL's ImgPilToPatchesAndImage): a random resized crop of
+    --patch-crop-size px cut into a 3 x 3 grid, in each cell a --patch-size square at an offset uniform in
+    0 .. cell - patch - 1 (VISSL's ImgPatchesFromTensor), the patches shuffled. The image and every patch then
+    get VISSL's photometric pipeline on their own: photo_gblur.yaml with --gblur (flip, colour jitter p=0.8,
+    grayscale 0.2, blur p=0.5), else pirl_jigsaw_4node_resnet50.yaml (colour jitter, ImgPilRandomPhotometric
+    p=0.66: posterize, sharpness, solarize, autocontrast; grayscale 0.2, flip)."""
     if args.gblur:
-        photometric = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitter_p=0.8, grayscale_p=0.2,
-                           blur_p=0.5, blur_sigma=(0.1, 2.0))
+        colour = dict(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     else:
-        photometric = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, jitter_p=1.0, photometric_p=0.66,
-                           grayscale_p=0.2)
+        colour = dict(jitter=(0.4, 0.4, 0.4, 0.2), jitter_p=1.0, photometric_p=0.66, grayscale_p=0.2)
     # PIL's GaussianBlur radius is the sigma: a kernel of +-3 sigma_max, within the image
-    image = gpu_aug.ViewAugmentation(args.image_size, scale=tuple(args.crop_scale),
-                                     blur_kernel_size=min(13, 2 * args.image_size - 1), **photometric)
-    patches = gpu_aug.JigsawPatches(args.patch_size, args.patch_crop_size, tuple(args.patch_crop_scale), GRID,
-                                    blur_kernel_size=min(13, 2 * args.patch_size - 1), **photometric)
-    return speed.DeviceViews([(1, image), (GRID * GRID, patches)], args.seed, channels_last)
-
-
-def collate_views(samples):
-    """The per-image path's batch in the --gpu-aug layout: views [image, patch 1, ..., patch 9], each [B, 3, ., .]."""
-    (images, patches), labels, indices, bad = data.collate(samples)
-    return [images, *patches.unbind(1)], labels, indices, bad
-
+    image = augment.View(args.image_size, scale=tuple(args.crop_scale),
+                         blur_kernel_size=min(13, 2 * args.image_size - 1), **colour)
+    patches = augment.Patches(args.patch_size, scale=tuple(args.patch_crop_scale), crop_size=args.patch_crop_size,
+                              grid=GRID, blur_kernel_size=min(13, 2 * args.patch_size - 1), **colour)
+    return [(1, image), (GRID * GRID, patches)]
 
 # ----------------------------------------------------------------------------- model
 
@@ -261,9 +178,7 @@ def train(args, runtime):
     check_args(args)
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("pirl", args, runtime)
-    max_side = speed.max_side([args.image_size, args.patch_crop_size])
-    loader = run.loader(None, ImageAndPatches(args), device_views(args, run.channels_last), max_side,
-                        collate_fn=None if run.gpu_aug else collate_views)
+    loader = run.loader(None, view_recipe(args))
     model, core = run.wrap(PIRL(args))
     n_data = run.n_images
     memory = MemoryBank(n_data, args.embedding_dim, args.memory_momentum, seed=args.seed).to(run.device)

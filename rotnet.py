@@ -41,18 +41,17 @@ statistics (the batched GPU augmentation makes resized crops).
     python rotnet.py --preset cifar --data cifar10
     python rotnet.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and the crop (then its four
-rotations) is made batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the
-same parameter distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last,
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). The four rotations are made per batch on either path. Speed (common/speed.py): channels_last,
 bf16 autocast, `--compile`.
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, optim, speed
+from common import augment, cli, dist, gpu_aug, models, optim
 from common.run import Run, RunArgs, launch
 
 
@@ -94,23 +93,11 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-def image_transform(args):
-    """VISSL's RotNet crop: random-resized crop, flip, normalise. The rotations are applied per batch,
-    after the flip (see the module docstring for why the order matters)."""
-    return T.Compose([
-        T.RandomResizedCrop(args.crop_size, scale=tuple(args.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of image_transform for --gpu-aug (common.gpu_aug: the same crop distribution and
-    flip, no colour ops); one view: the first of the list it returns."""
-    augmentation = gpu_aug.ViewAugmentation(args.crop_size, scale=tuple(args.crop_scale), jitter_p=0.0,
-                                            grayscale_p=0.0)
-    return speed.DeviceViews([(1, augmentation)], args.seed, channels_last)
+def view_recipe(args):
+    """VISSL's RotNet crop, stated once for both data paths (common/augment.py): random-resized crop (bicubic),
+    flip, normalise. The rotations are applied per batch, after the flip (see the module docstring for why
+    the order matters)."""
+    return [(1, augment.View(args.crop_size, scale=tuple(args.crop_scale), interpolation="bicubic"))]
 
 
 def rotate_batch(images, rotations=4, generator=None):
@@ -165,8 +152,7 @@ def train(args, runtime):
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("rotnet", args, runtime)
     # one view per image; with --gpu-aug the crop is made on the device, channels_last after the rotation
-    loader = run.loader(None, image_transform(args), device_views(args),
-                        speed.max_side([args.crop_size]))
+    loader = run.loader(None, view_recipe(args))
     model, core = run.wrap(RotNet(args))
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(core, args.weight_decay), lr=0.0, momentum=args.momentum,
                                 nesterov=args.nesterov)

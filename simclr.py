@@ -31,18 +31,18 @@ Deviations from the original code:
     python simclr.py --preset cifar --data cifar10 --epochs 800
     python simclr.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and the views are made
-batched on the GPU (`--gpu-aug`, common/gpu_aug.py: bilinear crops without antialias,
-the per-image PIL path uses bicubic); channels_last, bf16 autocast, `--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from them: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`, common/gpu_aug.py), batched on the GPU after
+decode-only workers (bilinear crops without antialias; the per-image path's crop is bicubic).
+Speed (common/speed.py): channels_last, bf16 autocast, `--compile`.
 """
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common import augment, cli, dist, models, ops, optim
 from common.cli import parse_crops
 from common.run import Run, RunArgs, launch
 
@@ -97,43 +97,16 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-def view_transform(size, scale, args):
-    """One SimCLR view (paper App. A): crop, flip, colour distortion, optional blur."""
+def view_recipe(args):
+    """SimCLR's views (paper App. A), stated once for both data paths (common/augment.py): crop, flip, colour
+    distortion of strength s, grayscale, optional blur (kernel 10% of the image side, sigma in [0.1, 2.0]).
+    The first crop group at --crop-scale, later ones at --small-crop-scale."""
     s = args.jitter_strength
-    steps = [
-        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
-        T.RandomGrayscale(p=args.grayscale_p),
-    ]
-    if args.blur_p > 0:  # kernel 10% of the image side, sigma in [0.1, 2.0]
-        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
-    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    return T.Compose(steps)
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of MultiView for --gpu-aug (common.gpu_aug, same parameters and distributions)."""
-    s, groups = args.jitter_strength, []
-    for group, (count, size) in enumerate(parse_crops(args.crops)):
-        groups.append((count, gpu_aug.ViewAugmentation(
-            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
-            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
-            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
-    return speed.DeviceViews(groups, args.seed, channels_last)
-
-
-class MultiView:
-    """Image -> list of views: the first crop group at `crop_scale`, later ones at `small_crop_scale`."""
-
-    def __init__(self, args):
-        self.transforms = []
-        for group, (count, size) in enumerate(parse_crops(args.crops)):
-            scale = args.crop_scale if group == 0 else args.small_crop_scale
-            self.transforms += [view_transform(size, scale, args)] * count
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
+    return [(count, augment.View(size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+                                 interpolation="bicubic", jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                                 jitter_p=args.jitter_p, grayscale_p=args.grayscale_p, blur_p=args.blur_p,
+                                 blur_kernel_size=2 * (size // 20) + 1))
+            for group, (count, size) in enumerate(parse_crops(args.crops))]
 
 
 # ----------------------------------------------------------------------------- model
@@ -221,8 +194,7 @@ def train(args, runtime):
         raise ValueError(f"SimCLR needs at least two views per image, --crops {args.crops} gives {n_views}.")
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("simclr", args, runtime)
-    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
-    loader = run.loader(None, MultiView(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(None, view_recipe(args))
     model, core = run.wrap(SimCLR(args), sync_bn=args.sync_bn)
     optimizer, scaler = build_optimizer(core, args), run.grad_scaler()
     run.resume(core, optimizer, scaler)

@@ -43,18 +43,17 @@ ResNet-18, cifar10-mini, 8 epochs gave kNN top-1 30.1 / 31.7 / 33.2 / 34.1 at --
     python swav.py --preset cifar --data cifar10 --epochs 800
     python swav.py --preset cpu   # the CPU recipe of its convergence test
 
-Speed (common/speed.py): on CUDA the workers only decode images and all multi-crop views are made
-batched on the GPU (`--gpu-aug`, default on with CUDA; common/gpu_aug.py, the same parameter
-distributions as the per-image PIL path kept for `--gpu-aug off`); channels_last, bf16 autocast,
-`--compile`.
+The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
+with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
+(common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
+bf16 autocast, `--compile`.
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 
-from common import cli, dist, gpu_aug, models, ops, optim, speed
+from common import augment, cli, dist, models, ops, optim
 from common.cli import parse_crops
 from common.run import Run, RunArgs, launch
 
@@ -119,44 +118,17 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 
 # ----------------------------------------------------------------------------- augmentations
 
-def view_transform(size, scale, args):
-    """One SwAV crop (swav repo's MultiCropDataset): crop, flip, colour distortion, blur."""
+def view_recipe(args):
+    """SwAV's multi-crop views (the swav repo's MultiCropDataset), stated once for both data paths (common/augment.py): bicubic crop, flip, colour
+    distortion of strength s, grayscale, blur (kernel 10% of the side, sigma in [0.1, 2.0]; PIL's
+    GaussianBlur(radius=sigma) in the swav repo). The first crop group at --crop-scale, later ones at
+    --small-crop-scale."""
     s = args.jitter_strength
-    steps = [
-        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=args.jitter_p),
-        T.RandomGrayscale(p=args.grayscale_p),
-    ]
-    if args.blur_p > 0:  # PILRandomGaussianBlur: sigma in [0.1, 2.0]
-        steps.append(T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=args.blur_p))
-    steps += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    return T.Compose(steps)
-
-
-class MultiCrop:
-    """Image -> list of crops: the first group at `crop_scale`, later ones at `small_crop_scale`."""
-
-    def __init__(self, args):
-        self.transforms = []
-        for group, (count, size) in enumerate(parse_crops(args.crops)):
-            scale = args.crop_scale if group == 0 else args.small_crop_scale
-            self.transforms += [view_transform(size, scale, args)] * count
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
-
-
-def device_views(args, channels_last=False):
-    """The batched twin of MultiCrop for --gpu-aug (common.gpu_aug, same parameters and distributions)."""
-    s, groups = args.jitter_strength, []
-    for group, (count, size) in enumerate(parse_crops(args.crops)):
-        groups.append((count, gpu_aug.ViewAugmentation(
-            size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
-            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, jitter_p=args.jitter_p,
-            grayscale_p=args.grayscale_p, blur_p=args.blur_p, blur_kernel_size=2 * (size // 20) + 1)))
-    return speed.DeviceViews(groups, args.seed, channels_last)
-
+    return [(count, augment.View(size, scale=tuple(args.crop_scale if group == 0 else args.small_crop_scale),
+                                 interpolation="bicubic", jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                                 jitter_p=args.jitter_p, grayscale_p=args.grayscale_p, blur_p=args.blur_p,
+                                 blur_kernel_size=2 * (size // 20) + 1))
+            for group, (count, size) in enumerate(parse_crops(args.crops))]
 
 # ----------------------------------------------------------------------------- model
 
@@ -232,8 +204,7 @@ def train(args, runtime):
 
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("swav", args, runtime)
-    max_side = speed.max_side([size for _, size in parse_crops(args.crops)])
-    loader = run.loader(None, MultiCrop(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(None, view_recipe(args))
     model, core = run.wrap(SwAV(args), sync_bn=args.sync_bn)
     # as the swav repo's LARC(SGD): every parameter, biases and BN included, is decayed and LARS-adapted (by default)
     optimizer = optim.LARS(optim.param_groups(core, args.weight_decay, args.exclude_bias_and_norm), lr=0.0,

@@ -17,7 +17,8 @@ Ours uses channels_last on CUDA and the multi-tensor LARS (common.optim).
 
 The other training scripts (--scripts, default all: moco, swav, deepcluster_v2, pirl, npid,
 rotnet, jigsaw, clusterfit; "" for none) at ResNet-18 32 px (each script's --preset cifar):
-their --gpu-aug data path (device_views; jigsaw's device_puzzles), their model step (the
+their --gpu-aug data path (the batched path of their view_recipe, common.augment.batched; jigsaw's tiles
+cut per batch by jigsaw.puzzles), their model step (the
 script's own model, loss, optimiser and per-step state updates, as its loop runs them; memory
 banks of 50k images with random indices and pseudo-labels; deepcluster_v2's per-epoch k-means
 and clusterfit's stages 1-2 are not per-step costs and are left out, clusterfit is its stage 3)
@@ -59,7 +60,7 @@ import pirl  # noqa: E402
 import rotnet  # noqa: E402
 import simclr  # noqa: E402
 import swav  # noqa: E402
-from common import cli, data, dist, models, optim, speed  # noqa: E402
+from common import augment, cli, data, dist, models, optim, speed  # noqa: E402
 
 CASES = {
     "resnet18_32": dict(flags=["--preset", "cifar"], data="cifar10-mini", batch={"cuda": 512, "cpu": 32}),
@@ -127,14 +128,16 @@ def loader_of(dataset, batch, workers, device, total, collate_fn, pairs=True):
 # ----------------------------------------------------------------------------- ours (simclr.py's pieces)
 
 def our_views(args, dataset, device, gpu_aug, workers, total, decode_on_device=False):
-    """A function returning the next batch's list of views on the device, as simclr.train makes them."""
+    """A function returning the next batch's list of views on the device, as simclr.train makes them (Run.loader
+    of simclr.view_recipe: augment.batched on the device, or augment.PerImage in the workers)."""
     channels_last = speed.channels_last(device)
+    recipe = simclr.view_recipe(args)
     if gpu_aug:
-        max_side = speed.max_side([size for _, size in simclr.parse_crops(args.crops)])
+        max_side = augment.max_side(recipe)
         views = data.ViewDataset(data.DecodedImages(dataset, max_side, encoded=decode_on_device), None, seed=args.seed)
-        make_views, collate = simclr.device_views(args, channels_last), data.collate_canvas
+        make_views, collate = augment.batched(recipe, args.seed, channels_last), data.collate_canvas
     else:
-        views, collate = data.ViewDataset(dataset, simclr.MultiView(args), seed=args.seed), data.collate
+        views, collate = data.ViewDataset(dataset, augment.PerImage(recipe), seed=args.seed), data.collate
     batches = iter(loader_of(views, args.batch_size, workers, device, total, collate))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -231,11 +234,12 @@ def lightly_step(args, device, precision):
 
 # ----------------------------------------------------------------------------- the other scripts and their peers
 
-def script_views(module, args, crop_sizes, dataset, device, workers, total):
-    """The script's --gpu-aug path: decode-only workers (images shrunk to speed.max_side(crop_sizes), as the
-    script does), views made by its device_views() on the device."""
-    views = data.ViewDataset(data.DecodedImages(dataset, speed.max_side(crop_sizes)), None, seed=args.seed)
-    make_views = module.device_views(args, speed.channels_last(device))
+def script_views(module, args, dataset, device, workers, total):
+    """The script's --gpu-aug path, as Run.loader makes it from the script's view_recipe: decode-only workers
+    (images shrunk to augment.max_side of the recipe), views made by augment.batched on the device."""
+    recipe = module.view_recipe(args)
+    views = data.ViewDataset(data.DecodedImages(dataset, augment.max_side(recipe)), None, seed=args.seed)
+    make_views = augment.batched(recipe, args.seed, speed.channels_last(device))
     batches = iter(loader_of(views, args.batch_size, workers, device, total, data.collate_canvas))
 
     def next_views():
@@ -315,7 +319,7 @@ def npid_step(args, device, precision, memory_format, n_data=50_000):
 def rotnet_step(args, device, precision, memory_format):
     """rotnet.py's step: every image at its rotations (4: the paper's), 4-way cross-entropy, SGD."""
     model = rotnet.RotNet(args).to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(rotnet.sgd_param_groups(model, args.weight_decay), lr=0.1, momentum=args.momentum,
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, args.weight_decay), lr=0.1, momentum=args.momentum,
                                 nesterov=args.nesterov)
     generator = torch.Generator().manual_seed(0)
 
@@ -369,12 +373,6 @@ def deepcluster_v2_step(args, device, precision, memory_format, n_data=50_000):
     return step
 
 
-def pirl_views(args, dataset, device, workers, total):
-    """pirl.py's --gpu-aug path (script_views: [image, patch 1, ..., patch 9]), the images decoded at the
-    script's side, which follows the jigsaw crop (larger than the patches)."""
-    return script_views(pirl, args, [args.image_size, args.patch_crop_size], dataset, device, workers, total)
-
-
 def pirl_step(args, device, precision, memory_format, n_data=50_000):
     """pirl.py's step: the image view and its 9 patches (stacked [B, 9, 3, P, P]) through the shared trunk,
     positives and noise from the memory bank, Eq. 5 (NCE, Z estimated on the first batch), SGD, bank update."""
@@ -405,21 +403,22 @@ def pirl_step(args, device, precision, memory_format, n_data=50_000):
 
 
 def jigsaw_puzzles(args, dataset, device, workers, total):
-    """jigsaw.py's --gpu-aug path: decode-only workers, then device_puzzles() on the device; the next batch's
-    (tiles [B, 9, 3, t, t], permutation labels [B])."""
+    """jigsaw.py's --gpu-aug path: decode-only workers, its view_recipe's image made on the device
+    (script_views), then its puzzle cut per batch (jigsaw.puzzles, a generator seeded per step as train() does);
+    the next batch's (tiles [B, 9, 3, t, t], permutation labels [B])."""
     permutations = jigsaw.hamming_permutations(args.num_permutations, seed=args.seed)
-    images = data.ViewDataset(data.DecodedImages(dataset, speed.max_side([args.resize_size])), None, seed=args.seed)
-    make_views = jigsaw.device_views(args)
-    batches = iter(loader_of(images, args.batch_size, workers, device, total, data.collate_canvas))
+    next_views = script_views(jigsaw, args, dataset, device, workers, total)
+    count = [0]
 
     def next_puzzles():
-        batch, _, indices, _ = next(batches)
-        return jigsaw.device_puzzles(make_views, batch, 0, indices, device, permutations, args)
+        generator = torch.Generator().manual_seed((args.seed * 1_000_003 + count[0]) * 4_099)
+        count[0] += 1
+        return jigsaw.puzzles(next_views()[0], permutations, args.tile_size, generator)
     return next_puzzles
 
 
 def jigsaw_fixed_puzzles(args, batch, device, memory_format):
-    """Fixed random tiles and permutation labels in device_puzzles' shapes."""
+    """Fixed random tiles and permutation labels in jigsaw.puzzles' shapes."""
     tiles = torch.randn(batch, jigsaw.GRID ** 2, 3, args.tile_size, args.tile_size, device=device)
     return tiles, torch.randint(args.num_permutations, (batch,), device=device)
 
@@ -428,7 +427,7 @@ def jigsaw_step(args, device, precision, memory_format):
     """jigsaw.py's step: the 9 tiles of every puzzle through the siamese trunk and tile head, permutation
     cross-entropy, SGD (no weight decay on BatchNorm)."""
     model = jigsaw.JigsawNet(args).to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(jigsaw.sgd_param_groups(model, args.weight_decay), lr=0.1, momentum=args.momentum)
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, args.weight_decay), lr=0.1, momentum=args.momentum)
 
     def step(puzzles):
         tiles, labels = puzzles
@@ -446,7 +445,7 @@ def clusterfit_step(args, device, precision, memory_format, n_data=50_000):
     --num-clusters classes, SGD (no weight decay on BatchNorm). Stages 1 and 2 (feature extraction, k-means)
     run once before training and are not measured; the pseudo-labels of n_data images are random here."""
     model = clusterfit.ClusterFitNet(args).to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(clusterfit.sgd_param_groups(model, args.weight_decay), lr=0.1,
+    optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, args.weight_decay), lr=0.1,
                                 momentum=args.momentum)
     pseudo_labels = torch.randint(args.num_clusters, (n_data,), generator=torch.Generator().manual_seed(0)).to(device)
     count = [0]
@@ -535,10 +534,10 @@ def lightly_swav(args, device, precision):
 class Script(NamedTuple):
     """How to measure one training script (a SCRIPTS entry)."""
     module: object
-    view_sizes: Callable  # args -> side of each view its step takes, in order (the fixed views; the decode side)
+    view_sizes: Callable  # args -> side of each view its step takes, in order (the fixed views)
     step: Callable  # (args, device, precision, memory_format) -> step(views): the script's training step
     peer: Callable = None  # (args, device, precision) -> (lightly's per-image transform, its step), or None
-    views: Callable = None  # (args, dataset, device, workers, total) -> next batch, when not script_views' views
+    views: Callable = None  # (args, dataset, device, workers, total) -> next batch, when not script_views'
     fixed: Callable = None  # (args, batch, device, memory_format) -> fixed input, when not random views
 
 
@@ -551,7 +550,7 @@ SCRIPTS = {
     "moco": Script(moco, lambda a: [a.image_size] * 2, moco_step, lightly_moco),
     "swav": Script(swav, crop_sizes(swav.parse_crops), swav_step, lightly_swav),
     "deepcluster_v2": Script(deepcluster_v2, crop_sizes(deepcluster_v2.parse_crops), deepcluster_v2_step),
-    "pirl": Script(pirl, lambda a: [a.image_size] + [a.patch_size] * pirl.GRID ** 2, pirl_step, views=pirl_views),
+    "pirl": Script(pirl, lambda a: [a.image_size] + [a.patch_size] * pirl.GRID ** 2, pirl_step),
     "npid": Script(npid, lambda a: [a.image_size], npid_step),
     "rotnet": Script(rotnet, lambda a: [a.crop_size], rotnet_step),
     "jigsaw": Script(jigsaw, lambda a: [a.tile_size] * jigsaw.GRID ** 2, jigsaw_step, views=jigsaw_puzzles,
@@ -582,7 +581,7 @@ def run_script_case(name, opts, device):
     if script.views is not None:
         pipeline = script.views(args, dataset, device, opts.workers, total)
     else:
-        pipeline = script_views(script.module, args, set(sizes), dataset, device, opts.workers, total)
+        pipeline = script_views(script.module, args, dataset, device, opts.workers, total)
     out = {"batch_size": batch, "view_sizes": sizes, "arch": args.arch, "cifar_stem": args.cifar_stem,
            "precision": precision, "images": len(dataset)}
     out["ours_gpu_aug"] = measure(pipeline, script.step(args, device, precision, memory_format), fixed, opts.steps,

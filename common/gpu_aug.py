@@ -550,13 +550,13 @@ def autocontrast(x: Tensor) -> Tensor:
 
 def sample_photometric_params(batch_size: int, p: float = 0.66, generator=None, device=None) -> Dict[str, Tensor]:
     """VISSL's ImgPilRandomPhotometric (PIRL): with probability ``p`` all of posterize (``bits`` uniform in
-    4..8), sharpness (``sharpness`` ~ U[0.1, 1.9]), solarize (``threshold`` uniform in 0..256, over 255)
-    and autocontrast, else none; ``apply`` bool[N]."""
+    4..7), sharpness (``sharpness`` ~ U[0.1, 1.9)), solarize (``threshold`` uniform in 0..255, over 255)
+    and autocontrast, else none; ``apply`` bool[N]. The ranges are VISSL's half-open ones (random.randrange)."""
     apply = _bernoulli(batch_size, p, generator, device)
     u = _rand((batch_size, 3), generator, device, torch.float64).to(torch.float64)
-    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 5)).clamp(max=8).to(torch.long),
+    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 4)).clamp(max=7).to(torch.long),
             "sharpness": (0.1 + 1.8 * u[:, 1]).to(torch.float32),
-            "threshold": (torch.floor(u[:, 2] * 257).clamp(max=256) / 255.0).to(torch.float32)}
+            "threshold": (torch.floor(u[:, 2] * 256).clamp(max=255) / 255.0).to(torch.float32)}
 
 
 def apply_photometric(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
@@ -641,14 +641,15 @@ def sample_jigsaw_patch_boxes(
     """PIRL's jigsaw geometry per image, as float boxes ``[grid * grid, N, 4]`` in the image, in a random order.
 
     The per-image pipeline: ``RandomResizedCrop(crop_size, crop_scale)``, a grid x grid of cells of
-    ``crop_size // grid`` px, in each a ``patch_size`` square at a uniform offset, patches shuffled.
+    ``crop_size // grid`` px, in each a ``patch_size`` square at an offset uniform in 0 .. cell - patch_size - 1
+    on each axis (VISSL's ImgPatchesFromTensor, np.random.randint(0, cell - patch_size)), patches shuffled.
     Here each patch is one box of the image (resampling it equals resizing the crop and cutting the
     patch, see ``sample_resize_crop_params``); view k of image n is the patch of cell ``order[n, k]``.
     """
     device = sizes.device if device is None else device
     crop = sample_resized_crop_params(sizes, crop_scale, generator=generator, device=device).to(torch.float64)
     cell, n_tiles, N = crop_size // grid, grid * grid, len(sizes)
-    offsets = sample_tile_offsets(N, n_tiles, cell - patch_size, generator, device)
+    offsets = sample_tile_offsets(N, n_tiles, max(cell - patch_size - 1, 0), generator, device)
     position = torch.arange(n_tiles, device=device)
     corner = (torch.stack([position // grid, position % grid], dim=1) * cell + offsets).to(torch.float64)
     scale_h, scale_w = crop[:, 2, None] / crop_size, crop[:, 3, None] / crop_size  # image px per crop px

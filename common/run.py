@@ -3,7 +3,7 @@
 Every training script subclasses `RunArgs` (the flags below) and its train() reads:
 
     run = Run("simclr", args, runtime)                 # output folder, device, precision, NaN guard
-    loader = run.loader(dataset, MultiView(args), device_views(args, run.channels_last), max_side)
+    loader = run.loader(dataset, view_recipe(args))    # the recipe [(count, augment.View)]: both data paths
     model, core = run.wrap(SimCLR(args), sync_bn=args.sync_bn)   # device, SyncBN, DDP, torch.compile
     optimizer, scaler = build_optimizer(core, args), run.grad_scaler()
     state = run.resume(core, optimizer, scaler)        # the latest checkpoint's dict, or None
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from common import checkpoint, cli, data, dist, models, speed
+from common import augment, checkpoint, cli, data, dist, models, speed
 from common.guard import StepGuard
 from common.log import MetricLogger
 
@@ -97,22 +97,25 @@ class Run:
         """--data's training images, --data-fraction of them (class-balanced)."""
         return data.subset(data.build_dataset(self.args.data, "train"), self.args.data_fraction, self.args.seed)
 
-    def view_dataset(self, dataset, transform, max_side, seed=None):
-        """dataset -> items of (views, label, index, bad): per-image `transform` in the workers, or with --gpu-aug
-        decoded canvases of at most `max_side` pixels, whose views the device makes."""
+    def view_dataset(self, dataset, views, seed=None):
+        """dataset -> items of (views, label, index, bad) for the recipe `views` ([(count, augment.View)]): the
+        per-image path (augment.PerImage) in the workers, or with --gpu-aug decoded images whose views the
+        device makes (self.device_views)."""
         seed = self.args.seed if seed is None else seed
         if self.gpu_aug:
-            return data.ViewDataset(data.DecodedImages(dataset, max_side), None, seed=seed)
-        return data.ViewDataset(dataset, transform, seed=seed)
+            return data.ViewDataset(data.DecodedImages(dataset, augment.max_side(views)), None, seed=seed)
+        return data.ViewDataset(dataset, augment.PerImage(views), seed=seed)
 
-    def loader(self, dataset, transform, device_views=None, max_side=None, collate_fn=None):
-        """The training loader of `dataset` (None: `self.dataset()`), sharded over the processes.
+    def device_views(self, views, seed=None):
+        """The batched path of the recipe `views` for --gpu-aug (augment.batched: common.speed.DeviceViews)."""
+        return augment.batched(views, self.args.seed if seed is None else seed, self.channels_last)
 
-        transform: image -> views, in the data workers; device_views: with --gpu-aug, (decoded batch, epoch,
-        indices, device) -> views, batched on the device (common.speed.DeviceViews)."""
+    def loader(self, dataset, views):
+        """The training loader of `dataset` (None: `self.dataset()`), sharded over the processes, making the
+        views of the recipe `views` ([(count, augment.View)]) on the path --gpu-aug picks."""
         dataset = self.dataset() if dataset is None else dataset
-        items = self.view_dataset(dataset, transform, max_side)
-        self.make_views = device_views
+        items = self.view_dataset(dataset, views)
+        self.make_views = self.device_views(views)
         self.n_images = len(items)
         self.sampler = data.EpochSampler(len(items), self.runtime.rank, self.runtime.world_size, seed=self.args.seed)
         self.steps_per_epoch = self.sampler.num_samples // self.args.batch_size
@@ -121,13 +124,12 @@ class Run:
                              f"({self.sampler.num_samples} of {len(items)} images over {self.runtime.world_size} "
                              f"processes).")
         self.total_steps = self.args.epochs * self.steps_per_epoch
-        return self.build_loader(items, collate_fn)
+        return self.build_loader(items)
 
-    def build_loader(self, items, collate_fn=None):
+    def build_loader(self, items):
         """A loader of `items` in this run's sampler's order (e.g. a second pass over the data)."""
-        collate_fn = collate_fn or (data.collate_canvas if self.gpu_aug else data.collate)
         return data.build_loader(items, self.sampler, self.args.batch_size, self.args.workers, self.device,
-                                 collate_fn=collate_fn)
+                                 collate_fn=data.collate_canvas if self.gpu_aug else data.collate)
 
     def to_device(self, views, indices, make_views=None):
         """A loader batch's views on the device: made there with --gpu-aug, else moved (channels_last on CUDA)."""

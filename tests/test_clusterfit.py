@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import clusterfit
-from common import cli, data, features, ops, optim
+from common import augment, cli, data, features, ops, optim
 from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
@@ -86,8 +86,9 @@ def test_loss_falls_on_a_fixed_batch():
     args = cli.parse_args(clusterfit.Args, clusterfit.PRESETS, ["--preset", "cifar", "--no-cifar-stem",
                                                                 "--num-clusters", "10"])
     model = clusterfit.ClusterFitNet(args)
-    images = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), clusterfit.image_transform(args), seed=0)
-    batch = data.collate([images[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images
+    images = data.ViewDataset(data.build_dataset("cifar10-mini", "train"),
+                              augment.PerImage(clusterfit.view_recipe(args)), seed=0)
+    batch = data.collate([images[(0, i)] for i in range(0, 4000, 125)])[0][0]  # 32 images, one view
     pseudo_labels = torch.arange(32) % 10
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 1e-4), lr=0.05, momentum=0.9)
     losses = []

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import deepcluster_v2 as dc
-from common import cli, data, ops, optim
+from common import augment, cli, data, ops, optim
 from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32,2x16",
@@ -58,7 +58,7 @@ def test_loss_falls_on_a_fixed_batch():
                      "--num-clusters", "8", "8", "--crops", "2x32,2x16")
     model = dc.DeepClusterV2(args)
     base = data.build_dataset("cifar10-mini", "train")
-    views = data.ViewDataset(base, dc.MultiCrop(args), seed=0)
+    views = data.ViewDataset(base, augment.PerImage(dc.view_recipe(args)), seed=0)
     crops, _, indices, _ = data.collate([views[(0, i)] for i in range(0, 4000, 125)])  # 32 images, 4 crops
     model.train()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from PIL import Image
 
 import jigsaw
 import rotnet
-from common import cli, gpu_aug
+from common import augment, cli, gpu_aug
 
 
 def _hamming(a, b):
@@ -147,7 +147,8 @@ def test_jigsaw_classifier_reads_the_tiles_in_position_order():
 
 def test_jigsaw_tile_offsets_cover_every_position_in_the_cell():
     """Tiles of 7 px in 10 px cells start at offsets 0..3 on each axis, all four of them (the authors' data layer
-    draws 0..jitter inclusive); each tile is found by matching it against every standardised 7 px window."""
+    draws 0..jitter inclusive); each tile is found by matching it against every standardised 7 px window. The image
+    view is view_recipe's on the per-image path, its puzzle jigsaw.puzzles on a batch of one."""
     args = cli.parse_args(jigsaw.Args, None, ["--resize-size", "30", "--crop-size", "30", "--tile-size", "7",
                                               "--grayscale-p", "0"])
     perms = jigsaw.hamming_permutations(5, seed=0)
@@ -157,10 +158,14 @@ def test_jigsaw_tile_offsets_cover_every_position_in_the_cell():
     def standardised(t):
         return (t - t.mean(dim=(1, 2), keepdim=True)) / (t.std(dim=(1, 2), keepdim=True) + 1e-5)
 
+    make_view = augment.PerImage(jigsaw.view_recipe(args))
     seen = set()
     torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     for _ in range(25):
-        tiles, label = jigsaw.Puzzle(args, perms)(Image.fromarray(pixels))
+        view, = make_view(Image.fromarray(pixels))
+        tiles, labels = jigsaw.puzzles(view[None], perms, args.tile_size, generator)
+        tiles, label = tiles[0], labels[0]
         order = perms[int(label)].tolist()
         for position, tile in enumerate(tiles.double()):
             cell = order[position]  # position shows the tile cut from this cell
@@ -210,16 +215,16 @@ def test_rotnet_one_random_rotation_on_odd_sizes():
 
 
 def test_rotnet_label_says_where_the_top_went_whatever_the_flip():
-    """train()'s order, the crop and flip of image_transform then rotate_batch: a picture brighter at the top (a
+    """train()'s order, the crop and flip of view_recipe (its per-image path) then rotate_batch: a picture brighter at the top (a
     non-square one, cropped, resized to an odd size and flipped at random) shows its bright side at the top, left,
     bottom or right for labels 0, 1, 2, 3 (counter-clockwise turns). Rotating before the flip would put the top on
     the right for half of the 90-degree labels."""
     rows = np.linspace(250, 5, 45)[:, None, None] * np.ones((45, 37, 3))
     picture = Image.fromarray(rows.astype(np.uint8))
     args = cli.parse_args(rotnet.Args, None, ["--crop-size", "9", "--crop-scale", "0.3", "1.0"])
-    transform = rotnet.image_transform(args)
+    transform = augment.PerImage(rotnet.view_recipe(args))  # image -> [view]
     torch.manual_seed(0)
-    batch = torch.stack([transform(picture) for _ in range(16)])
+    batch = torch.stack([transform(picture)[0] for _ in range(16)])
     rotated, labels = rotnet.rotate_batch(batch, rotations=4)
     brightness = rotated.mean(1)  # [N, 9, 9]
     sides = torch.stack([brightness[:, 0, :].mean(1), brightness[:, :, 0].mean(1),  # top, left

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-import torchvision.transforms as T
 
 import moco
-from common import cli
+from common import augment, cli
 
 
 def _args(*extra):
@@ -198,21 +197,26 @@ def test_moco_fidelity_recipe_defaults():
     # torchvision's ResNet init (zero_init_residual False, as models.__dict__[arch](num_classes=dim))
     trunk = moco.Encoder(v2).trunk
     assert all(torch.equal(b.bn2.weight, torch.ones_like(b.bn2.weight)) for b in trunk.layer1)
-    # aug+ (v2) and InstDisc's augmentation (v1), bilinear crops
-    ops = moco.view_transform(moco.resolve_version_defaults(moco.Args())).transforms
-    assert isinstance(ops[0], T.RandomResizedCrop) and ops[0].scale == (0.2, 1.0) and ops[0].size == (224, 224)
-    assert ops[0].interpolation == T.InterpolationMode.BILINEAR
-    jitter = ops[1].transforms[0]
-    assert isinstance(ops[1], T.RandomApply) and ops[1].p == 0.8 and isinstance(jitter, T.ColorJitter)
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
-                                                                                   (-0.1, 0.1))
-    assert isinstance(ops[2], T.RandomGrayscale) and ops[2].p == 0.2
-    blur = ops[3].transforms[0]
-    assert ops[3].p == 0.5 and isinstance(blur, T.GaussianBlur) and blur.sigma == (0.1, 2.0)
-    assert isinstance(ops[4], T.RandomHorizontalFlip) and isinstance(ops[6], T.Normalize)
-    ops1 = moco.view_transform(v1).transforms
-    assert isinstance(ops1[1], T.RandomGrayscale) and isinstance(ops1[2], T.ColorJitter) and ops1[2].hue == (-0.4, 0.4)
-    assert not any(isinstance(o, (T.RandomApply, T.GaussianBlur)) for o in ops1)
+    # aug+ (v2) and InstDisc's augmentation (v1), bilinear crops: the query and key views are two draws of one
+    # augment.View, whose fields are torchvision's arguments, applied in augment.apply's fixed order (crop, flip,
+    # [grayscale if grayscale_first], RandomApply([ColorJitter], jitter_p), grayscale, blur, normalise)
+    (count, view), = moco.view_recipe(moco.resolve_version_defaults(moco.Args()))
+    assert count == 2 and type(view) is augment.View
+    assert view.resize_size is None and view.scale == (0.2, 1.0) and view.size == 224  # RandomResizedCrop
+    assert view.interpolation == "bilinear"
+    assert view.jitter == (0.4, 0.4, 0.4, 0.1) and view.jitter_p == 0.8  # RandomApply([ColorJitter(...)], p=0.8)
+    factors = view.batched().sample_params(torch.tensor([[64, 64]] * 4000), 1,
+                                           torch.Generator().manual_seed(0))["jitter"]["factors"]
+    for k, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)]):  # ColorJitter's ranges
+        assert low <= factors[:, k].min() < low + 0.01 and high - 0.01 < factors[:, k].max() <= high
+    assert view.grayscale_p == 0.2 and not view.grayscale_first  # RandomGrayscale after the jitter
+    assert view.blur_p == 0.5 and view.blur_sigma == (0.1, 2.0)  # RandomApply([GaussianBlur], p=0.5)
+    assert view.flip_p == 0.5 and view.mean == (0.485, 0.456, 0.406) and view.std == (0.229, 0.224, 0.225)
+    assert view.photometric_p == 0 and view.solarize_p == 0  # nothing else
+    (count1, view1), = moco.view_recipe(v1)
+    assert count1 == 2 and view1.grayscale_first and view1.grayscale_p == 0.2  # RandomGrayscale, then ColorJitter
+    assert view1.jitter == (0.4, 0.4, 0.4, 0.4) and view1.jitter_p == 1.0  # ColorJitter(0.4, ...) always, hue 0.4
+    assert view1.blur_p == 0 and view1.interpolation == "bilinear"  # no RandomApply, no GaussianBlur
 
 
 def test_moco_fidelity_learning_rate_schedules():

@@ -5,7 +5,6 @@ Eq. 5) and from how lemniscate.pytorch (NCEAverage, NCECriterion) and VISSL (NCE
 transforms) compute them: one sample and one memory entry at a time, in Python floats.
 """
 import math
-import random
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 import npid
 import pirl
-from common import cli, optim
+from common import augment, cli, optim
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # VISSL's NCECriterion eps (lemniscate.pytorch: 1e-7)
 
@@ -201,32 +200,67 @@ def test_npid_fidelity_weight_decay_groups_follow_vissl():
     assert decayed_names | plain_names == set(names.values()) and not decayed_names & plain_names
 
 
+def _pirl_per_image_draws(n, *flags):
+    """The parameters PIRL's per-image path draws for n images (augment.PerImage(pirl.view_recipe(args)).sample,
+    from torch's default generator, seeded with 0): per image [(count, View, params)], params in the batched layout
+    of common.gpu_aug's ViewAugmentation.sample_params."""
+    args = cli.parse_args(pirl.Args, pirl.PRESETS, list(flags))
+    per_image = augment.PerImage(pirl.view_recipe(args))
+    torch.manual_seed(0)
+    return args, [per_image.sample(args.patch_crop_size, args.patch_crop_size) for _ in range(n)]
+
+
 def test_npid_fidelity_pirl_patch_offsets_are_vissls_half_open_range():
-    """ImgPatchesFromTensor: offsets np.random.randint(0, cell - patch) on each axis, so 0 .. cell - patch - 1."""
+    """ImgPatchesFromTensor: offsets np.random.randint(0, cell - patch) on each axis, so 0 .. cell - patch - 1.
+    The patch crop is the whole 27-px image (scale 1), so each patch box is in crop pixels."""
     side, patch = 27, 5  # cells of 9 px, offsets 0..3
-    xs, ys = np.meshgrid(np.arange(side), np.arange(side))
-    image = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], axis=2).astype(np.uint8))
+    args, draws = _pirl_per_image_draws(300, "--image-size", "9", "--patch-crop-size", str(side), "--patch-size",
+                                        str(patch), "--patch-crop-scale", "1", "1")
     seen = set()
-    random.seed(0)
-    for _ in range(300):
-        for p in pirl.jigsaw_patches(image, patch):
-            left, top = (int(c) for c in np.asarray(p)[0, 0, :2])
+    for groups in draws:
+        (count, _, params), = [(c, v, p) for c, v, p in groups if isinstance(v, augment.Patches)]
+        boxes = params["boxes"][:, 0]  # [9, 4] (top, left, height, width)
+        assert count == 9 and boxes.shape == (9, 4)
+        assert torch.equal(boxes[:, 2:], torch.full((9, 2), float(patch), dtype=boxes.dtype))
+        assert torch.equal(boxes, boxes.round())  # whole pixels: the patch is that square of the crop
+        for top, left, _, _ in boxes.long().tolist():
             seen.add((left % 9, top % 9))
     assert seen == {(x, y) for x in range(4) for y in range(4)}
 
 
-def test_npid_fidelity_pirl_photometric_draws_vissls_ranges(monkeypatch):
+def test_npid_fidelity_pirl_photometric_draws_vissls_ranges():
     """RandomPosterizeTransform: bits in 4..7; RandomSolarizeTransform: threshold in 0..255 (randint, high
-    excluded)."""
-    from PIL import ImageOps
-
+    excluded). The draws of the per-image path (the image and each patch: 10 per image) where the photometric
+    transform applies."""
+    _, draws = _pirl_per_image_draws(1000, "--image-size", "8", "--patch-crop-size", "24", "--patch-size", "5")
     bits, thresholds = [], []
-    monkeypatch.setattr(ImageOps, "posterize", lambda image, b: bits.append(b) or image)
-    monkeypatch.setattr(ImageOps, "solarize", lambda image, t: thresholds.append(t) or image)
-    random.seed(0)
-    image = Image.new("RGB", (4, 4), (10, 120, 200))
-    transform = pirl.RandomPhotometric(p=1.0)
-    for _ in range(3000):
-        transform(image)
+    for groups in draws:
+        for _, _, params in groups:
+            photometric = params["photometric"]
+            bits += photometric["bits"][photometric["apply"]].tolist()
+            thresholds += (photometric["threshold"][photometric["apply"]] * 255).round().long().tolist()
+    assert len(bits) > 5000  # p = 0.66 of 10000 views
     assert set(bits) == {4, 5, 6, 7}
     assert min(thresholds) == 0 and max(thresholds) == 255 and len(set(thresholds)) > 200
+
+
+def test_npid_fidelity_pirl_photometric_draws_reach_pil_unchanged(monkeypatch):
+    """The per-image path (augment.apply) hands its drawn bits and thresholds to PIL's posterize and solarize as
+    they are: the integers VISSL's RandomPosterizeTransform and RandomSolarizeTransform would pass."""
+    from PIL import ImageOps
+
+    _, draws = _pirl_per_image_draws(20, "--image-size", "8", "--patch-crop-size", "24", "--patch-size", "5")
+    given = []
+    monkeypatch.setattr(ImageOps, "posterize", lambda image, b: given.append(("bits", b)) or image)
+    monkeypatch.setattr(ImageOps, "solarize", lambda image, t: given.append(("threshold", t)) or image)
+    image = Image.new("RGB", (24, 24), (10, 120, 200))
+    expected = []
+    for groups in draws:
+        for count, view, params in groups:
+            photometric = params["photometric"]
+            for v in range(count):
+                augment.apply(view, image, params, v)
+                if photometric["apply"][v]:
+                    expected += [("bits", int(photometric["bits"][v])),
+                                 ("threshold", int((photometric["threshold"][v] * 255).round()))]
+    assert len(expected) > 100 and given == expected

@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 import jigsaw
-from common import cli, data, optim
+from common import augment, cli, data, optim
 from tests.helpers import metrics, run_script
 
 SMALL = ["--preset", "cifar", "--no-cifar-stem", "--data", "cifar10-mini", "--data-fraction", "0.01",
@@ -51,7 +51,8 @@ def test_min_hamming_distance():
 
 
 def test_tiles_come_from_the_grid_cells_in_the_permuted_order():
-    # crop = resize = image size and tile = cell: no crop or jitter, so each tile is exactly a cell
+    # crop = resize = image size and tile = cell: no crop or jitter, so each tile is exactly a cell; the image view
+    # (view_recipe on the per-image path: flip, normalise), then its puzzle (jigsaw.puzzles on a batch of one)
     args = cli.parse_args(jigsaw.Args, None, ["--resize-size", "30", "--crop-size", "30", "--tile-size", "10",
                                               "--grayscale-p", "0"])
     perms = jigsaw.hamming_permutations(20, seed=0)
@@ -59,9 +60,12 @@ def test_tiles_come_from_the_grid_cells_in_the_permuted_order():
     normalise = torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     image = normalise(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
     seen_labels, seen_flips = set(), set()
+    make_view = augment.PerImage(jigsaw.view_recipe(args))
     for seed in range(12):
         torch.manual_seed(seed)
-        tiles, label = jigsaw.Puzzle(args, perms)(Image.fromarray(pixels))
+        view, = make_view(Image.fromarray(pixels))
+        tiles, labels = jigsaw.puzzles(view[None], perms, args.tile_size, torch.Generator().manual_seed(seed))
+        tiles, label = tiles[0], labels[0]
         assert tiles.shape == (9, 3, 10, 10)
         torch.testing.assert_close(tiles.mean(dim=(2, 3)), torch.zeros(9, 3), rtol=0, atol=1e-5)
         torch.testing.assert_close(tiles.std(dim=(2, 3)), torch.ones(9, 3), rtol=0, atol=1e-3)
@@ -84,8 +88,10 @@ def test_loss_falls_on_a_fixed_batch():
                                                         "--num-permutations", "10", "--tile-dim", "64"])
     perms = jigsaw.hamming_permutations(10)
     model = jigsaw.JigsawNet(args)
-    puzzles = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), jigsaw.Puzzle(args, perms), seed=0)
-    tiles, labels = data.collate([puzzles[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 puzzles
+    views = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), augment.PerImage(jigsaw.view_recipe(args)),
+                             seed=0)
+    images, = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images, one view
+    tiles, labels = jigsaw.puzzles(images, perms, args.tile_size, torch.Generator().manual_seed(0))  # 32 puzzles
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 1e-4), lr=0.05, momentum=0.9)
     losses = []
     model.train()

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import moco
-from common import cli, data
+from common import augment, cli, data
 from tests.helpers import MOCO_SMALL, metrics, run_script, run_torchrun
 
 SMALL = MOCO_SMALL
@@ -138,7 +138,7 @@ def test_loss_falls_on_a_fixed_batch():
     model = moco.MoCo(args)
     fixed_queue = torch.nn.functional.normalize(torch.randn(64, args.embedding_dim), dim=1)
     base = data.build_dataset("cifar10-mini", "train")
-    views = data.ViewDataset(base, moco.TwoViews(args), seed=0)
+    views = data.ViewDataset(base, augment.PerImage(moco.view_recipe(args)), seed=0)
     queries, keys = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     losses = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import npid
-from common import data, optim
+from common import augment, data, optim
 from tests.helpers import metrics, naive_nce, run_script, run_torchrun, unit
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--image-size", "32",
@@ -77,8 +77,9 @@ def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     args = npid.parse_args(["--arch", "resnet18", "--image-size", "32"])
     model = npid.NPID(args)
-    views = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), npid.view_transform(args), seed=0)
-    images = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images
+    views = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), augment.PerImage(npid.view_recipe(args)),
+                             seed=0)
+    images = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0][0]  # 32 images, one view
     memory = npid.MemoryBank(4000, 128, 0.5, seed=0)
     indices = torch.arange(0, 4000, 125)
     noise = memory.bank[npid.noise_indices(4000, 256, 0, 0, 0, "cpu")]

@@ -1,6 +1,6 @@
 """pirl.py: jigsaw patches, the Eq. 5 loss against the paper's formula, learning, exact resume, 2 ranks, bad input."""
+import dataclasses
 import math
-import random
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import pirl
-from common import cli, data, optim
+from common import augment, cli, data, optim
 from tests.helpers import PIRL_SMALL, metrics, naive_nce, run_script, run_torchrun, unit
 
 SMALL = PIRL_SMALL
@@ -48,16 +48,23 @@ def test_pirl_loss_is_the_convex_combination_of_eq5():
 
 
 def test_jigsaw_patches_come_one_from_each_grid_cell_in_shuffled_order():
+    """view_recipe's patch group, its geometry alone (the colour ops off, no normalisation), on the per-image path:
+    with the patch crop the whole 48-px image, each 14-px patch lies inside one 16-px cell."""
     pixels = np.zeros((48, 48, 3), dtype=np.uint8)
     for cell in range(9):
         pixels[(cell // 3) * 16:(cell // 3 + 1) * 16, (cell % 3) * 16:(cell % 3 + 1) * 16] = 20 * cell + 10
     image = Image.fromarray(pixels)
+    args = parse("--patch-crop-size", "48", "--patch-size", "14", "--patch-crop-scale", "1", "1")
+    (count, patch_view), = [(count, view) for count, view in pirl.view_recipe(args) if isinstance(view, augment.Patches)]
+    geometry = dataclasses.replace(patch_view, jitter_p=0.0, photometric_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                                   mean=None, std=None)
+    cut = augment.PerImage([(count, geometry)])
     orders = set()
     for seed in range(5):
-        random.seed(seed)
-        patches = pirl.jigsaw_patches(image, 14)
-        assert [p.size for p in patches] == [(14, 14)] * 9
-        values = [np.asarray(p) for p in patches]
+        torch.manual_seed(seed)
+        patches = cut(image)
+        assert [tuple(p.shape) for p in patches] == [(3, 14, 14)] * 9
+        values = [(p * 255).round().to(torch.uint8).numpy() for p in patches]
         assert all(v.min() == v.max() for v in values)  # each patch lies inside one cell
         order = tuple((int(v.flat[0]) - 10) // 20 for v in values)
         assert sorted(order) == list(range(9))
@@ -69,8 +76,9 @@ def test_views_and_model_shapes_for_every_variant():
     base = data.build_dataset("cifar10-mini", "train")
     for flags in ([], ["--gblur"], ["--mlp-head"]):
         args = parse("--arch", "resnet18", "--image-size", "32", "--patch-crop-size", "48", "--patch-size", "14", *flags)
-        views = data.ViewDataset(base, pirl.ImageAndPatches(args), seed=0)
-        (images, patches), _, _, _ = data.collate([views[(0, i)] for i in range(4)])
+        views = data.ViewDataset(base, augment.PerImage(pirl.view_recipe(args)), seed=0)
+        (images, *patches), _, _, _ = data.collate([views[(0, i)] for i in range(4)])  # [image, patch 1..9]
+        patches = torch.stack(patches, dim=1)
         assert images.shape == (4, 3, 32, 32) and patches.shape == (4, 9, 3, 14, 14)
         model = pirl.PIRL(args).eval()
         f, g = model(images, patches)
@@ -85,8 +93,10 @@ def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     args = parse("--arch", "resnet18", "--image-size", "32", "--patch-crop-size", "48", "--patch-size", "14")
     model = pirl.PIRL(args)
-    views = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), pirl.ImageAndPatches(args), seed=0)
-    images, patches = data.collate([views[(0, i)] for i in range(0, 4000, 250)])[0]  # 16 images
+    views = data.ViewDataset(data.build_dataset("cifar10-mini", "train"), augment.PerImage(pirl.view_recipe(args)),
+                             seed=0)
+    images, *patches = data.collate([views[(0, i)] for i in range(0, 4000, 250)])[0]  # 16 images, then 9 patches
+    patches = torch.stack(patches, dim=1)  # [16, 9, 3, 14, 14]
     memory = pirl.MemoryBank(4000, 128, 0.5, seed=0)
     positives = memory.bank[torch.arange(0, 4000, 250)]
     noise = memory.bank[pirl.noise_indices(4000, 256, 0, 0, 0, "cpu")]

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import rotnet
-from common import cli, data, optim
+from common import augment, cli, data, optim
 from tests.helpers import metrics, run_script
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.01", "--arch", "resnet18", "--crop-size", "32",
@@ -45,8 +45,8 @@ def test_loss_falls_on_a_fixed_batch():
     args = cli.parse_args(rotnet.Args, rotnet.PRESETS, ["--preset", "cifar", "--no-cifar-stem"])
     model = rotnet.RotNet(args)
     base = data.build_dataset("cifar10-mini", "train")
-    images = data.ViewDataset(base, rotnet.image_transform(args), seed=0)
-    batch = data.collate([images[(0, i)] for i in range(0, 4000, 250)])[0]  # 16 images
+    images = data.ViewDataset(base, augment.PerImage(rotnet.view_recipe(args)), seed=0)
+    batch = data.collate([images[(0, i)] for i in range(0, 4000, 250)])[0][0]  # 16 images, one view
     rotated, labels = rotnet.rotate_batch(batch)
     optimizer = torch.optim.SGD(optim.decay_all_but_norm(model, 5e-4), lr=0.05, momentum=0.9)
     losses = []

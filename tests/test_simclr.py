@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import simclr
-from common import cli, data
+from common import augment, cli, data
 from tests.helpers import metrics, run_script
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--crops", "2x32",
@@ -61,7 +61,7 @@ def test_loss_falls_on_a_fixed_batch():
     args = cli.parse_args(simclr.Args, simclr.PRESETS, ["--arch", "resnet18", "--hidden-dim", "128", "--crops", "2x32"])
     model = simclr.SimCLR(args)
     base = data.build_dataset("cifar10-mini", "train")
-    views = data.ViewDataset(base, simclr.MultiView(args), seed=0)
+    views = data.ViewDataset(base, augment.PerImage(simclr.view_recipe(args)), seed=0)
     batch = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images, 2 views
     from common import optim
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import simclr
-from common import cli, data, optim, speed
+from common import augment, cli, data, optim, speed
 
 
 def test_decoded_images_are_the_pil_pixels_as_uint8():
@@ -46,7 +46,7 @@ def test_collate_canvas_pads_mixed_sizes_and_keeps_each_size():
 
 def test_device_views_depend_only_on_seed_epoch_and_batch():
     args = cli.parse_args(simclr.Args, simclr.PRESETS, ["--crops", "2x32,2x16", "--blur-p", "0.5"])
-    make_views = simclr.device_views(args)
+    make_views = augment.batched(simclr.view_recipe(args), args.seed)
     base = data.DecodedImages(data.subset(data.build_dataset("cifar10-mini", "train"), 0.01))
     batch, _, indices, _ = data.collate_canvas([data.ViewDataset(base, None)[(0, i)] for i in range(8)])
     first = make_views(batch, 3, indices, "cpu")
@@ -104,7 +104,7 @@ def test_compiled_model_gives_the_eager_loss_on_a_fixed_batch():
 
 def test_jpegs_decoded_on_the_device_give_the_same_views_as_decoded_in_workers():
     args = cli.parse_args(simclr.Args, simclr.PRESETS, ["--crops", "2x32"])
-    make_views = simclr.device_views(args)
+    make_views = augment.batched(simclr.view_recipe(args), args.seed)
     base = data.subset(data.build_dataset("cifar10-mini", "train"), 0.01)
     batches = []
     for encoded in (False, True):
