@@ -282,7 +282,7 @@ def train(args, runtime):
         for (images,), _ in run.batches(loader):
             lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + run.step) * 4_099 + runtime.rank)
+            generator = run.step_generator()
             tiles, labels = puzzles(images, permutations, args.tile_size, generator)
             with run.autocast():
                 logits = model(tiles)

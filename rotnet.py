@@ -168,7 +168,7 @@ def train(args, runtime):
             lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, peak_lr, args)
             optim.set_lr(optimizer, lr)
             # rotations drawn from (seed, step, rank) alone: a resumed run draws the same ones
-            generator = torch.Generator().manual_seed((args.seed * 1_000_003 + run.step) * 4_099 + runtime.rank)
+            generator = run.step_generator()
             rotated, labels = rotate_batch(images, args.rotations, generator)
             rotated = rotated.contiguous(memory_format=run.memory_format)
             with run.autocast():

@@ -131,6 +131,11 @@ class Run:
         return data.build_loader(items, self.sampler, self.args.batch_size, self.args.workers, self.device,
                                  collate_fn=data.collate_canvas if self.gpu_aug else data.collate)
 
+    def step_generator(self):
+        """A CPU generator seeded by (seed, step, rank) only: per-batch draws of a method's own (RotNet's
+        rotations, Jigsaw's tiles) that a resumed run replays exactly."""
+        return torch.Generator().manual_seed((self.args.seed * 1_000_003 + self.step) * 4_099 + self.runtime.rank)
+
     def to_device(self, views, indices, make_views=None):
         """A loader batch's views on the device: made there with --gpu-aug, else moved (channels_last on CUDA)."""
         if self.gpu_aug:
