@@ -193,12 +193,19 @@ def test_contrastive_simclr_layout(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrastive_tile_size_does_not_matter(device, monkeypatch):
     q, k, pos, self_index = contrastive_inputs(1037, 1101, 19, 5, device)
+    truth = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, 0.05, self_index, torch.float64)
+    naive = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, 0.05, self_index, torch.float32)
     default = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.05, self_index, torch.float32)
     for tiles in [(1, 7), (37, 101), (300, 1101), (4096, 4096)]:
         monkeypatch.setattr(ops, "_TILES", tiles)
         tiled = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.05, self_index, torch.float32)
-        for a, b in zip(tiled, default):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), tiles
+        for name, a, b, nv, t in zip(("loss", "dq", "dk"), tiled, default, naive, truth):
+            # each tiling is as accurate as the untiled float32 reference, and the tilings agree to float32
+            # rounding relative to the largest entry (a gradient entry near zero is a sum with cancellation,
+            # so an entrywise relative bound would measure summation order, not correctness)
+            scale = max(1.0, t.abs().max().item())
+            assert (a - t).abs().max() <= (nv - t).abs().max() + F32_TOL * scale, (tiles, name)
+            assert (a - b).abs().max() <= 1e-5 * scale, (tiles, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
