@@ -130,7 +130,7 @@ def _data_dir():
 def _cifar(name, split):
     root = _data_dir()
     folder = root / name
-    if (folder / split).is_dir():  # an ImageFolder copy, e.g. SSL_DATA_DIR=../shared/data
+    if (folder / split).is_dir():  # an ImageFolder copy, e.g. SSL_DATA_DIR=/datasets with /datasets/cifar10/{train,test}
         return _image_folder(folder / split)
     import torchvision
 

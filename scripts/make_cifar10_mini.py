@@ -4,7 +4,7 @@
 copy of CIFAR-10 (`<root>/{train,test}/<class>/*.jpg`). The JPEG bytes are stored as is
 (no re-encoding): one uint8 array of all bytes, per-image offsets, labels and class names.
 
-    python scripts/make_cifar10_mini.py ../shared/data/cifar10 common/assets/cifar10_mini.npz
+    python scripts/make_cifar10_mini.py /datasets/cifar10 common/assets/cifar10_mini.npz
 """
 import random
 import sys
