@@ -23,31 +23,38 @@ ROOT = Path(__file__).resolve().parent.parent
 # every method runs its script's `--preset cpu`, the recipe its convergence test runs (--preset cifar with the
 # ImageNet stem at 32 px on cifar10-mini, and the changes the script's preset states); measurements in the comments
 COMMON = ["--preset", "cpu", "--print-every", "50"]
+# "now:" figures: seeds 0 / 1, one thread per process, with both data paths built from each script's one view recipe
 METHODS = [
+    # the simclr recipe: now 39.23 / 40.71
     "simclr",
     # the moco recipe of tests/test_convergence_*.py: 33.78 / 33.84 (seeds 0 / 1, bicubic crops); 8 epochs 31.70. The
-    # queue starts empty: from random unit vectors (the official code's start) every query went to one direction
+    # queue starts empty: from random unit vectors (the official code's start) every query went to one direction.
+    # Now (bilinear crops, as main_moco.py): 33.65 / 33.31
     "moco",
     # the swav recipe of tests/test_convergence_*.py: 34.49 / 34.86 / 34.64 / 34.29 (seeds 0-3, one thread); 8 epochs gave
-    # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs
+    # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs.
+    # Now: 34.96 / 33.76
     "swav",
     # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.89 / 32.63 (seeds 0 / 1, one thread) with the default
     # banks of crops 0 and 1, 33.66 / 33.41 with crop 0's bank alone; the whole set for 7 epochs with 3 x 100 centroids
-    # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank)
+    # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank). Now: 32.43 / 33.15
     "deepcluster_v2",
     # the npid recipe of tests/test_convergence_*.py: 35.55 (seed 0, one thread); 35.87 / 35.36 (seeds 0 / 1)
     # with a cross-entropy that also counted the batch's other memory entries as negatives (VISSL's: the noise
     # only). An eighth of the images for many epochs keeps the memory bank fresh (each entry is refreshed once
     # per epoch); with that earlier loss --data-fraction 0.5, 28 epochs, 1024 negatives gave 33.62 / 32.11, and
-    # lr 0.06 29.58
+    # lr 0.06 29.58. Now: 34.17 / 34.42
     "npid",
     # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread) with
     # that same batch-negatives cross-entropy and patch offsets 0-2 px (VISSL's: 0-1). VISSL's
     # default photometric transform (posterize, sharpness, solarize 0-256, autocontrast at p 0.66) keeps PIRL near
     # chance at 32 px: an eighth of the images for 40 epochs 28.11 (29.12 with --jigsaw-weight 0); --gblur there
     # 32.79 / 27.38, 100 epochs 33.84 / 32.82; --loss-type nce (Z fixed) diverged (kNN 16-20), --mlp-head collapsed
+    # Now, with VISSL's loss (own entry against the noise only) and patch offsets 0-1: 32.87 / 31.01 (seed 1 below
+    # random init: not robust across seeds at this budget)
     "pirl",
-    # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1)
+    # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1) when first
+    # written; now 33.16 / 33.20
     "rotnet",
     # the jigsaw recipe of tests/test_convergence_*.py, scored at res4 with precise BN (EVAL_FLAGS): 33.49 / 34.29 /
     # 34.46 / 34.38 (seeds 0-3, one thread), 33.93 / 34.73 (seeds 0 / 1, two threads) vs random init 31.16 under the
@@ -55,8 +62,10 @@ METHODS = [
     # 3 epochs 28.21-30.18 over seeds and thread counts, as were 13-px tiles in 18-px cells (the paper's gap) 29.30
     # and 18-px tiles of a 72-px resize 27.84. Without precise BN the tiles' BatchNorm statistics hurt res3/res4
     # (31.34 at res4 vs 34.43 for random init); 2 epochs of the preset's own geometry gave 28.06 pooled.
+    # Now (tiles cut per batch on both paths): 33.62 / 35.07
     "jigsaw",
-    # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk
+    # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk: 34.96 / 34.36
+    # when its test was written; now 34.75 (seed 0)
     "clusterfit",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
