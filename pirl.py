@@ -35,7 +35,9 @@ where VISSL resizes the patch crop, then cuts the patches out of it.
     python pirl.py --preset cpu   # the CPU recipe of its convergence test
 
 At 32 px VISSL's default photometric transform (solarize with a threshold drawn from 0-256, posterize,
-autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py).
+autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py). Nine of every
+ten images the trunk sees are patches, forwarded after the image, so the checkpoint's BatchNorm statistics are
+mostly the patches': evaluate with `--precise-bn N` (eval_*.py re-estimate them on N training images).
 
 The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
 with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers

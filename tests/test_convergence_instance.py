@@ -5,7 +5,8 @@ Every run pretrains a ResNet-18 (ImageNet stem, 32 px) on cifar10-mini (or a sta
 `knn_top1` (conftest) then measures weighted kNN (k=20, T=0.07) on the 10,000 CIFAR-10 test images
 (the embedded cifar10-test, the same on every machine) with cifar10-mini's 4,000 training images
 as the bank. The seeded random-init trunk's score under the same evaluation (31.77 on the full test
-split) is the session fixture `random_knn_top1`. Each test's docstring gives its budget, how the recipe
+split) is the session fixture `random_knn_top1`; PIRL is scored, with its own random-init baseline, after
+re-estimating BatchNorm statistics (its test says why). Each test's docstring gives its budget, how the recipe
 was found and the accuracies measured when it was written; the margins sit below every measurement.
 
 SimCLR, MoCo v2, NPID and PIRL (instance discrimination) and ClusterFit, which clusters the session's
@@ -125,37 +126,44 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
     assert_beats_random_init("clusterfit", top1, random_knn_top1, CLUSTERFIT_MARGIN)
 
 
-PIRL_MARGIN = 0.5
+PIRL_MARGIN = 3.0
+PRECISE_BN = ("--precise-bn", "4000")
 
 
 @pytest.mark.convergence
-def test_pirl_beats_random_init(tmp_path, random_knn_top1):
-    """A short CPU PIRL run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
+def test_pirl_beats_random_init(tmp_path):
+    """A short CPU PIRL run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk, both
+    scored with BatchNorm statistics re-estimated on the bank images (eval_knn.py --precise-bn 4000).
 
     Budget: 100 epochs over a sixteenth of cifar10-mini (--data-fraction 0.0625: 250 training images),
     300 steps of 64 images, each a 32-px view plus 9 shuffled 14-px patches (ResNet-18 with the ImageNet
-    stem), about 4 min single-threaded. Recipe (`--preset cpu`): --preset cifar (memory momentum 0.5, T = 0.07, lambda 0.5)
-    with VISSL's InfoNCE over 256 noise entries (--loss-type cross_entropy), lr 0.03 per 256 images, cosine, and
-    VISSL's photo_gblur transforms (--gblur). A small subset for many epochs keeps the memory bank fresh
-    (NPID's test explains why); the kNN bank is still all 4,000 training images.
+    stem), about 15 min single-threaded beside another run (880 s measured). Recipe (`--preset cpu`): --preset
+    cifar (memory momentum 0.5, T = 0.07, lambda 0.5) with VISSL's InfoNCE over 256 noise entries (--loss-type
+    cross_entropy), lr 0.03 per 256 images, cosine, and VISSL's photo_gblur transforms (--gblur). A small subset
+    for many epochs keeps the memory bank fresh (NPID's test explains why); the kNN bank is still all 4,000
+    training images.
+
+    Why precise BN, for both trunks: nine of every ten images the trunk sees are 14-px patches, and the patch
+    forward runs after the image forward in every step, so the checkpoint's BatchNorm running statistics are
+    mostly the patches'. With them the score depends on the seed more than on what was learned: 32.87 / 31.01
+    (seeds 0 / 1) vs random init 31.77. Re-estimated on the 4,000 bank images (as Jigsaw's test does): 32.68 /
+    32.05, against the random-init trunk's 27.79 under the same evaluation (precise BN lowers the random trunk,
+    whose running statistics are otherwise those of its initialisation: mean 0, variance 1).
 
     Why --gblur: VISSL's default photometric transform (posterize, sharpness, a solarize threshold drawn
     from 0-256 and autocontrast, all at p = 0.66, on top of colour jitter) is too destructive at 32 px.
     With it (an eighth of the images, 40 epochs) the run ended at 28.11, and 29.12 with the image term
     alone (--jigsaw-weight 0); the same budget with --gblur gave 32.79 / 27.38 (seeds 0 / 1), and 100 epochs
-    33.84 / 32.82. The paper's NCE loss with Z fixed from the first batch diverged there (loss 7 -> 300+,
-    kNN 16-20); the MLP-head variant collapsed (loss flat at ln 384).
+    33.84 / 32.82 (checkpoint statistics). The paper's NCE loss with Z fixed from the first batch diverged there
+    (loss 7 -> 300+, kNN 16-20); the MLP-head variant collapsed (loss flat at ln 384). A higher learning rate
+    does not help: at seed 1, lr 0.12 gave 28.67 (29.48 with precise BN), and lr 0.06 on an eighth of the
+    images for 50 epochs 31.26 (31.26).
 
-    Measured when this test was written (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000
-    CIFAR-10 test images, one thread per run as under `make test-convergence`), with a cross-entropy that also counted
-    the batch's other memory entries as negatives and patch offsets 0-2 px: 32.74, 33.41, 33.74 and 32.32 (seeds
-    0-3) vs random init 31.77, i.e. +1.0, +1.6, +2.0 and +0.55 points.
-
-    Re-measured with VISSL's loss (the image's own memory entry against the noise only), VISSL's patch offsets
-    (0-1 px) and both data paths built from the one view recipe (one thread per run): 32.87 (seed 0, +1.1)
-    and 31.01 (seed 1, -0.76, below random init). At this budget PIRL with VISSL's details is not robust across
-    seeds: the recipe needs a longer run or a re-tuned learning rate before its margin can sit below every
-    seed. The assertion asks for +0.5 points and the test runs seed 0, the seed it passes at.
+    Measured (kNN k=20, T=0.07, cifar10-mini train as the bank, the 10,000 CIFAR-10 test images, precise BN,
+    one thread per run as under `make test-convergence`): 32.68, 32.05 and 32.90 (seeds 0-2; 32.87, 31.01 and
+    32.49 with the checkpoint's statistics) vs 27.79, i.e. +4.9, +4.3 and +5.1 points. The assertion asks for
+    +3.0 points, below every measurement; the test runs seed 0.
     """
-    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cpu", "--print-every", "50")
-    assert_beats_random_init("pirl", top1, random_knn_top1, PIRL_MARGIN)
+    top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cpu", "--print-every", "50", eval_flags=PRECISE_BN)
+    random_top1 = knn_top1("random", *PRECISE_BN)
+    assert_beats_random_init("pirl", top1, random_top1, PIRL_MARGIN)
