@@ -39,7 +39,8 @@ the sweep also covers weight decays up to 0.1 (the decay a data set needs grows 
 scikit-learn's C * sum CE + |W|^2 / 2 is mean CE + wd/2 |W|^2 with wd = 1 / (C N)), and small
 sets choose by cross-validation, because the best of ~90 heads on a 200-image split is mostly
 that split's noise (bench/bench_eval.py --accuracy compares the probe with a cross-validated
-scikit-learn logistic regression). The BatchNorm of cached features uses fixed statistics
+scikit-learn logistic regression: on CIFAR-10 features of a SimCLR and a random-init ResNet-18, with
+2,000 / 1,000 / 50,000 training images, the default is -0.06 to +2.4 points from it). The BatchNorm of cached features uses fixed statistics
 instead of per-batch ones. The held-out images' features (never their labels) take part in
 those statistics, and with `--augment` in the batch statistics; held-out rows are masked out of
 the loss rather than out of the batch, so a fold's heads see about (k-1)/k of each batch.
