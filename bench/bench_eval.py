@@ -47,7 +47,7 @@ def training_rows(labels, setting, seed=0):
     return torch.cat([order[labels[order] == c][:200] for c in torch.unique(labels)]).sort().values
 
 
-def sklearn_tuned(x, y, xt, yt, cs=SKLEARN_CS, folds=5, cv_below=20000):
+def sklearn_tuned(x, y, xt, yt, cs=SKLEARN_CS, folds=5, cv_below=eval_linear.Args.cv_below):
     """Standardise on train; LogisticRegressionCV (C by stratified k-fold accuracy, refit on all of train), lbfgs at
     scikit-learn's default tolerance. From `cv_below` training images on (where eval_linear also stops
     cross-validating) C is chosen on one stratified 10% split: 75 fits of 50,000 x 512 take hours on one core."""
