@@ -1,0 +1,88 @@
+// What the kernels in this folder need from CUDA, spelled so that the same source compiles with
+// nvcc (the real kernels, csrc/*_cuda.cu) and with the host C++ compiler against the CPU emulator
+// of csrc/emu/cuda_emu.h (their CPU twin, built and checked by tests/test_cuda_emulated.py).
+//
+//   SSL_DYN_SHARED(name)                    the block's dynamic shared memory, as unsigned char*
+//   SSL_LAUNCH(grid, block, shared, stream, kernel)(args...)
+//   ssl_allow_shared(kernel, bytes)         opt in to more than 48 KiB of dynamic shared memory
+//
+// Files here hold device code and raw-pointer launchers only (no ATen, no cuBLAS).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define SSL_DYN_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define SSL_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+template <typename Kernel>
+inline void ssl_allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+#else
+#include "../emu/cuda_emu.h"
+#define SSL_DYN_SHARED(name) unsigned char* name = ::emu::dynamic_shared()
+#define SSL_LAUNCH(grid, block, shared, stream, ...) ::emu::launcher(__VA_ARGS__, grid, block, shared, stream)
+template <typename Kernel>
+inline void ssl_allow_shared(Kernel, size_t bytes) {
+  ::emu::allow_shared(bytes);
+}
+#endif
+
+namespace sslops {
+namespace dev {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the result. `red` holds
+// >= 32 T and may be reused right after: the first barrier orders this reduction after the last.
+template <typename T>
+__device__ T block_sum(T v, T* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? red[lane] : T(0);
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? red[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dev
+}  // namespace sslops
