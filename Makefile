@@ -4,13 +4,14 @@
 # and:
 #   make test-convergence - the nine methods' short CPU pretraining runs, each scored by kNN against random init
 #   make test-fast        - make test without the multi-process (torchrun) tests, while editing
+#   make gpu-check        - on a GPU machine: build, CUDA tests, ops/throughput benchmarks, a short SimCLR run (JSON)
 #   make fashion-mnist   - install Debian's dataset-fashion-mnist (as root), for the tests that use it
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-convergence test-fast demo fashion-mnist clean
+.PHONY: install test test-convergence test-fast demo gpu-check fashion-mnist clean
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,12 @@ test-fast: install
 
 demo: install
 	$(PY) demo.py
+
+# on a machine with one GPU and no network, with the Python that has torch there (GPU_PYTHON): build the ops for
+# that GPU, the CUDA tests, bench/ops.py and bench/throughput.py on CUDA, a short SimCLR run; one JSON in bench/results/
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 # optional: Fashion-MNIST's IDX files from Debian (/usr/share/datasets/fashion-mnist); its tests skip without them
 fashion-mnist:

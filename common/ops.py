@@ -282,7 +282,7 @@ def contrastive_loss_reference(queries, keys, pos_index, temperature, self_index
 
 # ----------------------------------------------------------------------------- k-means
 
-def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
+def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None, tf32=False):
     """Lloyd's k-means (DeepCluster-v2's spherical variant when spherical=True).
 
     x: [N, D] this rank's rows. init: "random" (k distinct rows of the global data,
@@ -291,9 +291,15 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
     returned centroid for row i. Empty clusters are re-seeded with the points
     farthest from their centroids. Distributed: sums and counts are all-reduced and
     every rank returns the same centroids (and the assignments of its own rows).
+    tf32: on CUDA, the compiled kernel scores with TF32 tensor cores and rescores each
+    row's winner in fp32, so the choice can differ from fp32's only between centroids
+    whose scores agree to TF32's rounding (inputs rounded to 11 significant bits). Off
+    by default; the CPU kernels and the PyTorch reference are exact whatever it says.
     Returns (centroids [k, D], assignments [N] int64).
     """
     _check_matrix("x", x)
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32 must be True or False, got {tf32!r}.")
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}.")
@@ -314,7 +320,7 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None):
         with torch.no_grad():
             points = x.detach().float().contiguous()
             centroids, assignments = _lloyd(points, k, n_iters, spherical, init, seed, group,
-                                            _CompiledAssign(), _compiled_update)
+                                            _CompiledAssign(tf32), _compiled_update)
         return centroids.to(x.dtype), assignments
     return kmeans_reference(x, k, n_iters, spherical, init, seed, group)
 
@@ -324,11 +330,13 @@ class _CompiledAssign:
     shortlist, exact fp32 rescoring: the same assignments, csrc/kmeans.cpp), for which the
     bf16 copy and the row norms of the points, fixed during a run, are made once."""
 
-    def __init__(self):
-        self.points = None
+    def __init__(self, tf32=False):
+        self.points, self.tf32 = None, tf32
 
     def __call__(self, points, centroids, spherical):
-        if points.is_cuda or not _C.cpu_has_bf16_dot():
+        if points.is_cuda:
+            return _C.kmeans_assign(points, centroids.contiguous(), bool(spherical), 0, self.tf32)
+        if not _C.cpu_has_bf16_dot():
             return _C.kmeans_assign(points, centroids.contiguous(), bool(spherical), 0)
         if self.points is not points:
             self.points, self.low, self.norms = points, points.bfloat16(), points.norm(dim=1)

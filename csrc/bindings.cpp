@@ -40,8 +40,14 @@ std::vector<at::Tensor> contrastive_backward(const at::Tensor& q, const at::Tens
   return SSL_DISPATCH(q, contrastive_backward, q, k, pos, self, temperature, lse, g, need_dk, tile_q, tile_k);
 }
 
-std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk) {
-  return SSL_DISPATCH(x, kmeans_assign, x, c, spherical, chunk);
+// tf32: CUDA only (TF32 tensor cores for the scores, the winner rescored in fp32); the CPU kernels are exact
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk,
+                                      bool tf32) {
+#ifdef WITH_CUDA
+  if (is_cuda(x)) return kmeans_assign_cuda(x, c, spherical, chunk, tf32);
+#endif
+  (void)tf32;
+  return (is_cuda(x), kmeans_assign_cpu(x, c, spherical, chunk));
 }
 std::vector<at::Tensor> kmeans_update(const at::Tensor& x, const at::Tensor& a, int64_t k) {
   return SSL_DISPATCH(x, kmeans_update, x, a, k);
@@ -78,7 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("contrastive_backward_sym", &contrastive_backward_sym_cpu, py::arg("z"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"), py::arg("tile") = 0);
   m.def("kmeans_assign", &kmeans_assign, py::arg("x"), py::arg("centroids"), py::arg("spherical"),
-        py::arg("chunk") = 0);
+        py::arg("chunk") = 0, py::arg("tf32") = false);
   m.def("kmeans_update", &kmeans_update, py::arg("x"), py::arg("assign"), py::arg("k"));
   m.def("cpu_has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU has native bf16 dot products (AVX512_BF16)");
   m.def("kmeans_assign_screened", &kmeans_assign_screened_cpu, py::arg("x"), py::arg("x_bf16"), py::arg("x_norm"),

@@ -61,7 +61,8 @@ std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at:
                                                   const c10::optional<at::Tensor>& self, double temperature,
                                                   const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
                                                   int64_t tile_q, int64_t tile_k);
-std::vector<at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk);
+std::vector<at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk,
+                                           bool tf32);
 std::vector<at::Tensor> kmeans_update_cuda(const at::Tensor& x, const at::Tensor& assign, int64_t k);
 #endif
 

@@ -54,6 +54,10 @@ class Emulated:
         self.lib.emu_sinkhorn_workspace.argtypes = [i64, i64, i64, i64]
         self.lib.emu_sinkhorn_workspace.restype = i64
         self.lib.emu_selftest.argtypes = [i32, ptr, ptr, ptr, *err]
+        self.lib.emu_kmeans_assign.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, ptr, i64, *err]
+        self.lib.emu_kmeans_update.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, *err]
+        self.lib.emu_kmeans_max_pieces.argtypes = [i64, i64]
+        self.lib.emu_kmeans_max_pieces.restype = i64
         self.lib.emu_set_order.argtypes = [i32]
         self.lib.emu_set_dry_run.argtypes = [i32]
 
@@ -67,14 +71,19 @@ class Emulated:
 
 
 class Guarded:
-    """A C-contiguous copy of `values` between two guard bands of 0xff bytes (NaN for floats)."""
+    """A C-contiguous copy of `values` between two guard bands of 0xff bytes (NaN for floats).
+
+    The values start on a 64-byte boundary (as cudaMalloc's, which wmma's alignment rules assume)."""
 
     PAD = 64
 
     def __init__(self, values):
         values = np.ascontiguousarray(values)
         self.shape, self.dtype = values.shape, values.dtype
-        self.buf = np.empty(values.size + 2 * self.PAD, dtype=values.dtype)
+        n, size = values.size + 2 * self.PAD, values.dtype.itemsize
+        raw = np.empty(n * size + 64, dtype=np.uint8)
+        shift = (-(raw.ctypes.data + self.PAD * size)) % 64
+        self.buf = raw[shift:shift + n * size].view(values.dtype)
         self.buf.view(np.uint8)[:] = 0xFF
         self.buf[self.PAD:self.PAD + values.size] = values.ravel()
 
@@ -131,9 +140,10 @@ def test_emulator_wmma_bf16_matches_float64(emu):
     a = torch.randn(16, 16, generator=g).bfloat16()
     b = torch.randn(16, 16, generator=g).bfloat16()
     bits = lambda t: np.ascontiguousarray(t.view(torch.int16).numpy().view(np.uint16))  # noqa: E731
-    a_bits, b_cols = bits(a), bits(b.t().contiguous())  # B is read column-major
-    out = np.zeros((16, 16), np.float32)
-    emu.call("emu_selftest", 3, a_bits.ctypes.data, b_cols.ctypes.data, out.ctypes.data)
+    a_bits, b_cols = Guarded(bits(a)), Guarded(bits(b.t().contiguous()))  # B is read column-major
+    c = Guarded.poisoned((16, 16), np.float32)
+    emu.call("emu_selftest", 3, a_bits.ptr, b_cols.ptr, c.ptr)
+    out = c.value()
     truth = a.double() @ b.double()
     # bf16 products are exact in fp32; only the fp32 sums of 16 terms round
     assert np.abs(out - truth.numpy()).max() < 16 * 2 ** -23 * truth.abs().max().item() + 1e-6
@@ -227,29 +237,155 @@ def test_sinkhorn_launches_for_any_batch(emu, rows):
         emu.lib.emu_set_dry_run(0)
 
 
+# ----------------------------------------------------------------------------- k-means
+
+def emulated_assign(emu, x, c, spherical, tf32, max_shared=H100_SHARED):
+    n, d = x.shape
+    k = c.shape[0]
+    gx, gc = Guarded(x.numpy()), Guarded(c.numpy())
+    half_sq = None if spherical else Guarded((0.5 * (c * c).sum(1)).numpy())
+    score, best = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.int64)
+    emu.call("emu_kmeans_assign", gx.ptr, gc.ptr, None if half_sq is None else half_sq.ptr, n, k, d, int(tf32),
+             score.ptr, best.ptr, max_shared)
+    for name, g in [("x", gx), ("centroids", gc), ("best score", score), ("best", best)] + (
+            [] if half_sq is None else [("half_sq", half_sq)]):
+        assert g.intact(), f"a kernel wrote outside {name}"
+    return torch.from_numpy(score.value()), torch.from_numpy(best.value())
+
+
+def check_assign(emu, n, k, d, spherical, tf32, max_shared=H100_SHARED, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    if spherical:
+        x, c = F.normalize(x, dim=1), F.normalize(c, dim=1)
+    score, best = emulated_assign(emu, x, c, spherical, tf32, max_shared)
+    truth = x.double() @ c.double().t()
+    if not spherical:
+        truth = truth - 0.5 * (c.double() ** 2).sum(1)
+    assert ((best >= 0) & (best < k)).all()
+    chosen = truth.gather(1, best[:, None])[:, 0]
+    scale = x.double().norm(dim=1) * c.double().norm(dim=1).max() + (0 if spherical else c.double().pow(2).sum(1).max())
+    # fp32: the sum of d products rounds at most d times; TF32 rounds every input to 11 significant bits
+    # before the product (relative 2^-11 each), so only the choice (not the score) may differ by that much
+    fp32_tol = (d + 2) * 2.0 ** -24 * scale + 1e-30
+    choice_tol = (3 * 2.0 ** -11 * scale + fp32_tol) if tf32 else fp32_tol
+    assert (truth.max(1).values - chosen <= 2 * choice_tol).all(), "a centroid was chosen that is not the best"
+    assert ((score.double() - chosen).abs() <= fp32_tol).all(), "the reported score is not the chosen centroid's"
+    return score, best
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (130, 67, 33), (37, 130, 70), (129, 3, 5)])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_assign_fp32_matches_float64(emu, order, n, k, d, spherical):
+    emu.order(order)
+    check_assign(emu, n, k, d, spherical, tf32=False)
+
+
+@pytest.mark.parametrize("n,k,d", [(130, 67, 33), (37, 130, 70)])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_assign_tf32(emu, n, k, d, spherical):
+    emu.order("high-first")
+    check_assign(emu, n, k, d, spherical, tf32=True)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_kmeans_assign_streams_x_when_it_does_not_fit(emu, tf32):
+    """D too large to keep the block's rows in shared memory: x is streamed with the centroids."""
+    check_assign(emu, 131, 70, 33, spherical=True, tf32=tf32, max_shared=70_000)
+
+
+def test_kmeans_assign_ties_go_to_the_lower_index(emu):
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]] * 20)  # 80 centroids: ties across tiles
+    _, best = emulated_assign(emu, x, c, spherical=True, tf32=False)
+    assert best.tolist() == [1, 0]
+
+
+def emulated_update(emu, x, assign, k):
+    n, d = x.shape
+    gx, ga = Guarded(x.numpy()), Guarded(assign.numpy())
+    sums, counts = Guarded.poisoned((k, d), np.float32), Guarded.poisoned((k,), np.float32)
+    partial = Guarded.poisoned((max(1, emu.lib.emu_kmeans_max_pieces(n, k)), max(1, d)), np.float64)
+    emu.call("emu_kmeans_update", gx.ptr, ga.ptr, n, k, d, sums.ptr, counts.ptr, partial.ptr)
+    for name, g in [("x", gx), ("assign", ga), ("sums", sums), ("counts", counts), ("partial sums", partial)]:
+        assert g.intact(), f"a kernel wrote outside {name}"
+    return torch.from_numpy(sums.value()), torch.from_numpy(counts.value())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_kmeans_update_matches_float64(emu, order):
+    """Uneven clusters (one of 600 rows: three pieces), empty ones, odd D."""
+    emu.order(order)
+    g = torch.Generator().manual_seed(3)
+    n, k, d = 701, 9, 37
+    x = torch.randn(n, d, generator=g) * 10
+    assign = torch.randint(0, 5, (n,), generator=g)
+    assign[:600] = 2
+    sums, counts = emulated_update(emu, x, assign, k)
+    truth = torch.zeros(k, d, dtype=torch.float64).index_add_(0, assign, x.double())
+    assert torch.equal(counts, torch.bincount(assign, minlength=k).float())
+    # float64 sums of at most 600 fp32 values, rounded once to fp32
+    assert torch.allclose(sums.double(), truth, rtol=2 ** -24, atol=1e-9)
+
+
+def test_kmeans_update_does_not_depend_on_scheduling(emu):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 19, generator=g)
+    assign = torch.randint(0, 3, (300,), generator=g)
+    outs = []
+    for order in ORDERS:
+        emu.order(order)
+        outs.append(emulated_update(emu, x, assign, 3))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("n,k,d", [(1_281_167, 3000, 128), (1_281_167, 16000, 2048)])
+def test_kmeans_launches_at_full_scale(emu, n, k, d):
+    """ImageNet-sized k-means (DeepCluster-v2's 3000 x 128, ClusterFit's 16000 x 2048): configurations fit."""
+    emu.lib.emu_set_dry_run(1)
+    try:
+        for tf32 in (0, 1):
+            emu.call("emu_kmeans_assign", None, None, None, n, k, d, tf32, None, None, H100_SHARED)
+    finally:
+        emu.lib.emu_set_dry_run(0)
+
+
 # ----------------------------------------------------------------------------- planted faults
 
-# (file, the exact text, what replaces it): each a bug the emulator must catch
+def check_kmeans(emu):
+    check_assign(emu, 130, 67, 33, spherical=False, tf32=False)
+
+
+# (file, the exact text, what replaces it, the check that must fail): each a bug the emulator must catch
 FAULTS = {
     "missing __syncthreads": (
         "kernels/compat.cuh",
         "  v = warp_sum(v);\n  __syncthreads();\n  if (lane == 0) red[warp] = v;",
-        "  v = warp_sum(v);\n  if (lane == 0) red[warp] = v;"),
+        "  v = warp_sum(v);\n  if (lane == 0) red[warp] = v;",
+        lambda emu: check_sinkhorn(emu, (45, 301), torch.float32, "shared")),
     "warp dropped from a reduction": (
         "kernels/compat.cuh",
         "v = lane < warps ? red[lane] : T(0);",
-        "v = lane < warps - 1 ? red[lane] : T(0);"),
+        "v = lane < warps - 1 ? red[lane] : T(0);",
+        lambda emu: check_sinkhorn(emu, (45, 301), torch.float32, "shared")),
     "off-by-one loop bound": (
         "kernels/sinkhorn.cuh",
         "for (int64_t k = threadIdx.x; k < K; k += blockDim.x) dot += static_cast<double>(qr[k]) * sl.u[k];",
-        "for (int64_t k = threadIdx.x; k <= K; k += blockDim.x) dot += static_cast<double>(qr[k]) * sl.u[k];"),
+        "for (int64_t k = threadIdx.x; k <= K; k += blockDim.x) dot += static_cast<double>(qr[k]) * sl.u[k];",
+        lambda emu: check_sinkhorn(emu, (45, 301), torch.float32, "shared")),
+    "k-means: scores read before the tile is complete": (
+        "kernels/kmeans.cuh",
+        "    __syncthreads();  // every score of the tile is in sc\n",
+        "",
+        check_kmeans),
 }
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_planted_faults_are_caught(fault, tmp_path):
     """A copy of the kernels with one bug planted fails under at least one scheduling order."""
-    name, text, planted = FAULTS[fault]
+    name, text, planted, check = FAULTS[fault]
     for part in ("emu", "kernels"):
         shutil.copytree(CSRC / part, tmp_path / "src" / part)
     path = tmp_path / "src" / name
@@ -261,7 +397,7 @@ def test_planted_faults_are_caught(fault, tmp_path):
     for order in ORDERS:
         faulty.order(order)
         try:
-            check_sinkhorn(faulty, (45, 301), torch.float32, "shared")
+            check(faulty)
         except (EmulatorFault, AssertionError) as e:
             caught.append(f"{order}: {type(e).__name__}: {str(e)[:200]}")
     assert caught, f"the planted fault ({fault}) went unnoticed under both scheduling orders"

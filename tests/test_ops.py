@@ -366,6 +366,23 @@ def test_kmeans_reseeds_empty_clusters(device, spherical):
     assert_assignments_are_argmax(x, centroids, assignments, spherical)
 
 
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_tf32_cuda(spherical):
+    """tf32=True: TF32 scores pick the centroid, within TF32's rounding of the fp32 best; deterministic."""
+    x = clustered(4099, 67, 20, 7, "cuda")
+    c1, a1 = ops.kmeans(x, 53, n_iters=4, spherical=spherical, seed=1, tf32=True)
+    c2, a2 = ops.kmeans(x, 53, n_iters=4, spherical=spherical, seed=1, tf32=True)
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+    xd, cd = x.double(), c1.double()
+    if spherical:
+        xd, cd = F.normalize(xd, dim=1), F.normalize(cd, dim=1)
+    scores = xd @ cd.t() - (0 if spherical else 0.5 * (cd * cd).sum(1))
+    chosen = scores.gather(1, a1[:, None])[:, 0]
+    scale = xd.norm(dim=1) * cd.norm(dim=1).max() + (0 if spherical else (cd * cd).sum(1).max())
+    assert (scores.max(1).values - chosen <= 2 * (3 * 2.0 ** -11 + 70 * 2.0 ** -24) * scale).all()
+
+
 @pytest.mark.parametrize("spherical", [True, False])
 def test_kmeans_objective_close_to_faiss(spherical):
     faiss = pytest.importorskip("faiss")
@@ -450,6 +467,7 @@ def test_scalar_and_fp32_fallbacks_pass_the_same_tests():
     lambda: ops.kmeans(torch.randn(5, 3, 2), 2),
     lambda: ops.kmeans(torch.randn(5, 3), 2, init=torch.randn(3, 3)),
     lambda: ops.kmeans(torch.randn(5, 3), 2, init="kmeans++"),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, tf32="yes"),
 ])
 def test_bad_inputs_raise_value_error(call):
     with pytest.raises(ValueError):

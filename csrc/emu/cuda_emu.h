@@ -20,7 +20,8 @@
 //   - launch configurations are checked against the hardware limits (1024 threads per block,
 //     grid.y and grid.z <= 65535, dynamic shared memory <= 48 KiB without opt-in and <= 227 KiB).
 //   - wmma fragments: each lane holds the whole tile (element (r, c) at x[r * cols + c]); loads,
-//     stores and mma are warp collectives whose pointer and stride must agree across lanes, and a
+//     stores and mma are warp collectives whose pointer and stride must agree across lanes (and
+//     be 256-bit aligned, the stride a multiple of 16 bytes), and a
 //     store checks that every lane holds the same fragment (element-wise code that depends on the
 //     lane would be meaningless on a GPU, where the layout is opaque).
 //
@@ -98,7 +99,8 @@ struct Runtime {
   dim3 grid, block, block_idx;
   std::vector<Fiber> fibers;
   std::vector<WarpExchange> warps;
-  std::vector<unsigned char> dyn_shared;
+  std::vector<unsigned char> dyn_shared_store;  // over-allocated: dyn_shared is 128-byte aligned
+  unsigned char* dyn_shared = nullptr;
   size_t dyn_shared_bytes = 0;
   int current = -1;
   ucontext_t scheduler;
@@ -257,7 +259,7 @@ inline void run_block() {
     f.ctx.uc_link = &r.scheduler;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  std::memset(r.dyn_shared.data(), 0xff, r.dyn_shared.size());
+  std::memset(r.dyn_shared, 0xff, r.dyn_shared_bytes);
   for (;;) {
     int i = next_runnable();
     if (i < 0) {
@@ -285,7 +287,7 @@ inline void run_block() {
 inline void set_order(Order o) { detail::rt().order = o; }
 inline void set_dry_run(bool on) { detail::rt().dry_run = on; }  // check launch configurations only
 
-inline unsigned char* dynamic_shared() { return detail::rt().dyn_shared.data(); }
+inline unsigned char* dynamic_shared() { return detail::rt().dyn_shared; }
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
 inline void allow_shared(size_t bytes) {
@@ -313,7 +315,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dyn_shared, A&&.
   r.body = [&]() { std::apply(kernel, params); };
   r.grid = grid;
   r.block = block;
-  r.dyn_shared.assign(dyn_shared, 0xff);
+  r.dyn_shared_store.assign(dyn_shared + 128, 0xff);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(r.dyn_shared_store.data());
+  r.dyn_shared = r.dyn_shared_store.data() + ((128 - base % 128) % 128);
+  r.dyn_shared_bytes = dyn_shared;
   r.error.clear();
   const unsigned long long nblocks = 1ull * grid.x * grid.y * grid.z;
   for (unsigned long long j = 0; j < nblocks; ++j) {
@@ -629,10 +634,19 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
 }
 
 namespace detail {
+// mptr 256-bit aligned, ldm a multiple of 16 bytes (8 for 16-bit elements, 4 for 32-bit)
+template <typename P>
+void check_layout(const P* p, unsigned ldm, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    ::emu::detail::fail(std::string(what) + ": the pointer is not 256-bit aligned");
+  if ((ldm * sizeof(P)) % 16 != 0) ::emu::detail::fail(std::string(what) + ": ldm is not a multiple of 16 bytes");
+}
+
 template <typename Frag, typename P>
 void load(Frag& f, const P* p, unsigned ldm, bool col_major_mem, const char* file, int line) {
   ::emu::require_uniform(p, "wmma::load_matrix_sync pointer", file, line);
   ::emu::require_uniform(ldm, "wmma::load_matrix_sync ldm", file, line);
+  check_layout(p, ldm, "wmma::load_matrix_sync");
   for (int r = 0; r < Frag::rows; ++r)
     for (int c = 0; c < Frag::cols; ++c)
       f.x[r * Frag::cols + c] =
@@ -660,6 +674,7 @@ void store_matrix_sync_at(P* p, const fragment<accumulator, M, N, K, T, void>& f
   using Frag = fragment<accumulator, M, N, K, T, void>;
   ::emu::require_uniform(p, "wmma::store_matrix_sync pointer", file, line);
   ::emu::require_uniform(ldm, "wmma::store_matrix_sync ldm", file, line);
+  detail::check_layout(p, ldm, "wmma::store_matrix_sync");
   // every lane must hold the same tile as lane 0 (the fibers share one address space)
   const Frag* f0 = ::emu::detail::exchange(&f, [](int) { return 0; }, file, line);
   if (std::memcmp(f0->x, f.x, sizeof(f.x)) != 0)

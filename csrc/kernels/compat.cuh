@@ -16,7 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
-#define SSL_DYN_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define SSL_DYN_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define SSL_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
 template <typename Kernel>
 inline void ssl_allow_shared(Kernel kernel, size_t bytes) {

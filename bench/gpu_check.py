@@ -1,0 +1,131 @@
+"""GPU acceptance: build, test and measure the CUDA kernels and a short SimCLR run, one JSON out.
+
+On a machine with one GPU and no network, from the repository root (`make gpu-check`):
+
+  1. builds common._C for the GPU present (setup.py build_ext --inplace, all cores);
+  2. runs the CUDA tests (tests/test_ops.py and tests/test_gpu_aug.py; their CUDA cases skip without a GPU);
+  3. bench/ops.py --device cuda: the kernels at their target shapes next to the PyTorch references and peers,
+     with bench/perf_model.py's lower bounds for that device beside the measured times;
+  4. bench/throughput.py --device cuda (simclr.py's step vs lightly's, ResNet-18 at 32 px);
+  5. simclr.py --preset cifar on the embedded cifar10-mini for --simclr-epochs, then eval_knn.py against random init;
+
+and writes bench/results/<date>-<device>.json (every step's command, wall time, output) unless --out says
+otherwise. Each step has a time limit so that the whole check fits its budget (8 minutes by default); a step
+that fails or runs out of time is recorded as such and the check goes on. Exits non-zero if any step failed.
+
+    python bench/gpu_check.py [--out FILE] [--budget-s 480] [--device cuda]
+
+--device cpu runs the same steps on the CPU with small shapes (to check the plumbing without a GPU;
+with --skip-build it keeps the extension already built).
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_step(name, argv, limit_s, env=None, parse_json=True):
+    """Runs argv in the repository root; returns a record with the wall time and the last JSON line of stdout."""
+    started = time.time()
+    record = {"step": name, "command": " ".join(argv), "limit_s": round(limit_s)}
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=max(1, limit_s),
+                              env={**os.environ, **(env or {})})
+        record.update(rc=proc.returncode, ok=proc.returncode == 0)
+        out, err = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        record.update(rc=None, ok=False, timed_out=True)
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    record["wall_s"] = round(time.time() - started, 1)
+    if parse_json:
+        for line in reversed(out.strip().splitlines()):
+            if line.startswith("{"):
+                try:
+                    record["result"] = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    pass
+    if not record["ok"] or "result" not in record:
+        record["output_tail"] = (out[-3000:] + "\n" + err[-3000:]).strip()
+    print(f"# {name}: {'ok' if record['ok'] else 'FAILED'} in {record['wall_s']} s", file=sys.stderr, flush=True)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole check's time budget")
+    parser.add_argument("--simclr-epochs", type=int, default=60)
+    parser.add_argument("--out", default=None, help="default: bench/results/<date>-<device>.json")
+    parser.add_argument("--skip-build", action="store_true", help="use the common._C already built")
+    args = parser.parse_args()
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device is visible; gpu_check needs one GPU (or --device cpu for a dry run).")
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    slug = device_name.lower().replace("nvidia ", "").replace(" ", "-")
+    out_path = args.out or os.path.join(ROOT, "bench", "results", f"{datetime.date.today()}-{slug}.json")
+    started = time.time()
+    py = sys.executable
+    cuda = args.device == "cuda"
+    # the share of the budget each step may use (build first: the rest needs it)
+    shares = [("build", 0.35), ("tests", 0.15), ("ops", 0.2), ("throughput", 0.12), ("simclr", 0.18)]
+    limits = {name: share * args.budget_s for name, share in shares}
+    env_build = {"MAX_JOBS": str(os.cpu_count() or 4)}
+    if cuda:
+        major, minor = torch.cuda.get_device_capability(0)
+        env_build["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        env_build["SSL_OPS_NO_CUDA"] = "1"
+    steps = []
+    if not args.skip_build:
+        steps.append(run_step("build", [py, "setup.py", "-q", "build_ext", "--inplace"], limits["build"], env_build,
+                              parse_json=False))
+    test_files = ["tests/test_ops.py", "tests/test_gpu_aug.py"] if cuda else ["tests/test_ops.py"]
+    steps.append(run_step("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test_files,
+                                    *(["-k", "cuda"] if cuda else ["-k", "sinkhorn"])], limits["tests"],
+                          parse_json=False))
+    steps.append(run_step("ops", [py, "bench/ops.py", "--device", args.device, *([] if cuda else ["--quick"])],
+                          limits["ops"]))
+    steps.append(run_step("throughput", [py, "bench/throughput.py", "--device", args.device, "--scripts", "",
+                                         "--cases", "resnet18_32", *([] if cuda else ["--steps", "1"])],
+                          limits["throughput"]))
+    run_dir = os.path.join(ROOT, "runs", "gpu-check-simclr")
+    epochs = args.simclr_epochs if cuda else 1
+    simclr = run_step("simclr", [py, "simclr.py", "--preset", "cifar", "--data", "cifar10-mini", "--epochs",
+                                 str(epochs), "--output-dir", run_dir, "--workers", "8" if cuda else "2"],
+                      limits["simclr"] * 0.75, parse_json=False)
+    steps.append(simclr)
+    if simclr["ok"]:
+        ckpts = sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint-"))
+        for weights in (os.path.join(run_dir, ckpts[-1]), "random"):
+            steps.append(run_step(f"knn ({'simclr' if weights != 'random' else 'random init'})",
+                                  [py, "eval_knn.py", "--weights", weights, "--train-data", "cifar10-mini",
+                                   "--test-data", "cifar10-test", "--arch", "resnet18", "--image-size", "32"],
+                                  limits["simclr"] * 0.125))
+    from bench import perf_model
+    report = {"what": "GPU acceptance: build, CUDA tests, ops and throughput benchmarks, a short SimCLR run",
+              "command": "python " + " ".join(["bench/gpu_check.py", *sys.argv[1:]]),
+              "device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "date": str(datetime.date.today()), "budget_s": args.budget_s,
+              "wall_s": round(time.time() - started, 1), "ok": all(s["ok"] for s in steps), "steps": steps}
+    if cuda:
+        key = "h200" if "H200" in device_name else "h100"
+        report["perf_model"] = perf_model.model(key)
+    text = json.dumps(report, indent=1)
+    with open(out_path, "w") as f:
+        f.write(text + "\n")
+    print(json.dumps({"ok": report["ok"], "wall_s": report["wall_s"], "out": os.path.relpath(out_path, ROOT),
+                      "steps": {s["step"]: s["ok"] for s in steps}}))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

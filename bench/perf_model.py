@@ -1,0 +1,162 @@
+"""Performance model of the CUDA kernels at their target shapes, stated before any GPU measurement.
+
+For each op: the floating-point work, the bytes that must cross the DRAM interface, the bytes
+the blocks pull from L2 into shared memory, and the launches per call, from the kernels' own
+tile sizes (read from csrc/kernels/*.cuh, so the model follows the code); the lower bound on
+a device is max(work / peak rate, DRAM bytes / bandwidth), next to the op's target. With
+--ptxas it also compiles csrc/*_cuda.cu for sm_90 and reports each kernel's registers, shared
+memory and spills as ptxas states them. bench/ops.py --device cuda prints the same bounds
+beside its measured times.
+
+    python bench/perf_model.py [--device h100|h200] [--ptxas] [--out model.json]
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = os.path.join(ROOT, "csrc", "kernels")
+
+# dense peak rates (no sparsity) and bandwidths from the vendor's data sheets
+DEVICES = {
+    "h100": dict(name="H100 SXM5", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=3.35e12, sms=132),
+    "h200": dict(name="H200 SXM", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=4.8e12, sms=132),
+}
+
+# the targets the kernels are built to meet on an H100 (time per call; memory where stated)
+TARGETS = {
+    "contrastive_simclr": "<= 12 ms forward + backward, <= 128 MB extra",
+    "contrastive_moco": "<= 0.5 ms forward + backward",
+    "kmeans_iteration": "<= 6 ms per iteration, >= 3x fast-pytorch-kmeans",
+    "sinkhorn": "<= 0.3 ms per call (3 iterations), >= 3x SwAV's formula",
+}
+
+
+def constexpr(header, name):
+    """The value of `constexpr int <name> = <int>;` in csrc/kernels/<header>."""
+    with open(os.path.join(KERNELS, header)) as f:
+        match = re.search(rf"constexpr\s+(?:int|int64_t)\s+{name}\s*=\s*(\d+)\s*;", f.read())
+    if match is None:
+        raise SystemExit(f"error: {header} defines no constexpr {name}")
+    return int(match.group(1))
+
+
+def bound(flops, rate, dram_bytes, dev):
+    t_compute, t_memory = flops / dev[rate], dram_bytes / dev["dram"]
+    return {"compute_ms": round(t_compute * 1e3, 4), "dram_ms": round(t_memory * 1e3, 4),
+            "lower_bound_ms": round(max(t_compute, t_memory) * 1e3, 4),
+            "bound_by": "compute" if t_compute >= t_memory else "memory"}
+
+
+def sinkhorn_model(dev, b=7936, k=3000, iters=3, score_bytes=4):
+    """Column max (torch.amax), init, iters - 1 steps, finish; Q' in fp32, partials in float64."""
+    max_blocks = 2 * dev["sms"]  # csrc/sinkhorn_cuda.cu: two row blocks per SM
+    blocks = min(math.ceil(b / 16), max_blocks)
+    q = b * k * 4
+    partials = 2 * blocks * k * 8  # written by the row pass, read by the fixed-order reduction
+    dram = (b * k * score_bytes  # column max
+            + b * k * score_bytes + q + partials  # init: read scores, write Q', partials
+            + (iters - 1) * (q + partials)  # steps: one read of Q'
+            + 2 * q)  # finish: read and write Q' in place
+    flops = b * k * (4 + (iters - 1) * 4 + 4)  # shift, exp, sums; a multiply-add per entry per pass
+    launches = 1 + 2 + 2 * (iters - 1) + 1
+    out = {"shape": dict(b=b, k=k, iters=iters, score_bytes=score_bytes), "flops": flops, "dram_bytes": dram,
+           "launches": launches, "row_blocks": blocks, "target": TARGETS["sinkhorn"]}
+    out.update(bound(flops, "fp32", dram, dev))
+    return out
+
+
+def kmeans_model(dev, n=1_281_167, k=3000, d=128, tf32=True):
+    """One Lloyd iteration: the fused assignment, then the update (ATen's stable sort + fixed-order sums)."""
+    rows, cols, chunk = (constexpr("kmeans.cuh", name) for name in ("kRows", "kCols", "kChunk"))
+    piece_rows = constexpr("kmeans.cuh", "kPieceRows")
+    blocks = math.ceil(n / rows)
+    assign_flops = 2 * n * k * d
+    x_bytes = n * d * 4
+    assign_dram = x_bytes + k * d * 4 + n * (4 + 8)  # x once (rows stay in shared memory), centroids, outputs
+    assign_l2 = blocks * k * d * 4  # every block streams all centroids from L2
+    pieces = math.ceil(n / piece_rows) + k
+    sort_bytes = 4 * n * 8 * 2  # a stable radix sort of int64 keys and indices: a few passes (estimate)
+    update_dram = x_bytes + n * 8 + sort_bytes + 2 * pieces * d * 8 + k * d * 4
+    rate = "tf32" if tf32 else "fp32"
+    assign = {"flops": assign_flops, "dram_bytes": assign_dram, "l2_to_shared_bytes": assign_l2,
+              "l2_to_shared_ms_at_10TBps": round(assign_l2 / 10e12 * 1e3, 4), "launches": 1,
+              "arithmetic_intensity_vs_l2": round(assign_flops / assign_l2, 1)}
+    assign.update(bound(assign_flops, rate, assign_dram, dev))
+    update = {"dram_bytes": update_dram, "launches": 2 + 6, "note": "sort, bincount, two cumsums, the two kernels"}
+    update.update(bound(2 * n * d, "fp32", update_dram, dev))
+    total = assign["lower_bound_ms"] + update["lower_bound_ms"]
+    return {"shape": dict(n=n, k=k, d=d, tf32=tf32), "tiles": dict(rows=rows, cols=cols, chunk=chunk),
+            "assign": assign, "update": update, "lower_bound_ms": round(total, 4),
+            "target": TARGETS["kmeans_iteration"]}
+
+
+def ptxas_usage(arch="90"):
+    """Registers, shared memory and spills per kernel, from nvcc -Xptxas -v on csrc/*_cuda.cu."""
+    import torch.utils.cpp_extension as ext
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    includes = [f"-I{p}" for p in ext.include_paths()]
+    try:
+        import nvidia
+        includes += [f"-I{os.path.join(root, sub, 'include')}" for root in nvidia.__path__ for sub in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, sub, "include"))]
+    except ImportError:
+        pass
+    import sysconfig
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    usage = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
+        if not name.endswith("_cuda.cu"):
+            continue
+        cmd = [nvcc, "-std=c++20", "-c", os.path.join(ROOT, "csrc", name), "-o", os.devnull, *includes, "-DWITH_CUDA",
+               "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: nvcc failed on {name}:\n{proc.stderr[-2000:]}")
+        current = None
+        for line in proc.stderr.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = subprocess.run(["c++filt", m.group(1)], capture_output=True, text=True).stdout.strip()
+                usage[current] = {"file": name}
+            elif current and "bytes spill stores" in line:
+                m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+                usage[current].update(spill_stores=int(m.group(1)), spill_loads=int(m.group(2)))
+            elif current and "Used" in line and "registers" in line:
+                m = re.search(r"Used (\d+) registers", line)
+                usage[current]["registers"] = int(m.group(1))
+                m = re.search(r"(\d+) bytes smem", line)
+                usage[current]["static_smem_bytes"] = int(m.group(1)) if m else 0
+    return usage
+
+
+def model(device="h100"):
+    dev = DEVICES[device]
+    return {"device": dev["name"], "peaks": {k: v for k, v in dev.items() if k != "name"},
+            "sinkhorn": sinkhorn_model(dev), "kmeans_iteration": kmeans_model(dev),
+            "kmeans_iteration_fp32": kmeans_model(dev, tf32=False)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="h100", choices=sorted(DEVICES))
+    parser.add_argument("--ptxas", action="store_true", help="compile the CUDA kernels for sm_90 and report ptxas -v")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = model(args.device)
+    if args.ptxas:
+        result["ptxas_sm90"] = ptxas_usage()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
