@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from common import cli, dist, features
+from common.knn import weighted_knn
 
 PRESETS = {"dino": {"k": (10, 20, 100, 200), "report_k": 20, "temperature": 0.07, "_doc": "DINO: k=20, T=0.07"},
            "vissl": {"k": (200,), "report_k": 200, "temperature": 0.1, "_doc": "VISSL: k=200, T=0.1"},
@@ -66,43 +67,6 @@ class Args:
     shot: int = 5  # support images per class (--fewshot fixed)
     query: int = 15  # query images per class
     output: str = ""  # also write the JSON result here
-
-
-@torch.no_grad()
-def weighted_knn(train_features, train_labels, test_features, test_labels, ks, temperature,
-                 test_chunk=1024, train_chunk=65536):
-    """Top-1/top-5 accuracy (%) for every k in `ks` of the weighted kNN vote.
-
-    Features need not be normalised (they are, here). Labels may be any integers: they
-    are mapped to 0..C-1 over the union of train and test labels.
-    """
-    train_features = torch.nn.functional.normalize(train_features.float(), dim=1)
-    test_features = torch.nn.functional.normalize(test_features.float(), dim=1)
-    classes, mapped = torch.unique(torch.cat([train_labels, test_labels]), return_inverse=True)
-    train_y, test_y = mapped[:len(train_labels)], mapped[len(train_labels):]
-    n_classes, max_k = len(classes), min(max(ks), len(train_features))
-    correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
-    for start in range(0, len(test_features), test_chunk):
-        queries = test_features[start:start + test_chunk]
-        best_sim = torch.full((len(queries), 0), -2.0, device=queries.device)
-        best_idx = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
-        for t0 in range(0, len(train_features), train_chunk):  # running top-k over training chunks
-            sims = queries @ train_features[t0:t0 + train_chunk].t()
-            sims, idx = sims.topk(min(max_k, sims.shape[1]), dim=1)
-            best_sim, order = torch.cat([best_sim, sims], 1).topk(min(max_k, best_sim.shape[1] + sims.shape[1]), 1)
-            best_idx = torch.cat([best_idx, idx + t0], 1).gather(1, order)
-        weights = (best_sim / temperature).exp()
-        neighbour_labels = train_y[best_idx]
-        truth = test_y[start:start + test_chunk]
-        for k in ks:
-            kk = min(k, max_k)
-            votes = torch.zeros(len(queries), n_classes, device=queries.device)
-            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            ranked = votes.topk(min(5, n_classes), dim=1).indices
-            correct[k][0] += (ranked[:, 0] == truth).sum().cpu()
-            correct[k][1] += (ranked == truth[:, None]).any(dim=1).sum().cpu()
-    n = len(test_features)
-    return {k: {"top1": 100.0 * c[0].item() / n, "top5": 100.0 * c[1].item() / n} for k, c in correct.items()}
 
 
 # ---------------------------------------------------------------- Meta-Dataset few-shot episodes

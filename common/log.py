@@ -51,6 +51,25 @@ class MetricLogger:
             parts += [f"img/s {rate:.0f}" if rate == rate else "img/s -", f"eta {_duration(eta)}"]
             print("  ".join(parts), flush=True)
 
+    def evaluation(self, step, epoch, **metrics):
+        """An evaluation during training: a progress line of its own, metrics.jsonl, TensorBoard (eval/...)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}}
+        self.write(record)
+        if self.writer:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"eval/{k}", v, step)
+        parts = [f"epoch {epoch}", f"step {step}/{self.total_steps}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        print("  ".join(parts), flush=True)
+
+    def pause(self, seconds):
+        """Leave `seconds` (spent on something other than training) out of the img/s and ETA."""
+        if self._t0 is not None:
+            self._t0 += seconds
+
     def write(self, record):
         """Append a JSON record to metrics.jsonl (main process only)."""
         if self.enabled and self.output_dir:

@@ -21,7 +21,8 @@ Every training script subclasses `RunArgs` (the flags below) and its train() rea
             run.log(loss=mean_loss.item(), lr=lr)      # counts the step; checkpoints follow it
     return run.finish()
 
-`run.step` is the number of optimizer steps taken (restored by resume). `run.batches`
+With --eval-every N, `run.batches` also runs the online kNN monitor (common/knn.py) every N epochs' worth of
+steps. `run.step` is the number of optimizer steps taken (restored by resume). `run.batches`
 stops at --max-steps, counts unreadable images, and after each step writes the
 --checkpoint-every checkpoints and, when a process was signalled (SIGTERM/SIGUSR1), a
 last checkpoint before exiting with status 75. Each checkpoint holds the model,
@@ -36,6 +37,7 @@ import torch.nn as nn
 
 from common import augment, checkpoint, cli, data, dist, models, speed
 from common.guard import StepGuard
+from common.knn import KnnMonitor
 from common.log import MetricLogger
 
 
@@ -60,6 +62,13 @@ class RunArgs:
     max_bad_fraction: float = 0.01
     print_every: int = 10
     resume: bool = True
+    eval_every: float = field(default=0.0, metadata={
+        "help": "online kNN of the trunk every N epochs (fractions allowed; 0: off), logged with the losses"})
+    eval_data: str = field(default="", metadata={
+        "help": "its labelled held-out images (default: --data's test split, or val/test beside train)"})
+    eval_bank: int = field(default=1000, metadata={"help": "training images in its kNN bank (class-balanced)"})
+    eval_size: int = field(default=1000, metadata={"help": "held-out images it classifies (class-balanced)"})
+    eval_image_size: int = field(default=0, metadata={"help": "its centre-crop size (0: the first view's size)"})
 
 
 def launch(train, args_cls, presets, doc, argv=None):
@@ -90,6 +99,7 @@ class Run:
         self.step, self.epoch = 0, 0
         self.last_path, self.saved_step = None, 0  # the latest checkpoint, and the step it holds
         self.save_extra, self.logger, self.preempted, self.make_views = None, None, False, None
+        self.monitor, self.eval_steps = None, 0
         self.guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
 
     # ------------------------------------------------------------------ data
@@ -114,6 +124,7 @@ class Run:
         """The training loader of `dataset` (None: `self.dataset()`), sharded over the processes, making the
         views of the recipe `views` ([(count, augment.View)]) on the path --gpu-aug picks."""
         dataset = self.dataset() if dataset is None else dataset
+        self.train_images, self.view_size = dataset, views[0][1].size  # for the online kNN monitor
         items = self.view_dataset(dataset, views)
         self.make_views = self.device_views(views)
         self.n_images = len(items)
@@ -218,6 +229,13 @@ class Run:
                          f"{self.args.batch_size}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
                          f"{description}, {self.precision}, gpu-aug {gpu_aug}"
                          f"{', compiled' if self.args.compile else ''}")
+        if self.args.eval_every < 0:
+            raise ValueError(f"--eval-every is a number of epochs (0: off), got {self.args.eval_every}.")
+        if self.args.eval_every > 0:
+            self.monitor = KnnMonitor(self.args, self.train_images, self.args.eval_image_size or self.view_size,
+                                      self.device, self.precision)
+            self.eval_steps = max(1, round(self.args.eval_every * self.steps_per_epoch))
+            self.logger.info(f"{self.monitor.describe()}, every {self.eval_steps} steps")
 
     def epochs(self):
         """The epochs left (a resumed run starts in its checkpoint's); a checkpoint after each; stops at
@@ -238,11 +256,21 @@ class Run:
                 break
             self.guard.count_images(args.batch_size, bad, self.logger)
             yield self.to_device(views, indices), indices
+            if self.monitor is not None and self.step % self.eval_steps == 0:
+                self.evaluate()
             if self.preempted:
                 self.save()
                 self.guard.exit_preempted(self.logger)
             if args.checkpoint_every and self.step % args.checkpoint_every == 0:
                 self.save()
+
+    def evaluate(self):
+        """The online kNN monitor now: logged (progress line, metrics.jsonl, TensorBoard); its time is left out of
+        img/s. Every process takes part."""
+        result = self.monitor(self.core.trunk)
+        self.logger.pause(result["knn_seconds"])
+        self.logger.evaluation(self.step, self.epoch, **result)
+        return result
 
     def sync(self, loss):
         """The loss averaged over the processes (one all-reduce, which also shares a preemption signal)."""
@@ -264,7 +292,10 @@ class Run:
         self.logger.step(self.step, self.epoch, self.global_batch, **metrics, bad_images=self.guard.bad_images)
 
     def finish(self):
-        """A last checkpoint if the latest step has none; close the log; returns the step count."""
+        """The online kNN monitor if the last step had none, a last checkpoint if it has none; close the log;
+        returns the step count."""
+        if self.monitor is not None and self.step % self.eval_steps != 0:
+            self.evaluate()
         if self.saved_step != self.step:
             self.save()
         self.logger.close()

@@ -1,0 +1,98 @@
+"""The online kNN monitor (--eval-every, common/knn.py): it reports what eval_knn's protocol gives on the same
+images, and it does not change training (same losses, same weights and BatchNorm statistics, bit for bit)."""
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import checkpoint, features
+from common.knn import KnnMonitor, balanced_subset, default_held_out
+from tests.helpers import run_script
+
+TINY = ["--preset", "cpu", "--data", "cifar10-mini", "--data-fraction", "0.05", "--batch-size", "32", "--epochs", "2",
+        "--workers", "1", "--print-every", "1"]
+MONITOR = ["--eval-every", "0.34", "--eval-bank", "120", "--eval-size", "90"]  # 6 steps/epoch: every 2 steps
+
+
+def records(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny SimCLR run with and without the monitor."""
+    out = {}
+    for name, extra in (("plain", []), ("monitored", MONITOR)):
+        d = tmp_path_factory.mktemp(name)
+        proc = run_script("simclr.py", *TINY, *extra, "--output-dir", d)
+        out[name] = (d, proc.stdout)
+    return out
+
+
+def test_monitor_does_not_change_training(runs):
+    plain, monitored = records(runs["plain"][0]), records(runs["monitored"][0])
+    losses = [(r["step"], r["loss"]) for r in plain if "loss" in r]
+    assert len(losses) == 12
+    assert [(r["step"], r["loss"]) for r in monitored if "loss" in r] == losses  # the same floats, bit for bit
+    a = torch.load(checkpoint.latest(runs["plain"][0]), map_location="cpu", weights_only=False)
+    b = torch.load(checkpoint.latest(runs["monitored"][0]), map_location="cpu", weights_only=False)
+    for key, value in a["model"].items():  # weights and BatchNorm running statistics
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_monitor_logs_every_n_epochs_and_at_the_end(runs):
+    evals = [r for r in records(runs["monitored"][0]) if "knn_top1" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12]
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_top1"] <= r["knn_top5"] for r in evals)
+    stdout = runs["monitored"][1]
+    assert "online kNN (k=20, T=0.07, 32 px): 120 training images as the bank, 90 of cifar10-mini@test" in stdout
+    assert stdout.count("knn_top1") == 6
+    assert "knn_top1" not in runs["plain"][1]
+
+
+def test_monitor_reports_what_the_protocol_gives_on_the_final_checkpoint(runs):
+    """Re-scoring the final checkpoint's trunk on the same bank and held-out images gives the logged number."""
+    last = [r for r in records(runs["monitored"][0]) if "knn_top1" in r][-1]
+    trunk, _ = features.load_trunk(str(checkpoint.latest(runs["monitored"][0])))
+    from common import data
+    args = Namespace(eval_data="", data="cifar10-mini", eval_bank=120, eval_size=90, seed=0, batch_size=32, workers=1)
+    train = data.subset(data.build_dataset("cifar10-mini", "train"), 0.05, 0)
+    again = KnnMonitor(args, train, 32, torch.device("cpu"), "fp32")(trunk)
+    assert again["knn_top1"] == last["knn_top1"] and again["knn_top5"] == last["knn_top5"]
+
+
+def test_balanced_subset_is_seeded_and_balanced():
+    from common import data
+    train = data.build_dataset("cifar10-mini", "train")
+    a, b = balanced_subset(train, 100, 0), balanced_subset(train, 100, 0)
+    assert a.indices == b.indices and len(a) == 100
+    counts = torch.bincount(torch.tensor(data.labels_of(a)), minlength=10)
+    assert counts.min() >= 9 and counts.max() <= 11
+    assert balanced_subset(train, 10_000, 0) is train
+
+
+def test_default_held_out(tmp_path):
+    assert default_held_out("cifar10-mini") == "cifar10-mini@test"
+    (tmp_path / "root" / "train").mkdir(parents=True)
+    assert default_held_out(str(tmp_path / "root")) is None
+    (tmp_path / "root" / "val").mkdir()
+    assert default_held_out(str(tmp_path / "root")) == str(tmp_path / "root" / "val")
+    assert default_held_out(str(tmp_path / "root" / "train")) == str(tmp_path / "root" / "val")
+    assert default_held_out(str(tmp_path / "list.txt")) is None
+
+
+def test_monitor_without_held_out_images_says_what_to_pass(tmp_path):
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(tmp_path / "imgs" / c / f"{i}.jpg")
+    proc = run_script("simclr.py", "--preset", "cpu", "--data", tmp_path / "imgs", "--batch-size", "8",
+                      "--epochs", "1", "--workers", "0", "--eval-every", "1", "--output-dir", tmp_path / "out",
+                      check=False)
+    assert proc.returncode != 0
+    assert "--eval-every needs labelled held-out images" in proc.stderr and "--eval-data" in proc.stderr
+    assert "Traceback" not in proc.stderr
