@@ -5,7 +5,8 @@ SimCLR's `--preset cpu` on the 4,000 training images of cifar10-mini, then evalu
 a random-init one of the same architecture with eval_knn.py (k = 20, T = 0.07) on CIFAR-10's
 10,000 test images (the embedded cifar10-test), the 4,000 training images as the bank. Every two
 epochs the run's online kNN monitor (--eval-every) prints the top-1 of 1,000 of cifar10-mini's
-test images against a bank of 1,000 training images, so the climb is visible as it trains. Runs on
+test images against a bank of 1,000 training images, so the climb is visible as it trains; at the
+end it draws the trained trunk's nearest neighbours of 8 test images (<output-dir>/neighbours.png). Runs on
 a 2-core CPU in 5 to 25 minutes, depending on the cores' speed; pass --epochs for longer.
 
     python demo.py [--epochs 8] [--output-dir runs/demo-simclr]
@@ -45,13 +46,16 @@ def main():
     trained_seconds = time.time() - started
     knn = ("--train-data", "cifar10-mini", "--test-data", "cifar10-test", "--arch", "resnet18", "--no-cifar-stem", "--image-size", "32",
            "--workers", str(args.workers))
-    trained = json.loads(run("eval_knn.py", "--weights", str(checkpoint.latest(args.output_dir)), *knn))
+    grid = str(Path(args.output_dir) / "neighbours.png")
+    trained = json.loads(run("eval_knn.py", "--weights", str(checkpoint.latest(args.output_dir)), *knn,
+                             "--show-neighbours", grid))
     random_init = json.loads(run("eval_knn.py", "--weights", "random", *knn))
     summary = {"simclr_knn_top1": trained["top1"], "random_init_knn_top1": random_init["top1"],
                "margin": round(trained["top1"] - random_init["top1"], 2), "epochs": args.epochs,
                "pretrain_seconds": round(trained_seconds), "total_seconds": round(time.time() - started)}
     print(f"\nkNN top-1 on the 10,000 CIFAR-10 test images (k=20): SimCLR {trained['top1']:.1f}%  vs  random init "
           f"{random_init['top1']:.1f}%  ({summary['margin']:+.1f} points)")
+    print(f"{grid}: 8 test images, each with its 8 nearest training images (green: same class, red: not)")
     print(json.dumps(summary))
 
 

@@ -18,17 +18,19 @@ L2-normalised features; mean accuracy +- 1.96 std / sqrt(episodes) over seeded e
     python eval_knn.py --weights random --arch resnet18 --train-data cifar10-mini --save-features f.pth
     python eval_knn.py --features f.pth --preset vissl --layers pooled res4
     python eval_knn.py --features f.pth --fewshot variable --episodes 600
+    python eval_knn.py --weights ckpt.pth --train-data cifar10-mini --show-neighbours neighbours.png
     torchrun --nproc_per_node=8 eval_knn.py --weights ckpt.pth --train-data ... --test-data ...
 """
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common import cli, dist, features
+from common import cli, data, dist, features, grids
 from common.knn import weighted_knn
 
 PRESETS = {"dino": {"k": (10, 20, 100, 200), "report_k": 20, "temperature": 0.07, "_doc": "DINO: k=20, T=0.07"},
@@ -67,6 +69,11 @@ class Args:
     shot: int = 5  # support images per class (--fewshot fixed)
     query: int = 15  # query images per class
     output: str = ""  # also write the JSON result here
+    show_neighbours: str = field(default="", metadata={
+        "help": "also draw a PNG: --show-queries test images (seeded), each with its --show-k nearest training "
+                "images, framed green (same label) or red"})
+    show_queries: int = 8
+    show_k: int = 8
 
 
 # ---------------------------------------------------------------- Meta-Dataset few-shot episodes
@@ -143,10 +150,31 @@ def main(argv=None):
         raise ValueError(f"--k must be positive and include --report-k {args.report_k}, got {list(args.k)}.")
     if args.fewshot != "off" and (args.episodes < 1 or min(args.way, args.shot, args.query) < 1):
         raise ValueError("--episodes, --way, --shot and --query must be positive.")
+    if args.show_neighbours:
+        if not args.train_data:
+            raise ValueError("--show-neighbours needs the images: give --train-data (and --test-data).")
+        if args.show_queries < 1 or args.show_k < 1:
+            raise ValueError("--show-queries and --show-k must be positive.")
+        cli.check_output_file(args.show_neighbours)
     runtime = dist.setup(args.device)
     started = time.time()
     try:
-        cache = features.compute_or_load(args, runtime)
+        train_set = test_set = None
+        if args.show_neighbours:
+            train_set = data.build_split(args.train_data, "train")
+            test_set = data.build_split(args.test_data or args.train_data, "test")
+        cache = features.compute_or_load(args, runtime, train_set, test_set)
+        if args.show_neighbours and runtime.is_main:
+            layer = args.layers[0]
+            if len(cache["train_features"][layer]) != len(train_set) or \
+                    len(cache["test_features"][layer]) != len(test_set):
+                raise ValueError("--show-neighbours: the cached --features were not extracted from these "
+                                 "--train-data/--test-data images.")
+            chosen = grids.pick_queries(len(test_set), args.show_queries, args.seed)
+            idx, _ = grids.nearest(cache["train_features"][layer], cache["test_features"][layer][chosen], args.show_k)
+            size = grids.neighbour_grid(test_set, chosen, train_set, idx.tolist(), args.show_neighbours)
+            print(f"wrote {args.show_neighbours} ({size[0]}x{size[1]} px: {len(chosen)} queries x "
+                  f"{idx.shape[1]} neighbours, {layer} features)", file=sys.stderr, flush=True)
         if not runtime.is_main:
             return None
         device = runtime.device

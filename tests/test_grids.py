@@ -1,0 +1,89 @@
+"""Image grids (common/grids.py, eval_knn.py --show-neighbours): layout, and the right images in the right frames."""
+import math
+
+import torch
+from PIL import Image
+
+from common import grids
+from tests.helpers import run_script
+
+
+class Solid(torch.utils.data.Dataset):
+    """Image i is a solid colour that encodes i; labels as given."""
+
+    classes = ["even", "odd", "other"]
+
+    def __init__(self, labels, offset=0):
+        self.labels, self.offset = list(labels), offset
+
+    def __len__(self):
+        return len(self.labels)
+
+    def colour(self, i):
+        return ((self.offset + 37 * i) % 256, (11 * i) % 256, 200)
+
+    def __getitem__(self, i):
+        return Image.new("RGB", (8, 8), self.colour(i)), self.labels[i]
+
+
+def angles(*degrees):
+    return torch.tensor([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in degrees])
+
+
+def test_nearest_orders_by_cosine_similarity():
+    bank = angles(0, 90, 180, 270, 10)
+    idx, sims = grids.nearest(bank * 3, angles(3, 181), 3)  # scale does not matter: cosine
+    assert idx.tolist() == [[0, 4, 1], [2, 3, 1]]  # 181 degrees: 270 is 89 away, 90 is 91
+    assert sims[0, 0] > sims[0, 2]
+
+
+def test_pick_queries_is_seeded():
+    assert grids.pick_queries(100, 5, 0) == grids.pick_queries(100, 5, 0)
+    assert grids.pick_queries(100, 5, 0) != grids.pick_queries(100, 5, 1)
+    assert grids.pick_queries(3, 5, 0) == [0, 1, 2]
+
+
+def test_neighbour_grid_layout_and_frames(tmp_path):
+    bank = Solid([0, 1, 0, 1, 2], offset=100)
+    queries = Solid([0, 1])
+    bank_features, query_features = angles(0, 90, 180, 270, 10), angles(3, 181)
+    idx, _ = grids.nearest(bank_features, query_features, 3)
+    cell = 20
+    size = grids.neighbour_grid(queries, [0, 1], bank, idx.tolist(), tmp_path / "g.png", cell=cell)
+    w, h = cell + 2 * grids.BORDER, cell + 2 * grids.BORDER + grids.LABEL_H
+    gap = 2 * grids.BORDER
+    assert size == (4 * w + gap, 2 * h)
+    png = Image.open(tmp_path / "g.png").convert("RGB")
+    assert png.size == size
+    for row, (q, neighbours) in enumerate(zip([0, 1], idx.tolist())):
+        y = row * h
+        assert png.getpixel((w // 2, y + w // 2)) == queries.colour(q)  # the query's image, framed blue
+        assert png.getpixel((1, y + 1)) == grids.QUERY
+        for col, n in enumerate(neighbours, start=1):
+            x = col * w + gap
+            assert png.getpixel((x + w // 2, y + w // 2)) == bank.colour(n)
+            frame = grids.RIGHT if bank.labels[n] == queries.labels[q] else grids.WRONG
+            assert png.getpixel((x + 1, y + 1)) == frame
+    # row 0: bank 0 (label 0 = the query's: green), 4 (label 2: red), 1 (label 1: red)
+    assert png.getpixel((w + gap + 1, 1)) == grids.RIGHT and png.getpixel((2 * w + gap + 1, 1)) == grids.WRONG
+
+
+def test_eval_knn_show_neighbours_writes_the_grid(tmp_path):
+    for split, n in (("train", 12), ("test", 6)):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                shade = 40 + 30 * i if c == "a" else 250 - 30 * i
+                Image.new("RGB", (32, 32), (shade, 255 - shade, 90)).save(tmp_path / "d" / split / c / f"{i}.png")
+    out = tmp_path / "grid.png"
+    proc = run_script("eval_knn.py", "--weights", "random", "--arch", "resnet18", "--train-data", tmp_path / "d",
+                      "--image-size", "32", "--workers", "0", "--k", "5", "--report-k", "5",
+                      "--show-neighbours", out, "--show-queries", "4", "--show-k", "3")
+    assert "4 queries x 3 neighbours" in proc.stderr
+    w, h = 64 + 2 * grids.BORDER, 64 + 2 * grids.BORDER + grids.LABEL_H
+    assert Image.open(out).size == (4 * w + 2 * grids.BORDER, 4 * h)
+    again = tmp_path / "again.png"
+    run_script("eval_knn.py", "--weights", "random", "--arch", "resnet18", "--train-data", tmp_path / "d",
+               "--image-size", "32", "--workers", "0", "--k", "5", "--report-k", "5",
+               "--show-neighbours", again, "--show-queries", "4", "--show-k", "3")
+    assert Image.open(out).tobytes() == Image.open(again).tobytes()  # deterministic for a seed
