@@ -167,7 +167,8 @@ def _kmeans(impl, device, shape):
             km.fit_predict(x, centroids=init.clone())
             state["centroids"] = km.centroids
         return run, x, state
-    fn = ops.kmeans if impl == "compiled" else ops.kmeans_reference
+    # the GPU target is stated with TF32: the compiled kernel takes it as an argument, the others from torch's flag
+    fn = (lambda *a, **kw: ops.kmeans(*a, tf32=device == "cuda", **kw)) if impl == "compiled" else ops.kmeans_reference
 
     def run():
         state["centroids"] = fn(x, k, n_iters=iters, spherical=True, init=init)[0]
@@ -190,7 +191,7 @@ def child(op, impl, device, shape, repeat, threads):
     if threads:
         torch.set_num_threads(threads)
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = op == "kmeans"  # the k-means GPU target is stated with TF32
+        torch.backends.cuda.matmul.allow_tf32 = op == "kmeans"  # the k-means GPU target is stated with TF32 (peers)
         torch.backends.cudnn.allow_tf32 = op == "kmeans"
     made = {"contrastive": _contrastive, "sinkhorn": _sinkhorn, "kmeans": _kmeans}[op](impl, device, shape)
     if made is None:
@@ -239,6 +240,13 @@ def ratio(results, a, b, key="time_ms"):
         return None
 
 
+# op -> (perf_model, its device entry, the shape) -> the lower bound in ms of the whole call bench/ops.py times
+MODELLED = {
+    "sinkhorn": lambda pm, dev, s: pm.sinkhorn_model(dev, s["b"], s["k"], s["iters"])["lower_bound_ms"],
+    "kmeans": lambda pm, dev, s: pm.kmeans_model(dev, s["n"], s["k"], s["d"])["lower_bound_ms"] * s["iters"],
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
@@ -285,6 +293,14 @@ def main():
                 r["time_vs_reference"] = ratio(res, "compiled", "reference")
                 r["time_vs_fast_pytorch_kmeans"] = ratio(res, "compiled", "fast_pytorch_kmeans")
                 r["target"] = "time <= 0.6 x faiss, objective <= 1.01 x faiss (CPU); GPU: <= 6 ms/iteration"
+            if device == "cuda" and not args.quick and op in MODELLED:
+                # bench/perf_model.py's lower bound for this GPU at the same shape, beside the measured time
+                from bench import perf_model
+                dev = perf_model.DEVICES["h200" if "H200" in report["gpu"] else "h100"]
+                bound_ms = round(MODELLED[op](perf_model, dev, shape), 4)
+                r["model_lower_bound_ms"] = bound_ms
+                compiled_ms = (res.get("compiled") or {}).get("time_ms")
+                r["measured_vs_model_bound"] = round(compiled_ms / bound_ms, 2) if compiled_ms else None
             report["ratios"][f"{op}/{device}"] = r
     text = json.dumps(report, indent=1)
     print(text)
