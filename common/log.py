@@ -37,7 +37,8 @@ class MetricLogger:
             rate = self._images / max(now - self._t0, 1e-9)
         if not self.enabled:
             return
-        record = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}, "img_per_s": rate}
+        record = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}, "img_per_s": rate,
+                  "time": round(time.time(), 3)}
         self.write(record)
         if self.writer:
             for k, v in record.items():
@@ -55,7 +56,7 @@ class MetricLogger:
         """An evaluation during training: a progress line of its own, metrics.jsonl, TensorBoard (eval/...)."""
         if not self.enabled:
             return
-        record = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}, "time": round(time.time(), 3)}
         self.write(record)
         if self.writer:
             for k, v in metrics.items():

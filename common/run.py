@@ -30,7 +30,9 @@ optimizer, grad scaler, RNG states, step, args and the trunk's weights (docs/des
 plus whatever `run.save_also(fn)` returns at that moment (a method's queue, memory bank,
 pseudo-labels ...); `fn` runs on every process, so it may gather across processes.
 """
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -229,6 +231,11 @@ class Run:
                          f"{self.args.batch_size}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
                          f"{description}, {self.precision}, gpu-aug {gpu_aug}"
                          f"{', compiled' if self.args.compile else ''}")
+        if self.runtime.is_main:  # what this run is, for common/report.py
+            info = {"method": self.method, "args": cli.as_dict(self.args), "world_size": self.runtime.world_size,
+                    "global_batch": self.global_batch, "images": self.n_images,
+                    "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+            (Path(self.args.output_dir) / "run.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
         if self.args.eval_every < 0:
             raise ValueError(f"--eval-every is a number of epochs (0: off), got {self.args.eval_every}.")
         if self.args.eval_every > 0:

@@ -96,3 +96,12 @@ def test_monitor_without_held_out_images_says_what_to_pass(tmp_path):
     assert proc.returncode != 0
     assert "--eval-every needs labelled held-out images" in proc.stderr and "--eval-data" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_report_of_a_monitored_run(runs, tmp_path):
+    d = runs["monitored"][0]
+    last = [r for r in records(d) if "knn_top1" in r][-1]["knn_top1"]
+    run_script("-m", "common.report", d, "--out", tmp_path / "r.md")
+    row = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith(f"| {Path(d).name} ")][0]
+    assert "| simclr | 2/2 | 12 |" in row and f"| {last:.2f} |" in row
+    assert (tmp_path / "r_knn_top1.png").is_file()
