@@ -19,6 +19,7 @@ L2-normalised features; mean accuracy +- 1.96 std / sqrt(episodes) over seeded e
     python eval_knn.py --features f.pth --preset vissl --layers pooled res4
     python eval_knn.py --features f.pth --fewshot variable --episodes 600
     python eval_knn.py --weights ckpt.pth --train-data cifar10-mini --show-neighbours neighbours.png
+    python eval_knn.py --weights ckpt.pth --train-data cifar10-mini --show-clusters clusters.png --clusters 50
     torchrun --nproc_per_node=8 eval_knn.py --weights ckpt.pth --train-data ... --test-data ...
 """
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import cli, data, dist, features, grids
+from common import checkpoint, cli, data, dist, features, grids, ops
 from common.knn import weighted_knn
 
 PRESETS = {"dino": {"k": (10, 20, 100, 200), "report_k": 20, "temperature": 0.07, "_doc": "DINO: k=20, T=0.07"},
@@ -74,6 +75,14 @@ class Args:
                 "images, framed green (same label) or red"})
     show_queries: int = 8
     show_k: int = 8
+    show_clusters: str = field(default="", metadata={
+        "help": "also draw a PNG of the largest clusters of the training images, one row each: size, label "
+                "purity, and the members nearest the cluster's mean feature"})
+    clusters: int = field(default=0, metadata={
+        "help": "for --show-clusters: spherical k-means of the features into N clusters (0: the checkpoint's own: "
+                "ClusterFit's or DeepCluster-v2's pseudo-labels, or SwAV's prototypes with --layers head)"})
+    show_rows: int = 8
+    show_per_row: int = 8
 
 
 # ---------------------------------------------------------------- Meta-Dataset few-shot episodes
@@ -139,6 +148,54 @@ def fewshot(feats, labels, mode, episodes, way=5, shot=5, query=15, seed=0):
             "accuracies": accuracies}
 
 
+def checkpoint_clusters(args, train_features):
+    """The training images' clusters that the checkpoint itself holds ([N] int64, -1 for none), see --clusters."""
+    if args.weights == "random" or not args.weights:
+        raise ValueError("--show-clusters with --clusters 0 needs a checkpoint that holds clusters; give --clusters N "
+                         "to cluster the features with k-means.")
+    ckpt = checkpoint.load(args.weights)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    n = len(train_features)
+    if isinstance(ckpt.get("pseudo_labels"), torch.Tensor):  # ClusterFit: the clusters its trunk was trained on
+        assign = ckpt["pseudo_labels"].long().flatten()
+    elif isinstance(ckpt.get("labels"), torch.Tensor) and ckpt["labels"].dim() == 2:  # DeepCluster-v2: head 0's
+        assign = ckpt["labels"][0].long()
+    elif isinstance(ckpt.get("prototypes"), torch.Tensor):  # SwAV: each image's best prototype
+        if args.layers[0] != "head":
+            raise ValueError("SwAV's prototypes live in its projection space: add --layers head (or give "
+                             "--clusters N to cluster the trunk's features).")
+        prototypes = torch.nn.functional.normalize(ckpt["prototypes"].float(), dim=1)
+        if prototypes.shape[1] != train_features.shape[1]:
+            raise ValueError(f"the checkpoint's prototypes are {prototypes.shape[1]}-d, the head features "
+                             f"{train_features.shape[1]}-d.")
+        assign = (torch.nn.functional.normalize(train_features.float(), dim=1) @ prototypes.t()).argmax(1)
+    else:
+        raise ValueError(f"{args.weights} holds no clusters (ClusterFit or DeepCluster-v2 pseudo-labels, SwAV "
+                         f"prototypes): give --clusters N to cluster the features with k-means.")
+    if len(assign) != n:
+        raise ValueError(f"the checkpoint's clusters label {len(assign)} images but --train-data has {n}: give the "
+                         f"training run's --data (and --data-fraction's subset), or --clusters N.")
+    return assign
+
+
+def show_clusters(args, train_features, train_labels, train_set, runtime):
+    if args.clusters:
+        if args.clusters > len(train_features):
+            raise ValueError(f"--clusters {args.clusters} is more than the {len(train_features)} training images.")
+        _, assign = ops.kmeans(train_features.to(runtime.device), args.clusters, n_iters=20, spherical=True,
+                               seed=args.seed)
+        source = f"spherical k-means, {args.clusters} clusters"
+    else:
+        assign = checkpoint_clusters(args, train_features)
+        source = "the checkpoint's clusters"
+    if not runtime.is_main:
+        return
+    rows = grids.largest_clusters(train_features, assign.cpu(), train_labels, args.show_rows, args.show_per_row)
+    size = grids.cluster_grid(train_set, rows, args.show_clusters)
+    print(f"wrote {args.show_clusters} ({size[0]}x{size[1]} px: the {len(rows)} largest of {source}, "
+          f"{args.layers[0]} features)", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = cli.parse_args(Args, PRESETS, argv, description=__doc__.split("\n")[0])
     cli.check_output_file(args.output)
@@ -150,26 +207,31 @@ def main(argv=None):
         raise ValueError(f"--k must be positive and include --report-k {args.report_k}, got {list(args.k)}.")
     if args.fewshot != "off" and (args.episodes < 1 or min(args.way, args.shot, args.query) < 1):
         raise ValueError("--episodes, --way, --shot and --query must be positive.")
-    if args.show_neighbours:
+    if args.show_neighbours or args.show_clusters:
         if not args.train_data:
-            raise ValueError("--show-neighbours needs the images: give --train-data (and --test-data).")
-        if args.show_queries < 1 or args.show_k < 1:
-            raise ValueError("--show-queries and --show-k must be positive.")
-        cli.check_output_file(args.show_neighbours)
+            raise ValueError("--show-neighbours and --show-clusters need the images: give --train-data.")
+        if min(args.show_queries, args.show_k, args.show_rows, args.show_per_row) < 1 or args.clusters < 0:
+            raise ValueError("--show-queries, --show-k, --show-rows, --show-per-row must be positive and --clusters "
+                             "not negative.")
+        for path in (args.show_neighbours, args.show_clusters):
+            cli.check_output_file(path)
     runtime = dist.setup(args.device)
     started = time.time()
     try:
         train_set = test_set = None
-        if args.show_neighbours:
+        if args.show_neighbours or args.show_clusters:
             train_set = data.build_split(args.train_data, "train")
             test_set = data.build_split(args.test_data or args.train_data, "test")
         cache = features.compute_or_load(args, runtime, train_set, test_set)
+        layer = args.layers[0]
+        if (args.show_neighbours or args.show_clusters) and (
+                len(cache["train_features"][layer]) != len(train_set) or
+                len(cache["test_features"][layer]) != len(test_set)):
+            raise ValueError("--show-neighbours/--show-clusters: the cached --features were not extracted from "
+                             "these --train-data/--test-data images.")
+        if args.show_clusters:  # every process: k-means may run distributed
+            show_clusters(args, cache["train_features"][layer], cache["train_labels"], train_set, runtime)
         if args.show_neighbours and runtime.is_main:
-            layer = args.layers[0]
-            if len(cache["train_features"][layer]) != len(train_set) or \
-                    len(cache["test_features"][layer]) != len(test_set):
-                raise ValueError("--show-neighbours: the cached --features were not extracted from these "
-                                 "--train-data/--test-data images.")
             chosen = grids.pick_queries(len(test_set), args.show_queries, args.seed)
             idx, _ = grids.nearest(cache["train_features"][layer], cache["test_features"][layer][chosen], args.show_k)
             size = grids.neighbour_grid(test_set, chosen, train_set, idx.tolist(), args.show_neighbours)

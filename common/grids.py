@@ -3,6 +3,9 @@
 neighbour_grid: one row per query image: the query (framed blue), then its k most cosine-similar
 training images, framed green where their label is the query's and red where it is not, each
 with its class name underneath.
+cluster_grid: one row per cluster, the largest first: its size, label purity and majority class,
+then the member images nearest the cluster's mean feature, framed green where their label is the
+majority's and red where it is not.
 
 It takes datasets of (PIL image, label) and index lists, so any checkpoint's features (through
 the eval scripts' loading) can be shown; which images are shown is decided by the features and a
@@ -72,5 +75,51 @@ def neighbour_grid(queries, query_indices, bank, neighbour_indices, path, cell=6
     for r, cells in enumerate(rows):
         for c, im in enumerate(cells):
             grid.paste(im, (c * w + (gap if c else 0), r * h))
+    grid.save(path)
+    return grid.size
+
+
+@torch.no_grad()
+def largest_clusters(features, assignments, labels, rows, per_row):
+    """The `rows` largest clusters (ties: the lower id): [{"cluster", "size", "purity", "majority", "members"}],
+    members being the `per_row` images nearest the cluster's mean L2-normalised feature, nearest first.
+    Images with a negative assignment (unassigned) are left out."""
+    feats = F.normalize(features.float(), dim=1)
+    assignments, labels = assignments.long(), torch.as_tensor(labels).long()
+    valid = assignments >= 0
+    sizes = torch.bincount(assignments[valid], minlength=1)
+    order = sorted(range(len(sizes)), key=lambda c: (-int(sizes[c]), c))[:rows]
+    out = []
+    for c in order:
+        if sizes[c] == 0:
+            break
+        members = torch.nonzero(assignments == c).flatten()
+        centre = F.normalize(feats[members].mean(0), dim=0)
+        nearest_first = members[torch.argsort(feats[members] @ centre, descending=True, stable=True)][:per_row]
+        counts = torch.bincount(labels[members] - labels[members].min())
+        majority = int(counts.argmax()) + int(labels[members].min())
+        out.append({"cluster": c, "size": int(sizes[c]), "purity": float(counts.max()) / len(members),
+                    "majority": majority, "members": nearest_first.tolist()})
+    return out
+
+
+def cluster_grid(dataset, clusters, path, cell=64):
+    """Writes the rows of `largest_clusters` (over `dataset`'s images) to `path`; returns its size."""
+    font = ImageFont.load_default()
+    w, h = cell + 2 * BORDER, cell + 2 * BORDER + LABEL_H
+    text_w = max(2 * w, 140)
+    per_row = max(len(c["members"]) for c in clusters)
+    grid = Image.new("RGB", (text_w + per_row * w, h * len(clusters)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, c in enumerate(clusters):
+        y = r * h
+        lines = [f"cluster {c['cluster']}", f"{c['size']} images", f"purity {100 * c['purity']:.0f}%",
+                 _class_name(dataset, c["majority"])]
+        for i, line in enumerate(lines):
+            draw.text((4, y + 4 + 12 * i), line, fill=(0, 0, 0), font=font)
+        for col, index in enumerate(c["members"]):
+            image, label = dataset[index]
+            frame = RIGHT if label == c["majority"] else WRONG
+            grid.paste(_cell(image, cell, frame, _class_name(dataset, label), font), (text_w + col * w, y))
     grid.save(path)
     return grid.size

@@ -87,3 +87,50 @@ def test_eval_knn_show_neighbours_writes_the_grid(tmp_path):
                "--image-size", "32", "--workers", "0", "--k", "5", "--report-k", "5",
                "--show-neighbours", again, "--show-queries", "4", "--show-k", "3")
     assert Image.open(out).tobytes() == Image.open(again).tobytes()  # deterministic for a seed
+
+
+def test_largest_clusters_sizes_purity_and_nearest_members():
+    #   cluster 1: 4 images around 0 degrees (labels 0, 0, 0, 1); cluster 0: 2 images around 180; -1: unassigned
+    feats = angles(0, 10, -10, 30, 180, 185, 90)
+    assign = torch.tensor([1, 1, 1, 1, 0, 0, -1])
+    labels = [0, 0, 0, 1, 2, 2, 1]
+    rows = grids.largest_clusters(feats, assign, labels, rows=5, per_row=3)
+    assert [(r["cluster"], r["size"], r["majority"]) for r in rows] == [(1, 4, 0), (0, 2, 2)]
+    assert rows[0]["purity"] == 0.75 and rows[1]["purity"] == 1.0
+    # the mean direction is about 7.5 degrees: 10 is nearest, then 0, then -10; 30 is the farthest
+    assert rows[0]["members"] == [1, 0, 2]
+    assert len(rows[1]["members"]) == 2
+
+
+def test_cluster_grid_layout_and_frames(tmp_path):
+    data = Solid([0, 0, 0, 1, 2, 2, 1])
+    rows = grids.largest_clusters(angles(0, 10, -10, 30, 180, 185, 90), torch.tensor([1, 1, 1, 1, 0, 0, -1]),
+                                  data.labels, rows=5, per_row=4)
+    cell = 20
+    size = grids.cluster_grid(data, rows, tmp_path / "c.png", cell=cell)
+    w, h = cell + 2 * grids.BORDER, cell + 2 * grids.BORDER + grids.LABEL_H
+    text_w = max(2 * w, 140)
+    assert size == (text_w + 4 * w, 2 * h)
+    png = Image.open(tmp_path / "c.png").convert("RGB")
+    for r, row in enumerate(rows):
+        for col, index in enumerate(row["members"]):
+            x, y = text_w + col * w, r * h
+            assert png.getpixel((x + w // 2, y + w // 2)) == data.colour(index)
+            assert png.getpixel((x + 1, y + 1)) == (grids.RIGHT if data.labels[index] == row["majority"] else grids.WRONG)
+
+
+def test_eval_knn_show_clusters(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        for i in range(6):
+            shade = 40 + 30 * i if c == "a" else 250 - 30 * i
+            Image.new("RGB", (32, 32), (shade, 255 - shade, 90)).save(tmp_path / "d" / "train" / c / f"{i}.png")
+    out = tmp_path / "clusters.png"
+    common = ["eval_knn.py", "--arch", "resnet18", "--train-data", tmp_path / "d" / "train", "--image-size", "32",
+              "--workers", "0", "--k", "5", "--report-k", "5"]
+    proc = run_script(*common, "--weights", "random", "--show-clusters", out, "--clusters", "3", "--show-rows", "2",
+                      "--show-per-row", "3")
+    assert "the 2 largest of spherical k-means, 3 clusters" in proc.stderr
+    assert Image.open(out).size[1] == 2 * (64 + 2 * grids.BORDER + grids.LABEL_H)
+    proc = run_script(*common, "--weights", "random", "--show-clusters", out, check=False)
+    assert proc.returncode == 2 and "give --clusters N" in proc.stderr and "Traceback" not in proc.stderr
