@@ -3,7 +3,8 @@
 For each op: the floating-point work, the bytes that must cross the DRAM interface, the bytes
 the blocks pull from L2 into shared memory, and the launches per call, from the kernels' own
 tile sizes (read from csrc/kernels/*.cuh, so the model follows the code); the lower bound on
-a device is max(work / peak rate, DRAM bytes / bandwidth), next to the op's target. With
+a device is max(work / peak rate, DRAM bytes / bandwidth), next to the op's target, and for the tiled
+GEMM kernels also the time to stream their tiles from L2 (at an assumed L2 bandwidth). With
 --ptxas it also compiles csrc/*_cuda.cu for sm_90 and reports each kernel's registers, shared
 memory and spills as ptxas states them. bench/ops.py --device cuda prints the same bounds
 beside its measured times.
@@ -21,10 +22,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = os.path.join(ROOT, "csrc", "kernels")
 
-# dense peak rates (no sparsity) and bandwidths from the vendor's data sheets
+# dense peak rates (no sparsity) and DRAM bandwidths from the vendor's data sheets; l2 is an assumed L2-to-SM
+# bandwidth (not on the data sheets; microbenchmarks put an H100's between about 7 and 12 TB/s)
 DEVICES = {
-    "h100": dict(name="H100 SXM5", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=3.35e12, sms=132),
-    "h200": dict(name="H200 SXM", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=4.8e12, sms=132),
+    "h100": dict(name="H100 SXM5", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=3.35e12, sms=132, l2=10e12),
+    "h200": dict(name="H200 SXM", bf16=989e12, tf32=494.7e12, fp32=66.9e12, dram=4.8e12, sms=132, l2=10e12),
 }
 
 # the targets the kernels are built to meet on an H100 (time per call; memory where stated)
@@ -70,6 +72,31 @@ def sinkhorn_model(dev, b=7936, k=3000, iters=3, score_bytes=4):
     return out
 
 
+def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2):
+    """Forward + backward of the fused loss (csrc/kernels/contrastive.cuh): forward, then the dq kernel and (when
+    the keys need a gradient) the dk kernel, each recomputing the logits tile by tile from the saved lse."""
+    bq, bk, dk = (constexpr("contrastive.cuh", name) for name in ("kBQ", "kBK", "kDK"))
+    gemm = 2 * n * m * d  # one N x M x D product
+    kernels = 2 + (1 if need_dk else 0)  # forward, dq, dk
+    flops = gemm * (1 + 2 + (2 if need_dk else 0))  # forward S; dq: S and dS K; dk: S and dS^T Q
+    exps = n * m * kernels  # one exp per logit per kernel
+    sfu_rate = dev["sms"] * 16 * 1.83e9  # MUFU.EX2: 16 per clock per SM at ~1.83 GHz boost
+    dram = (n + m) * d * in_bytes * kernels + n * d * 4 + (m * d * 4 if need_dk else 0) + 3 * n * 4
+    # every block streams both operands' D-chunks through shared memory for each tile pair it visits
+    tiles = math.ceil(n / bq) * math.ceil(m / bk)
+    l2 = tiles * (bq + bk) * d * in_bytes * kernels
+    out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes), "tiles": dict(bq=bq, bk=bk, dk=dk),
+           "flops": flops, "exp_count": exps, "exp_ms_at_mufu_rate": round(exps / sfu_rate * 1e3, 4),
+           "dram_bytes": dram, "l2_to_shared_bytes": l2, "l2_to_shared_ms": round(l2 / dev["l2"] * 1e3, 4),
+           "arithmetic_intensity_vs_l2": round(flops / l2, 1), "launches": kernels,
+           "extra_global_memory_bytes": 2 * n * 4}
+    out.update(bound(flops, "bf16" if in_bytes == 2 else "fp32", dram, dev))
+    # the tiles re-read from L2 are the nearer limit with these tile sizes: say which bound binds
+    out["lower_bound_with_l2_ms"] = round(max(out["lower_bound_ms"], out["l2_to_shared_ms"],
+                                              out["exp_ms_at_mufu_rate"]), 4)
+    return out
+
+
 def kmeans_model(dev, n=1_281_167, k=3000, d=128, tf32=True):
     """One Lloyd iteration: the fused assignment, then the update (ATen's stable sort + fixed-order sums)."""
     rows, cols, chunk = (constexpr("kmeans.cuh", name) for name in ("kRows", "kCols", "kChunk"))
@@ -84,7 +111,7 @@ def kmeans_model(dev, n=1_281_167, k=3000, d=128, tf32=True):
     update_dram = x_bytes + n * 8 + sort_bytes + 2 * pieces * d * 8 + k * d * 4
     rate = "tf32" if tf32 else "fp32"
     assign = {"flops": assign_flops, "dram_bytes": assign_dram, "l2_to_shared_bytes": assign_l2,
-              "l2_to_shared_ms_at_10TBps": round(assign_l2 / 10e12 * 1e3, 4), "launches": 1,
+              "l2_to_shared_ms": round(assign_l2 / dev["l2"] * 1e3, 4), "launches": 1,
               "arithmetic_intensity_vs_l2": round(assign_flops / assign_l2, 1)}
     assign.update(bound(assign_flops, rate, assign_dram, dev))
     update = {"dram_bytes": update_dram, "launches": 2 + 6, "note": "sort, bincount, two cumsums, the two kernels"}
@@ -137,7 +164,12 @@ def ptxas_usage(arch="90"):
 
 def model(device="h100"):
     dev = DEVICES[device]
+    simclr = contrastive_model(dev, 65536, 65536, 128, need_dk=True)
+    simclr["target"] = TARGETS["contrastive_simclr"]
+    moco = contrastive_model(dev, 4096, 65536, 128, need_dk=False)  # the queue gets no gradient
+    moco["target"] = TARGETS["contrastive_moco"]
     return {"device": dev["name"], "peaks": {k: v for k, v in dev.items() if k != "name"},
+            "contrastive_simclr": simclr, "contrastive_moco": moco,
             "sinkhorn": sinkhorn_model(dev), "kmeans_iteration": kmeans_model(dev),
             "kmeans_iteration_fp32": kmeans_model(dev, tf32=False)}
 

@@ -232,7 +232,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         if not (need_dq or need_dk):
             return None, None, None, None, None, None
         dq, dk = _C.contrastive_backward(q, k, pos_index, ctx.self_index, ctx.temperature, lse,
-                                         grad_rows.contiguous(), bool(need_dk), *ctx.tiles)
+                                         grad_rows.contiguous(), bool(need_dk), *ctx.tiles, need_dq=bool(need_dq))
         dq = dq.to(q.dtype) if need_dq else None
         dk = dk.to(k.dtype) if need_dk else None
         return dq, dk, None, None, None, None

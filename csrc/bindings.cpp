@@ -33,11 +33,12 @@ std::vector<at::Tensor> contrastive_forward(const at::Tensor& q, const at::Tenso
                                             int64_t tile_k) {
   return SSL_DISPATCH(q, contrastive_forward, q, k, pos, self, temperature, tile_q, tile_k);
 }
+// need_dq comes last in Python (a keyword added after need_dk, tile_q, tile_k)
 std::vector<at::Tensor> contrastive_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                              const c10::optional<at::Tensor>& self, double temperature,
                                              const at::Tensor& lse, const at::Tensor& g, bool need_dk,
-                                             int64_t tile_q, int64_t tile_k) {
-  return SSL_DISPATCH(q, contrastive_backward, q, k, pos, self, temperature, lse, g, need_dk, tile_q, tile_k);
+                                             int64_t tile_q, int64_t tile_k, bool need_dq) {
+  return SSL_DISPATCH(q, contrastive_backward, q, k, pos, self, temperature, lse, g, need_dq, need_dk, tile_q, tile_k);
 }
 
 // tf32: CUDA only (TF32 tensor cores for the scores, the winner rescored in fp32); the CPU kernels are exact
@@ -77,7 +78,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("self_index"), py::arg("temperature"), py::arg("tile_q") = 0, py::arg("tile_k") = 0);
   m.def("contrastive_backward", &contrastive_backward, py::arg("queries"), py::arg("keys"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"),
-        py::arg("need_dk"), py::arg("tile_q") = 0, py::arg("tile_k") = 0);
+        py::arg("need_dk"), py::arg("tile_q") = 0, py::arg("tile_k") = 0, py::arg("need_dq") = true);
   m.def("contrastive_forward_sym", &contrastive_forward_sym_cpu, py::arg("z"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("tile") = 0,
         "CPU only: keys is queries; only the tiles on and above the diagonal");

@@ -149,7 +149,8 @@ namespace {
 template <typename scalar_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                    const c10::optional<at::Tensor>& self, double temperature, const at::Tensor& lse,
-                   const at::Tensor& grad_rows, bool need_dk, const Tiles& t, at::Tensor& dq, at::Tensor& dk_parts) {
+                   const at::Tensor& grad_rows, bool need_dq, bool need_dk, const Tiles& t, at::Tensor& dq,
+                   at::Tensor& dk_parts) {
   using T = scalar_t;
   const int64_t N = q.size(0), M = k.size(0);
   const double inv_t = 1.0 / temperature;
@@ -165,7 +166,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
       for (int64_t tile = 0; tile < t.ntiles; ++tile) {
         const int64_t q0 = tile * t.tq, R = std::min(t.tq, N - q0);
         auto qt = q.narrow(0, q0, R);
-        auto dqt = dq.narrow(0, q0, R);
+        auto dqt = need_dq ? dq.narrow(0, q0, R) : at::Tensor();
         for (int64_t k0 = 0; k0 < M; k0 += t.tk) {
           const int64_t kt = std::min(t.tk, M - k0);
           auto s = buf.narrow(0, 0, R * kt).view({R, kt});
@@ -179,7 +180,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
             const int64_t j = pp[q0 + r] - k0;
             if (j >= 0 && j < kt) sd[r * kt + j] -= gp[q0 + r];
           }
-          dqt.addmm_(s, ktile, 1.0, inv_t);
+          if (need_dq) dqt.addmm_(s, ktile, 1.0, inv_t);
           if (need_dk) dk_parts[0].narrow(0, k0, kt).addmm_(s.t(), qt, 1.0, inv_t);
         }
       }
@@ -190,16 +191,16 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
 
 std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                                  const c10::optional<at::Tensor>& self, double temperature,
-                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
-                                                 int64_t tile_q, int64_t tile_k) {
+                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq,
+                                                 bool need_dk, int64_t tile_q, int64_t tile_k) {
   check_inputs(q, k, pos, self);
   const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
-  auto dq = at::zeros({N, D}, q.options());
+  auto dq = need_dq ? at::zeros({N, D}, q.options()) : at::Tensor();
   if (N == 0) return {dq, need_dk ? at::zeros({M, D}, q.options()) : at::Tensor()};
   const Tiles t = make_tiles(N, M, tile_q, tile_k);
   auto dk_parts = need_dk ? at::zeros({t.chunks, M, D}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "contrastive_backward_cpu", [&] {
-    backward_impl<scalar_t>(q, k, pos, self, temperature, lse, grad_rows, need_dk, t, dq, dk_parts);
+    backward_impl<scalar_t>(q, k, pos, self, temperature, lse, grad_rows, need_dq, need_dk, t, dq, dk_parts);
   });
   at::Tensor dk;
   if (need_dk) dk = t.chunks == 1 ? dk_parts[0] : dk_parts.sum(0);

@@ -24,11 +24,11 @@ at::Tensor sinkhorn_finish_cpu(at::Tensor q, const at::Tensor& u);
 std::vector<at::Tensor> contrastive_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                                 const c10::optional<at::Tensor>& self, double temperature,
                                                 int64_t tile_q, int64_t tile_k);
-// backward: grad_rows [N] (dL/dloss_i); returns (dq fp32 [N,D], dk fp32 [M,D] or undefined)
+// backward: grad_rows [N] (dL/dloss_i); returns (dq fp32 [N,D], dk fp32 [M,D]), each undefined when not needed
 std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                                  const c10::optional<at::Tensor>& self, double temperature,
-                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
-                                                 int64_t tile_q, int64_t tile_k);
+                                                 const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq,
+                                                 bool need_dk, int64_t tile_q, int64_t tile_k);
 
 // symmetric case (keys is queries, CPU): only the tiles on and above the diagonal; returns (loss, lse) / dz
 std::vector<at::Tensor> contrastive_forward_sym_cpu(const at::Tensor& z, const at::Tensor& pos,
@@ -59,8 +59,8 @@ std::vector<at::Tensor> contrastive_forward_cuda(const at::Tensor& q, const at::
                                                  int64_t tile_q, int64_t tile_k);
 std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                                                   const c10::optional<at::Tensor>& self, double temperature,
-                                                  const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dk,
-                                                  int64_t tile_q, int64_t tile_k);
+                                                  const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq,
+                                                  bool need_dk, int64_t tile_q, int64_t tile_k);
 std::vector<at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk,
                                            bool tf32);
 std::vector<at::Tensor> kmeans_update_cuda(const at::Tensor& x, const at::Tensor& assign, int64_t k);

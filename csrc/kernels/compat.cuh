@@ -8,6 +8,7 @@
 //
 // Files here hold device code and raw-pointer launchers only (no ATen, no cuBLAS).
 #pragma once
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 

@@ -1,0 +1,60 @@
+// The contrastive loss kernels (csrc/kernels/contrastive.cuh) on the emulator, behind a C
+// interface for tests/test_cuda_emulated_contrastive.py.
+#include "harness.h"
+#include "../kernels/contrastive.cuh"
+
+namespace {
+
+// fn(T()) for dtype code 0 float32, 1 float16 (raw bits), 2 bfloat16 (raw bits)
+template <typename Fn>
+void by_dtype(int dtype, Fn fn) {
+  switch (dtype) {
+    case 0: fn(float()); break;
+    case 1: fn(__half()); break;
+    case 2: fn(__nv_bfloat16()); break;
+    default: throw emu::Error("unknown dtype code");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// loss [N], lse [N]; self may be null
+int emu_contrastive_forward(int dtype, const void* q, const void* k, const int64_t* pos, const int64_t* self,
+                            int64_t N, int64_t M, int64_t D, float inv_t, float* loss, float* lse, char* err,
+                            int err_len) {
+  return guarded(err, err_len, [&] {
+    by_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      sslops::contrastive::forward(static_cast<const T*>(q), static_cast<const T*>(k), pos, self, N, M, D, inv_t,
+                                   loss, lse, nullptr);
+    });
+  });
+}
+
+// dq [N, D] (when need_dq) and dk [M, D] (when need_dk); max_shared: shared memory per block with opt-in
+int emu_contrastive_backward(int dtype, const void* q, const void* k, const int64_t* pos, const int64_t* self,
+                             const float* lse, const float* g, int64_t N, int64_t M, int64_t D, float inv_t,
+                             int need_dq, int need_dk, float* dq, float* dk, int64_t max_shared, char* err,
+                             int err_len) {
+  return guarded(err, err_len, [&] {
+    by_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      sslops::contrastive::backward(static_cast<const T*>(q), static_cast<const T*>(k), pos, self, lse, g, N, M, D,
+                                    inv_t, need_dq ? dq : nullptr, need_dk ? dk : nullptr,
+                                    static_cast<size_t>(max_shared), nullptr);
+    });
+  });
+}
+
+// whether the backward kernels keep their accumulators in shared memory at this D
+int emu_contrastive_acc_in_shared(int dtype, int64_t D, int64_t max_shared) {
+  int out = 0;
+  by_dtype(dtype, [&](auto zero) {
+    out = sslops::contrastive::backward_plan<decltype(zero)>(D, static_cast<size_t>(max_shared)).acc_in_shared;
+  });
+  return out;
+}
+
+}  // extern "C"

@@ -1,0 +1,506 @@
+// Fused contrastive (InfoNCE / NT-Xent) loss, flash-attention style: the semantics of
+// csrc/contrastive.cpp (see there), with every logits tile kept on chip.
+//
+// A block of 128 threads (4 warps) owns a tile of kBQ = 64 query rows (forward, dq) or kBK = 64
+// keys (dk) and loops over the other side's tiles. D is streamed through shared memory kDK = 32
+// columns at a time, zero-filled past D, so any D works. The logits tile S = Q K^T is computed
+// by a SIMT fp32 FMA GEMM for float inputs (exact fp32 products, no TF32) or by wmma 16x16x16
+// with fp32 accumulators for fp16 / bf16, and lands in shared memory as fp32; warp w owns rows
+// 16w..16w+15 there, two threads per row (even / odd columns), so the row pass needs no block
+// barrier.
+//
+//   forward: a running max m and sum l per row and thread (online log-sum-exp) over the key
+//            tiles, the self column left out and the positive logit picked in the same pass;
+//            the row's two threads merge (m, l) at the end. Writes loss and lse.
+//   dq:      per query tile, over the key tiles: recompute S, dS = g (exp(S/T - lse) - [j = pos])
+//            (0 at self), dq += dS K.
+//   dk:      per key tile, over the query tiles: recompute S and dS, dk += dS^T Q.
+// Every output row belongs to one block and is summed in a fixed order: no atomics, and the
+// result does not depend on scheduling. dq and dk accumulate in fp32, in shared memory when the
+// block's 64 x D floats fit (backward_plan), else in place in the output rows. Extra global
+// memory: none.
+//
+// dS for the tensor cores: cast to T. Its entries are at most |g_i| and mostly far smaller (MoCo:
+// mean over 4096 rows and 65536 keys, g = 2.4e-4, dS_ij = g p_ij averages g / 65536 = 4e-9, below
+// fp16's smallest subnormal 6e-8), so each query tile's dS is multiplied by a power of two chosen from the tile's max |g|
+// (max |g| * scale in [2^13, 2^14), so |dS| * scale <= 2^14 fits fp16) and the products are
+// multiplied by 1/scale in fp32, which is exact. bf16 has fp32's range and takes the same path;
+// fp32 inputs use scale 1.
+#pragma once
+#include <type_traits>
+
+#include "compat.cuh"
+
+namespace sslops {
+namespace contrastive {
+
+constexpr int kBQ = 64;        // query rows per tile
+constexpr int kBK = 64;        // keys per tile
+constexpr int kDK = 32;        // columns of D per pass through shared memory (one per lane)
+constexpr int kThreads = 128;  // 4 warps of 16 tile rows; two threads per row in the row passes
+// __launch_bounds__'s blocks per SM: caps registers at 128, under which ptxas spills nothing (without
+// it ptxas gives the forward kernels 72-80 registers and spills 28 bytes; sm_90, CUDA 13.0)
+constexpr int kMinBlocks = 4;
+// dq / dk accumulators go to shared memory while the block needs at most this much: two blocks
+// (8 warps) per H100 SM, D <= 256 for 16-bit inputs. Larger D accumulates in the output rows.
+constexpr size_t kSharedCap = 100 * 1024;
+
+static_assert(kBQ == kBK && kBQ == kThreads / 2, "tile rows: 16 per warp, two threads per row");
+static_assert(kDK == 32, "the wmma product pass gives each lane one column of a chunk");
+
+template <typename T>
+struct Cfg {
+  static constexpr bool kWmma = !std::is_same<T, float>::value;
+  // leading dimensions (elements) of the shared tiles: wmma needs multiples of 16 bytes; the pads
+  // spread a tile's rows over the banks (fp32: every access of the SIMT path is conflict-free;
+  // 16-bit: the row pass reads S with 2-way conflicts)
+  static constexpr int kLdIn = kWmma ? kDK + 8 : kDK + 1;  // Q / K chunks [64][kDK], T
+  static constexpr int kLdS = kWmma ? kBK + 4 : kBK + 2;   // logits [64][kBK], fp32
+  static constexpr int kLdG = kBK + 8;                      // dS [64][kBK] as T (wmma only)
+};
+
+__host__ __device__ constexpr size_t round_up(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// Dynamic shared memory: [Q chunk][K chunk][S fp32][dS as T (backward, wmma)][accumulator 64 x D]
+template <typename T>
+__host__ __device__ constexpr size_t in_bytes() {
+  return round_up(sizeof(T) * 64 * Cfg<T>::kLdIn);
+}
+template <typename T>
+__host__ __device__ constexpr size_t s_bytes() {
+  return round_up(sizeof(float) * 64 * Cfg<T>::kLdS);
+}
+template <typename T>
+__host__ __device__ constexpr size_t g_bytes(bool backward) {
+  return backward && Cfg<T>::kWmma ? round_up(sizeof(T) * 64 * Cfg<T>::kLdG) : 0;
+}
+template <typename T>
+__host__ __device__ inline size_t shared_bytes(bool backward, int64_t acc_cols) {
+  return 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward) + round_up(sizeof(float) * 64 * acc_cols);
+}
+
+template <typename T>
+struct Layout {
+  T* qs;       // query rows x kDK columns of D
+  T* ks;       // key rows x kDK columns of D
+  float* s;    // the logits tile (fp32: then dS in place; wmma: then the products' scratch)
+  T* g;        // dS * scale as T (wmma)
+  float* acc;  // the dq / dk accumulator [64][D], when in shared memory
+};
+
+template <typename T>
+__device__ __forceinline__ Layout<T> layout(unsigned char* smem, bool backward) {
+  Layout<T> l;
+  l.qs = reinterpret_cast<T*>(smem);
+  l.ks = reinterpret_cast<T*>(smem + in_bytes<T>());
+  l.s = reinterpret_cast<float*>(smem + 2 * in_bytes<T>());
+  l.g = reinterpret_cast<T*>(smem + 2 * in_bytes<T>() + s_bytes<T>());
+  l.acc = reinterpret_cast<float*>(smem + 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward));
+  return l;
+}
+
+// float -> T, rounded to nearest (no implicit conversions under __CUDA_NO_HALF_CONVERSIONS__)
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// rows [row0, row0 + 64) x columns [d0, d0 + kDK) of src [rows, D] into dst [64][kLdIn]; zeros
+// outside src, so padding rows and columns add nothing to the GEMMs
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, int64_t row0, int64_t rows, int64_t D,
+                                           int64_t d0) {
+  for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
+    const int r = e / kDK, c = e % kDK;
+    const int64_t row = row0 + r, col = d0 + c;
+    dst[r * Cfg<T>::kLdIn + c] = row < rows && col < D ? src[row * D + col] : from_float<T>(0.f);
+  }
+}
+
+// S (not yet divided by T) = rows q0.. of q times rows k0.. of k, transposed, into sm.s; warp w
+// writes rows 16w..16w+15. Starts with a block barrier whenever D > 0.
+template <typename T>
+__device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_t q0, int64_t N,
+                            const T* __restrict__ k, int64_t k0, int64_t M, int64_t D) {
+  constexpr int ld = Cfg<T>::kLdIn, lds = Cfg<T>::kLdS;
+  if constexpr (Cfg<T>::kWmma) {
+    using namespace nvcuda;
+    const int w = threadIdx.x >> 5;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBK / 16];
+#pragma unroll
+    for (int n = 0; n < kBK / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
+      __syncthreads();  // every warp is done with the previous chunks (and the previous tile's dS)
+      load_chunk(sm.qs, q, q0, N, D, d0);
+      load_chunk(sm.ks, k, k0, M, D, d0);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kDK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, sm.qs + 16 * w * ld + kk, ld);
+#pragma unroll
+        for (int n = 0; n < kBK / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // K^T: column j is key j
+          wmma::load_matrix_sync(b, sm.ks + 16 * n * ld + kk, ld);
+          wmma::mma_sync(acc[n], a, b, acc[n]);
+        }
+      }
+    }
+    __syncwarp();  // the warp's lanes are done reading its rows of S (D == 0 has no barrier above)
+#pragma unroll
+    for (int n = 0; n < kBK / 16; ++n)
+      wmma::store_matrix_sync(sm.s + 16 * w * lds + 16 * n, acc[n], lds, wmma::mem_row_major);
+  } else {
+    const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;  // rows 4ty..4ty+3, columns tx + 8j
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
+      __syncthreads();  // every warp is done with the previous chunks (and the previous tile's dS)
+      load_chunk(sm.qs, q, q0, N, D, d0);
+      load_chunk(sm.ks, k, k0, M, D, d0);
+      __syncthreads();
+#pragma unroll 4
+      for (int d = 0; d < kDK; ++d) {
+        float a[4], b[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = sm.qs[(4 * ty + i) * ld + d];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = sm.ks[(tx + 8 * j) * ld + d];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncwarp();  // as above
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sm.s[(4 * ty + i) * lds + tx + 8 * j] = acc[i][j];
+  }
+  __syncwarp();  // the warp's rows of S are complete before its row pass reads them
+}
+
+// What the two threads of tile row r need about their query.
+struct Row {
+  bool valid;          // a row of the input (not padding)
+  int64_t pos, self;   // self = -1 when there is none
+  float g, lse;        // backward only
+};
+
+__device__ __forceinline__ Row load_row(int64_t i, int64_t N, const int64_t* __restrict__ pos,
+                                        const int64_t* __restrict__ self, const float* __restrict__ lse,
+                                        const float* __restrict__ g) {
+  Row row{i < N, -1, -1, 0.f, 0.f};
+  if (row.valid) {
+    row.pos = pos[i];
+    row.self = self != nullptr ? self[i] : -1;
+    if (g != nullptr) row.g = g[i], row.lse = lse[i];
+  }
+  return row;
+}
+
+// key index j's column in the tile of keys [k0, k0 + cols), or -1
+__device__ __forceinline__ int tile_column(int64_t j, int64_t k0, int cols) {
+  return j >= k0 && j < k0 + cols ? static_cast<int>(j - k0) : -1;
+}
+
+// The power of two that dS of query rows [i0, i0 + rows) is multiplied by before the cast to T
+// (see the top of the file); 1 for float. Warp collective: every lane of every warp calls it.
+template <typename T>
+__device__ float grad_scale(const float* __restrict__ g, int64_t i0, int rows) {
+  if constexpr (!Cfg<T>::kWmma) {
+    return 1.f;
+  } else {
+    float mx = 0.f;
+    for (int r = threadIdx.x & 31; r < rows; r += 32) mx = fmaxf(mx, fabsf(g[i0 + r]));
+    mx = dev::warp_max(mx);
+    if (!(mx > 0.f) || !isfinite(mx)) return 1.f;
+    int e;
+    frexpf(mx, &e);  // mx = f 2^e, f in [0.5, 1), so mx 2^(14 - e) is in [2^13, 2^14)
+    e = 14 - e;
+    e = e > 100 ? 100 : (e < -100 ? -100 : e);  // scale and 1/scale stay normal floats
+    return ldexpf(1.f, e);
+  }
+}
+
+// dS * scale for this thread's half of tile row r (columns h, h + 2, ...): in place over S for
+// float, into sm.g as T for the tensor cores; 0 in padding rows and columns
+template <typename T>
+__device__ __forceinline__ void grad_tile(const Layout<T>& sm, const Row& row, int r, int h, int64_t k0, int cols,
+                                          float inv_t, float scale) {
+  float* srow = sm.s + r * Cfg<T>::kLdS;
+  const float gs = row.g * scale;
+  const int sc = tile_column(row.self, k0, cols), pc = tile_column(row.pos, k0, cols);
+  for (int c = h; c < kBK; c += 2) {
+    float v = 0.f;
+    if (row.valid && c < cols) {
+      float p = c == sc ? 0.f : expf(srow[c] * inv_t - row.lse);
+      if (c == pc) p -= 1.f;
+      v = gs * p;
+    }
+    if constexpr (Cfg<T>::kWmma)
+      sm.g[r * Cfg<T>::kLdG + c] = from_float<T>(v);
+    else
+      srow[c] = v;
+  }
+}
+
+// The accumulator rows of warp w (16w..16w+15 of the block's `rows`), lanes over the columns
+__device__ __forceinline__ void zero_rows(float* acc, int rows, int64_t D) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int rr = 0; rr < 16; ++rr) {
+    const int r = 16 * w + rr;
+    if (r < rows)
+      for (int64_t d = lane; d < D; d += 32) acc[r * D + d] = 0.f;
+  }
+}
+
+__device__ __forceinline__ void store_rows(const float* acc, float* out, int rows, int64_t D, float inv_t) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int rr = 0; rr < 16; ++rr) {
+    const int r = 16 * w + rr;
+    if (r < rows)
+      for (int64_t d = lane; d < D; d += 32) out[r * D + d] = acc[r * D + d] * inv_t;
+  }
+}
+
+// acc[rows][D] += (1/scale) op(dS) X over every chunk of D, X = rows x0.. of src (keys for dq,
+// queries for dk) streamed through x; op(dS) = dS (dq) or dS^T (dk, kTransposed). Warp w updates
+// accumulator rows 16w..16w+15. Starts with a block barrier: dS is complete (dk reads every
+// warp's rows of it) and the logits GEMM is done with the chunk buffers.
+template <typename T, bool kTransposed>
+__device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ src, int64_t x0, int64_t x_rows,
+                             int64_t D, float* acc, int rows, float inv_scale) {
+  constexpr int ld = Cfg<T>::kLdIn;
+  __syncthreads();
+  if constexpr (Cfg<T>::kWmma) {
+    using namespace nvcuda;
+    using ALayout = typename std::conditional<kTransposed, wmma::col_major, wmma::row_major>::type;
+    constexpr int ldg = Cfg<T>::kLdG, lds = Cfg<T>::kLdS;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // this warp's 16 rows of op(dS), all kBK columns: loaded once for every chunk of D
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a[kBK / 16];
+#pragma unroll
+    for (int s = 0; s < kBK / 16; ++s)
+      wmma::load_matrix_sync(a[s], kTransposed ? sm.g + 16 * s * ldg + 16 * w : sm.g + 16 * w * ldg + 16 * s, ldg);
+    float* scratch = sm.s + 16 * w * lds;  // S is dead: its rows 16w.. hold this warp's products
+    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
+      if (d0 > 0) __syncthreads();  // every warp is done with the previous chunk
+      load_chunk(x, src, x0, x_rows, D, d0);
+      __syncthreads();
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> p[kDK / 16];
+#pragma unroll
+      for (int n = 0; n < kDK / 16; ++n) wmma::fill_fragment(p[n], 0.f);
+#pragma unroll
+      for (int s = 0; s < kBK / 16; ++s)
+#pragma unroll
+        for (int n = 0; n < kDK / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, x + 16 * s * ld + 16 * n, ld);
+          wmma::mma_sync(p[n], a[s], b, p[n]);
+        }
+#pragma unroll
+      for (int n = 0; n < kDK / 16; ++n) wmma::store_matrix_sync(scratch + 16 * n, p[n], lds, wmma::mem_row_major);
+      __syncwarp();  // the warp's products are in scratch
+      const int64_t d = d0 + lane;
+      if (d < D)
+        for (int rr = 0; rr < 16; ++rr) {
+          const int r = 16 * w + rr;
+          if (r < rows) acc[r * D + d] += inv_scale * scratch[rr * lds + lane];
+        }
+      __syncwarp();  // scratch read before the next chunk's products overwrite it
+    }
+  } else {
+    constexpr int lds = Cfg<T>::kLdS;
+    const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;  // rows 4ty..4ty+3, columns tx + 8j of a chunk
+    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
+      if (d0 > 0) __syncthreads();  // every warp is done with the previous chunk
+      load_chunk(x, src, x0, x_rows, D, d0);
+      __syncthreads();
+      float p[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) p[i][j] = 0.f;
+#pragma unroll 4
+      for (int s = 0; s < kBK; ++s) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = kTransposed ? sm.s[s * lds + 4 * ty + i] : sm.s[(4 * ty + i) * lds + s];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = x[s * ld + tx + 8 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) p[i][j] = fmaf(a[i], b[j], p[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = 4 * ty + i;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t d = d0 + tx + 8 * j;
+          if (r < rows && d < D) acc[r * D + d] += inv_scale * p[i][j];
+        }
+      }
+    }
+  }
+}
+
+// ---- kernels: grid.x = query tiles (forward, dq) or key tiles (dk); kThreads threads
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
+                   const int64_t* __restrict__ self, int64_t N, int64_t M, int64_t D, float inv_t,
+                   float* __restrict__ loss, float* __restrict__ lse) {
+  SSL_DYN_SHARED(smem);
+  const Layout<T> sm = layout<T>(smem, false);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
+  const int r = threadIdx.x >> 1, h = threadIdx.x & 1;  // tile row, and its even (0) or odd (1) columns
+  const Row row = load_row(i0 + r, N, pos, self, nullptr, nullptr);
+  float m = -INFINITY, l = 0.f, pl = 0.f;  // running max and sum over this thread's columns; positive logit
+  for (int64_t k0 = 0; k0 < M; k0 += kBK) {
+    const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
+    logits_tile(sm, q, i0, N, k, k0, M, D);
+    if (row.valid) {
+      const float* srow = sm.s + r * Cfg<T>::kLdS;
+      const int sc = tile_column(row.self, k0, cols), pc = tile_column(row.pos, k0, cols);
+      float mx = -INFINITY;
+      for (int c = h; c < cols; c += 2)
+        if (c != sc) mx = fmaxf(mx, srow[c] * inv_t);
+      if (mx > m) {  // from m = -inf: l is 0 and stays 0
+        l *= expf(m - mx);
+        m = mx;
+      }
+      if (m != -INFINITY)
+        for (int c = h; c < cols; c += 2)
+          if (c != sc) l += expf(srow[c] * inv_t - m);
+      if (pc >= 0 && (pc & 1) == h) pl = srow[pc] * inv_t;
+    }
+  }
+  // merge the row's two halves (lanes 2k and 2k + 1 of one warp)
+  const float m2 = __shfl_xor_sync(0xffffffffu, m, 1);
+  const float l2 = __shfl_xor_sync(0xffffffffu, l, 1);
+  const float pl2 = __shfl_xor_sync(0xffffffffu, pl, 1);
+  if (row.valid && h == 0) {
+    const float mm = fmaxf(m, m2);
+    float sum = 0.f;
+    if (m != -INFINITY) sum += l * expf(m - mm);
+    if (m2 != -INFINITY) sum += l2 * expf(m2 - mm);
+    const float v = mm + logf(sum);
+    lse[i0 + r] = v;
+    loss[i0 + r] = v - ((row.pos & 1) == 0 ? pl : pl2);  // k0 is even: odd keys are the odd thread's
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
+              const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
+              int64_t M, int64_t D, float inv_t, bool acc_in_shared, float* __restrict__ dq) {
+  SSL_DYN_SHARED(smem);
+  const Layout<T> sm = layout<T>(smem, true);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
+  const int rows = N - i0 < kBQ ? static_cast<int>(N - i0) : kBQ;
+  const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
+  const Row row = load_row(i0 + r, N, pos, self, lse, g);
+  const float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
+  float* acc = acc_in_shared ? sm.acc : dq + i0 * D;  // the block's rows of dq are its own
+  zero_rows(acc, rows, D);
+  __syncwarp();  // zeroed before the product passes (another lane mapping, same warp rows)
+  for (int64_t k0 = 0; k0 < M; k0 += kBK) {
+    const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
+    logits_tile(sm, q, i0, N, k, k0, M, D);
+    grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
+    add_products<T, false>(sm, sm.ks, k, k0, M, D, acc, rows, inv_scale);
+  }
+  __syncwarp();
+  store_rows(acc, dq + i0 * D, rows, D, inv_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    dk_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
+              const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
+              int64_t M, int64_t D, float inv_t, bool acc_in_shared, float* __restrict__ dk) {
+  SSL_DYN_SHARED(smem);
+  const Layout<T> sm = layout<T>(smem, true);
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kBK;
+  const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
+  const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
+  float* acc = acc_in_shared ? sm.acc : dk + k0 * D;  // the block's rows of dk are its own
+  zero_rows(acc, cols, D);
+  __syncwarp();
+  for (int64_t i0 = 0; i0 < N; i0 += kBQ) {
+    const int rows = N - i0 < kBQ ? static_cast<int>(N - i0) : kBQ;
+    const Row row = load_row(i0 + r, N, pos, self, lse, g);
+    const float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
+    logits_tile(sm, q, i0, N, k, k0, M, D);
+    grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
+    add_products<T, true>(sm, sm.qs, q, i0, N, D, acc, cols, inv_scale);
+  }
+  __syncwarp();
+  store_rows(acc, dk + k0 * D, cols, D, inv_t);
+}
+
+// ---- launchers (raw pointers; inputs row-major and contiguous, self may be null)
+
+// loss [N], lse [N] (fp32)
+template <typename T>
+void forward(const T* q, const T* k, const int64_t* pos, const int64_t* self, int64_t N, int64_t M, int64_t D,
+             float inv_t, float* loss, float* lse, cudaStream_t stream) {
+  if (N == 0) return;
+  const size_t shared = shared_bytes<T>(false, 0);  // under 48 KiB
+  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), shared, stream, forward_kernel<T>)(
+      q, k, pos, self, N, M, D, inv_t, loss, lse);
+}
+
+struct Plan {
+  size_t shared;       // dynamic shared memory per block, bytes
+  bool acc_in_shared;  // the accumulator in shared memory (else in the output rows)
+};
+
+// max_shared: the device's shared memory per block with opt-in
+template <typename T>
+inline Plan backward_plan(int64_t D, size_t max_shared) {
+  const size_t cap = max_shared < kSharedCap ? max_shared : kSharedCap;
+  Plan p;
+  p.acc_in_shared = shared_bytes<T>(true, D) <= cap;
+  p.shared = shared_bytes<T>(true, p.acc_in_shared ? D : 0);
+  return p;
+}
+
+// dq [N, D] and dk [M, D] (fp32, every element written), each skipped when null; g = dL/dloss [N]
+template <typename T>
+void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, const float* lse, const float* g,
+              int64_t N, int64_t M, int64_t D, float inv_t, float* dq, float* dk, size_t max_shared,
+              cudaStream_t stream) {
+  if (D == 0) return;  // nothing to write
+  const Plan p = backward_plan<T>(D, max_shared);
+  if (dq != nullptr && N > 0) {
+    ssl_allow_shared(dq_kernel<T>, p.shared);
+    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream, dq_kernel<T>)(
+        q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dq);
+  }
+  if (dk != nullptr && M > 0) {
+    ssl_allow_shared(dk_kernel<T>, p.shared);
+    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(M, kBK))), dim3(kThreads), p.shared, stream, dk_kernel<T>)(
+        q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dk);
+  }
+}
+
+}  // namespace contrastive
+}  // namespace sslops

@@ -1,0 +1,381 @@
+"""The fused CUDA contrastive loss (csrc/kernels/contrastive.cuh), run on the CPU emulator.
+
+The kernel source that nvcc compiles into common._C, built with the host compiler against
+csrc/emu/cuda_emu.h as in tests/test_cuda_emulated.py (whose harness and helpers this file
+reuses), checked against float64 on the inputs' exact values at sizes that are not multiples
+of the 64 x 64 tiles or of the 32 columns of D per pass, with NaN guard bands around every
+buffer. The float32 cases run under both scheduling orders; the 16-bit cases alternate between
+them, and for each path one case is shown to give the same bits under both (no atomics). The
+last tests plant faults (missing barriers) into a copy of the kernels and show each one fails.
+
+Tolerances. float32 inputs: as tests/test_ops.py, the error is at most the naive float32
+formula's (PyTorch, same inputs) plus F32_TOL times the largest entry (at least 1). 16-bit
+inputs: the reference is float64 on the rounded inputs, so input rounding is no error. The
+forward products of 16-bit values are exact in fp32 and summed in fp32, so loss and lse keep
+the float32 rule. Backward casts dS to the input type for the tensor cores (after scaling it
+by a power of two into fp16's normal range), which gives each entry a relative error of at
+most u = 2^-11 (fp16) or 2^-8 (bf16); entry (i, d) of dq = dS K / T can therefore be off by
+u * sum_j |dS_ij| |k_jd| / T (dk: u * sum_i |dS_ij| |q_id| / T), on top of the naive float32
+error and F32_TOL times the largest entry (here without the floor of 1, so that tiny
+gradients are held to the same relative standard).
+"""
+import ctypes
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import ops
+from tests.test_cuda_emulated import CSRC, CXX, ORDERS, EmulatorFault, Emulated, Guarded
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (set CXX) to build the emulated kernels")
+
+H100_SHARED = 227 * 1024  # sharedMemPerBlockOptin
+F32_TOL = 2e-5  # tests/test_ops.py's slack on top of the naive float32 formula's error
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def contrastive_library(emu):
+    """Registers the contrastive entry points of csrc/emu/harness_contrastive.cpp on the library."""
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    err = [ctypes.c_char_p, i32]
+    emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, *err]
+    emu.lib.emu_contrastive_backward.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, i32, ptr,
+                                                 ptr, i64, *err]
+    emu.lib.emu_contrastive_acc_in_shared.argtypes = [i32, i64, i64]
+    emu.lib.emu_contrastive_acc_in_shared.restype = i32
+    return emu
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return contrastive_library(Emulated(CSRC, tmp_path_factory.mktemp("emu")))
+
+
+# ----------------------------------------------------------------------------- inputs and references
+
+def inputs(layout, n, m, d, seed, dtype):
+    """Unit-norm queries [n, d] and keys [m, d] in `dtype`, positives, self columns (or None).
+
+    simclr: n = m = 2B views, the other view of the same image is the positive, the view itself
+    is left out. moco: queries against [their own keys; a queue], positive i, nothing left out.
+    random / random+self: a random positive (and a random other column left out).
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if layout == "simclr":
+        assert n == m and n % 2 == 0
+        k, pos, self_index = q.clone(), (torch.arange(n) + n // 2) % n, torch.arange(n)
+    else:
+        k = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+        if layout == "moco":
+            assert m >= n
+            pos, self_index = torch.arange(n), None
+        else:
+            pos = torch.randint(0, m, (n,), generator=g)
+            self_index = (pos + 1 + torch.randint(0, m - 1, (n,), generator=g)) % m if layout == "random+self" else None
+    return q.to(dtype), k.to(dtype), pos, self_index
+
+
+def row_weights(n):
+    """dL/dloss_i: uneven, as a weighted mean would give (float32, as the kernels read it)."""
+    return torch.linspace(0.5, 1.5, n, dtype=torch.float32)
+
+
+def raw(t):
+    """The tensor's bytes as numpy (16-bit floats as raw uint16)."""
+    t = t.contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
+
+
+def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, need_dk=True,
+             max_shared=H100_SHARED):
+    """Forward, then backward with grad_rows, on the emulated kernels: float64 (loss, lse, dq, dk).
+
+    dq / dk are None when not requested; their buffers must then come back untouched."""
+    n, d = q.shape
+    m = k.shape[0]
+    code, inv_t = CODES[q.dtype], 1.0 / temperature
+    gq, gk = Guarded(raw(q)), Guarded(raw(k))
+    gpos = Guarded(pos.numpy().astype(np.int64))
+    gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
+    self_ptr = None if gself is None else gself.ptr
+    loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
+    emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d, inv_t, loss.ptr, lse.ptr)
+    glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
+    dq, dk = Guarded.poisoned((n, d), np.float32), Guarded.poisoned((m, d), np.float32)
+    emu.call("emu_contrastive_backward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, m, d, inv_t,
+             int(need_dq), int(need_dk), dq.ptr, dk.ptr, max_shared)
+    buffers = [("queries", gq), ("keys", gk), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse),
+               ("grad_rows", gg), ("dq", dq), ("dk", dk)] + ([] if gself is None else [("self_index", gself)])
+    for name, g in buffers:
+        assert g.intact(), f"a kernel wrote outside {name}"
+    for name, g, needed in [("dq", dq, need_dq), ("dk", dk, need_dk)]:
+        if not needed:
+            assert (g.buf.view(np.uint8) == 0xFF).all(), f"{name} was not requested but written"
+    out = lambda g: torch.from_numpy(g.value()).double()  # noqa: E731
+    return out(loss), out(lse), out(dq) if need_dq else None, out(dk) if need_dk else None
+
+
+def reference(q, k, pos, self_index, temperature, grad_rows, dtype=torch.float64):
+    """(loss, lse, dq, dk) by the plain formula in `dtype` (autograd for the gradients), as float64."""
+    qq, kk = q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
+    loss = ops.contrastive_loss_reference(qq, kk, pos, temperature, self_index, "none")
+    (loss * grad_rows.to(dtype)).sum().backward()
+    with torch.no_grad():
+        logits = masked_logits(qq, kk, self_index, temperature)
+        lse = torch.logsumexp(logits, dim=1)
+    return loss.detach().double(), lse.double(), qq.grad.double(), kk.grad.double()
+
+
+def masked_logits(q, k, self_index, temperature):
+    logits = q @ k.t() / temperature
+    if self_index is not None:
+        logits[torch.arange(len(q)), self_index] = -float("inf")
+    return logits
+
+
+def grad_logits(q, k, pos, self_index, temperature, grad_rows):
+    """dL/dlogits in float64: g_i (softmax_ij - [j == pos_i]), 0 at the self column."""
+    q, k = q.double(), k.double()
+    p = torch.softmax(masked_logits(q, k, self_index, temperature), dim=1)
+    p[torch.arange(len(q)), pos] -= 1.0
+    return grad_rows.double()[:, None] * p
+
+
+def assert_f32_rule(name, ours, naive, truth):
+    err, naive_err = (ours - truth).abs().max().item(), (naive - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    assert err <= naive_err + F32_TOL * scale, (name, err, naive_err)
+
+
+def assert_half_rule(name, ours, naive, truth, bound, u):
+    """Entry-wise: |ours - truth| <= u * bound + the naive float32 error + F32_TOL * max |truth|."""
+    slack = (naive - truth).abs().max().item() + F32_TOL * truth.abs().max().item()
+    excess = (ours - truth).abs() - (u * bound + slack)
+    assert excess.max().item() <= 0, (name, excess.max().item(), (ours - truth).abs().max().item(), slack)
+
+
+def check(emu, layout, n, m, d, temperature, dtype, seed=0, **kw):
+    """The emulated kernels against float64 on the inputs' exact values; returns their outputs."""
+    q, k, pos, self_index = inputs(layout, n, m, d, seed or n * 7 + m + d, dtype)
+    g = row_weights(n)
+    ours = emulated(emu, q, k, pos, self_index, temperature, g, **kw)
+    truth = reference(q.float(), k.float(), pos, self_index, temperature, g)
+    naive = reference(q.float(), k.float(), pos, self_index, temperature, g, torch.float32)
+    for name, o, nv, t in zip(("loss", "lse"), ours, naive, truth):
+        assert_f32_rule(name, o, nv, t)
+    if dtype == torch.float32:
+        for name, o, nv, t in zip(("dq", "dk"), ours[2:], naive[2:], truth[2:]):
+            if o is not None:
+                assert_f32_rule(name, o, nv, t)
+    else:
+        ds = grad_logits(q, k, pos, self_index, temperature, g).abs()
+        bounds = (ds @ k.double().abs() / temperature, ds.t() @ q.double().abs() / temperature)
+        for name, o, nv, t, b in zip(("dq", "dk"), ours[2:], naive[2:], truth[2:], bounds):
+            if o is not None:
+                assert_half_rule(name, o, nv, t, b, UNIT_ROUNDOFF[dtype])
+    return ours
+
+
+# ----------------------------------------------------------------------------- float32 (SIMT FMA path)
+
+F32_CASES = [  # (layout, N, M, D, temperature)
+    ("random", 1, 7, 17, 0.07),
+    ("random+self", 1, 7, 17, 0.07),
+    ("random", 7, 37, 1, 0.2),
+    ("random+self", 7, 37, 1, 0.2),
+    ("random", 37, 75, 33, 1.0),
+    ("random+self", 37, 75, 33, 1.0),
+    ("random", 75, 130, 70, 0.07),
+    ("random+self", 130, 37, 70, 0.2),
+    ("simclr", 74, 74, 33, 0.07),
+    ("simclr", 130, 130, 17, 1.0),
+    ("moco", 37, 130, 33, 0.2),
+    ("moco", 75, 300, 70, 0.07),
+]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", F32_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_float32_matches_float64(emu, order, case):
+    emu.order(order)
+    check(emu, *case, torch.float32)
+
+
+def test_float32_does_not_depend_on_scheduling_or_placement(emu):
+    """No atomics, fixed summation order: both orders, and the accumulators in shared memory or
+    in the output rows, give the same bits."""
+    q, k, pos, self_index = inputs("random+self", 75, 130, 70, 3, torch.float32)
+    g = row_weights(75)
+    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, H100_SHARED) == 1
+    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, 40_000) == 0
+    runs = []
+    for order in ORDERS:
+        emu.order(order)
+        for max_shared in (H100_SHARED, 40_000):
+            runs.append(emulated(emu, q, k, pos, self_index, 0.1, g, max_shared=max_shared))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("need_dq,need_dk", [(True, False), (False, True)])
+def test_only_the_requested_gradient_is_computed(emu, need_dq, need_dk):
+    """need_dq / need_dk skip the other kernel (its buffer stays poisoned, checked in emulated());
+    the requested one has the same bits as when both are computed."""
+    emu.order("high-first")
+    q, k, pos, self_index = inputs("random+self", 37, 75, 33, 5, torch.float32)
+    g = row_weights(37)
+    both = emulated(emu, q, k, pos, self_index, 0.2, g)
+    one = emulated(emu, q, k, pos, self_index, 0.2, g, need_dq=need_dq, need_dk=need_dk)
+    assert torch.equal(one[0], both[0])
+    assert (one[2] is None) != need_dq and (one[3] is None) != need_dk
+    for a, b in zip(one[2:], both[2:]):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("with_self", [True, False])
+def test_zero_features(emu, dtype, with_self):
+    """D == 0: every logit is 0, so the loss is log(number of columns not left out)."""
+    emu.order("low-first")
+    n, m = 7, 37
+    q, k = torch.zeros(n, 0, dtype=dtype), torch.zeros(m, 0, dtype=dtype)
+    pos = torch.arange(n) * 3
+    self_index = pos + 1 if with_self else None
+    loss, lse, dq, dk = emulated(emu, q, k, pos, self_index, 0.2, row_weights(n))
+    expected = torch.full((n,), np.log(m - 1 if with_self else m), dtype=torch.float64)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0) and torch.equal(lse, loss)
+    assert dq.shape == (n, 0) and dk.shape == (m, 0)
+
+
+def test_launches_for_any_size(emu):
+    """Every launch's grid and shared memory fit the hardware limits, opting in above 48 KiB
+    (checked, not run): 2^31 - 1 queries or keys, D large enough for either placement."""
+    emu.lib.emu_set_dry_run(1)
+    try:
+        for dtype, code in CODES.items():
+            for n, m, d in [(2 ** 31 - 1, 65536, 128), (4096, 2 ** 31 - 1, 200), (5, 7, 4096)]:
+                for max_shared in (H100_SHARED, 48 * 1024):
+                    emu.call("emu_contrastive_forward", code, None, None, None, None, n, m, d, 5.0, None, None)
+                    emu.call("emu_contrastive_backward", code, None, None, None, None, None, None, n, m, d, 5.0, 1, 1,
+                             None, None, max_shared)
+            assert emu.lib.emu_contrastive_acc_in_shared(code, 200, H100_SHARED) == 1  # > 48 KiB: opted in
+    finally:
+        emu.lib.emu_set_dry_run(0)
+
+
+# ----------------------------------------------------------------------------- fp16 / bf16 (wmma path)
+
+HALF_CASES = [  # (layout, N, M, D, temperature)
+    ("simclr", 74, 74, 33, 0.07),
+    ("moco", 37, 130, 17, 0.2),
+    ("random+self", 75, 37, 70, 1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", HALF_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_half_matches_float64(emu, dtype, case):
+    """Each case under one scheduling order (both are covered across the cases, and
+    test_half_does_not_depend_on_scheduling runs one case under both)."""
+    emu.order(list(ORDERS)[HALF_CASES.index(case) % 2])
+    check(emu, *case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_does_not_depend_on_scheduling(emu, dtype):
+    """As for float32: the same bits under both orders, accumulating in shared memory or in the output rows."""
+    q, k, pos, self_index = inputs("random+self", 75, 130, 33, 9, dtype)
+    g = row_weights(75)
+    runs = []
+    for order, max_shared in zip(ORDERS, (H100_SHARED, 40_000)):  # accumulators in shared memory, then in the output
+        emu.order(order)
+        runs.append(emulated(emu, q, k, pos, self_index, 0.2, g, max_shared=max_shared))
+    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, H100_SHARED) == 1
+    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, 40_000) == 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_fp16_backward_keeps_the_negatives_gradient(emu):
+    """MoCo's regime: mean over many rows and a long queue make dS_ij = g_i p_ij ~ 1e-9 (MoCo v2:
+    g = 1/4096, p ~ 1/65536), below fp16's smallest subnormal (6e-8). Here N=37, M=300 with g_i =
+    2^-15 / N: the plain cast of dS to fp16 flushes most negatives to zero and loses their share
+    of dq; the kernel's power-of-two scaling keeps dq within the fp16 rule."""
+    emu.order("low-first")
+    n, m, d, temperature = 37, 300, 17, 0.2
+    q, k, pos, self_index = inputs("moco", n, m, d, 11, torch.float16)
+    g = torch.full((n,), 2.0 ** -15 / n, dtype=torch.float32)
+    ds = grad_logits(q, k, pos, self_index, temperature, g)
+    negatives = ds.clone()
+    negatives[torch.arange(n), pos] = 0
+    lost = ((negatives.half() == 0) & (negatives != 0)).sum().item() / (negatives != 0).sum().item()
+    assert lost > 0.5, lost  # what an unscaled cast would do
+
+    _, _, dq, dk = emulated(emu, q, k, pos, self_index, temperature, g, need_dk=False)  # the queue gets no gradient
+    assert dk is None
+    _, _, truth, _ = reference(q.float(), k.float(), pos, self_index, temperature, g)
+    _, _, naive, _ = reference(q.float(), k.float(), pos, self_index, temperature, g, torch.float32)
+    kd = k.double()
+    bound = ds.abs() @ kd.abs() / temperature
+    u = UNIT_ROUNDOFF[torch.float16]
+    assert_half_rule("dq", dq, naive, truth, bound, u)
+    unscaled = ds.half().double() @ kd / temperature  # dq from the plain cast (products and sums exact)
+    with pytest.raises(AssertionError):
+        assert_half_rule("dq (unscaled cast)", unscaled, naive, truth, bound, u)
+    # the negatives' share of dq: mostly lost by the plain cast; kept by the kernel within the norm of
+    # the entry-wise bound u * bound (which also covers the positives' rounding)
+    share = negatives @ kd / temperature
+    positive_part = (ds - negatives) @ kd / temperature
+
+    def share_error(dq_):
+        return ((dq_ - positive_part) - share).norm().item() / share.norm().item()
+
+    assert share_error(unscaled) > 0.5, share_error(unscaled)
+    assert share_error(dq) <= u * bound.norm().item() / share.norm().item(), share_error(dq)
+
+
+# ----------------------------------------------------------------------------- planted faults
+
+# (the exact text in kernels/contrastive.cuh, what replaces it, the check that must then fail)
+FAULTS = {
+    "no barrier between loading a chunk and the SIMT GEMM": (
+        "      __syncthreads();\n#pragma unroll 4\n      for (int d = 0; d < kDK; ++d) {",
+        "#pragma unroll 4\n      for (int d = 0; d < kDK; ++d) {",
+        ("random+self", 37, 75, 33, 1.0, torch.float32)),
+    "no barrier between loading a chunk and the wmma GEMM": (
+        "      __syncthreads();\n#pragma unroll\n      for (int kk = 0; kk < kDK; kk += 16) {",
+        "#pragma unroll\n      for (int kk = 0; kk < kDK; kk += 16) {",
+        ("random+self", 37, 75, 33, 1.0, torch.bfloat16)),
+    "product pass reloads a chunk before every warp's logits GEMM is done with it": (
+        "  constexpr int ld = Cfg<T>::kLdIn;\n  __syncthreads();\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
+        "  constexpr int ld = Cfg<T>::kLdIn;\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
+        ("random+self", 75, 130, 70, 0.2, torch.float32)),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_planted_faults_are_caught(fault, tmp_path):
+    """A copy of the kernels with one bug planted fails under at least one scheduling order."""
+    text, planted, case = FAULTS[fault]
+    for part in ("emu", "kernels"):
+        shutil.copytree(CSRC / part, tmp_path / "src" / part)
+    path = tmp_path / "src" / "kernels" / "contrastive.cuh"
+    source = path.read_text()
+    assert source.count(text) == 1, "kernels/contrastive.cuh no longer contains the text this fault plants into"
+    path.write_text(source.replace(text, planted))
+    faulty = contrastive_library(Emulated(tmp_path / "src", tmp_path))
+    caught = []
+    for order in ORDERS:
+        faulty.order(order)
+        try:
+            check(faulty, *case)
+        except (EmulatorFault, AssertionError) as e:
+            caught.append(f"{order}: {type(e).__name__}: {str(e)[:200]}")
+    assert caught, f"the planted fault ({fault}) went unnoticed under both scheduling orders"
