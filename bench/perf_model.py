@@ -180,7 +180,7 @@ def main():
     parser.add_argument("--ptxas", action="store_true", help="compile the CUDA kernels for sm_90 and report ptxas -v")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    result = model(args.device)
+    result = {"command": " ".join(["python", "bench/perf_model.py", *sys.argv[1:]]), **model(args.device)}
     if args.ptxas:
         result["ptxas_sm90"] = ptxas_usage()
     text = json.dumps(result, indent=1)
