@@ -223,7 +223,14 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def start(self, description):
-        """Open the log (metrics.jsonl, TensorBoard, progress lines) with a first line describing the run."""
+        """Open the log (metrics.jsonl, TensorBoard, progress lines) with a first line describing the run, after
+        checking the online kNN monitor's settings (bad input leaves no file behind)."""
+        if self.args.eval_every < 0:
+            raise ValueError(f"--eval-every is a number of epochs (0: off), got {self.args.eval_every}.")
+        if self.args.eval_every > 0:
+            self.monitor = KnnMonitor(self.args, self.train_images, self.args.eval_image_size or self.view_size,
+                                      self.device, self.precision)
+            self.eval_steps = max(1, round(self.args.eval_every * self.steps_per_epoch))
         self.logger = MetricLogger(self.args.output_dir, self.total_steps, enabled=self.runtime.is_main,
                                    print_every=self.args.print_every)
         gpu_aug = "on" if self.gpu_aug else "off"
@@ -231,18 +238,13 @@ class Run:
                          f"{self.args.batch_size}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
                          f"{description}, {self.precision}, gpu-aug {gpu_aug}"
                          f"{', compiled' if self.args.compile else ''}")
+        if self.monitor is not None:
+            self.logger.info(f"{self.monitor.describe()}, every {self.eval_steps} steps")
         if self.runtime.is_main:  # what this run is, for common/report.py
             info = {"method": self.method, "args": cli.as_dict(self.args), "world_size": self.runtime.world_size,
                     "global_batch": self.global_batch, "images": self.n_images,
                     "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
             (Path(self.args.output_dir) / "run.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
-        if self.args.eval_every < 0:
-            raise ValueError(f"--eval-every is a number of epochs (0: off), got {self.args.eval_every}.")
-        if self.args.eval_every > 0:
-            self.monitor = KnnMonitor(self.args, self.train_images, self.args.eval_image_size or self.view_size,
-                                      self.device, self.precision)
-            self.eval_steps = max(1, round(self.args.eval_every * self.steps_per_epoch))
-            self.logger.info(f"{self.monitor.describe()}, every {self.eval_steps} steps")
 
     def epochs(self):
         """The epochs left (a resumed run starts in its checkpoint's); a checkpoint after each; stops at
