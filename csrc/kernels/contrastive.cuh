@@ -99,20 +99,6 @@ __device__ __forceinline__ Layout<T> layout(unsigned char* smem, bool backward) 
   return l;
 }
 
-// float -> T, rounded to nearest (no implicit conversions under __CUDA_NO_HALF_CONVERSIONS__)
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // rows [row0, row0 + 64) x columns [d0, d0 + kDK) of src [rows, D] into dst [64][kLdIn]; zeros
 // outside src, so padding rows and columns add nothing to the GEMMs
 template <typename T>
@@ -121,7 +107,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, in
   for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
     const int r = e / kDK, c = e % kDK;
     const int64_t row = row0 + r, col = d0 + c;
-    dst[r * Cfg<T>::kLdIn + c] = row < rows && col < D ? src[row * D + col] : from_float<T>(0.f);
+    dst[r * Cfg<T>::kLdIn + c] = row < rows && col < D ? src[row * D + col] : dev::from_float<T>(0.f);
   }
 }
 
@@ -251,7 +237,7 @@ __device__ __forceinline__ void grad_tile(const Layout<T>& sm, const Row& row, i
       v = gs * p;
     }
     if constexpr (Cfg<T>::kWmma)
-      sm.g[r * Cfg<T>::kLdG + c] = from_float<T>(v);
+      sm.g[r * Cfg<T>::kLdG + c] = dev::from_float<T>(v);
     else
       srow[c] = v;
   }
