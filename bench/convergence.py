@@ -23,27 +23,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # every method runs its script's `--preset cpu`, the recipe its convergence test runs (--preset cifar with the
 # ImageNet stem at 32 px on cifar10-mini, and the changes the script's preset states); measurements in the comments
 COMMON = ["--preset", "cpu", "--print-every", "50"]
-# "now:" figures: seeds 0 / 1, one thread per process, with both data paths built from each script's one view recipe
+# "now:" figures: seeds 0 / 1, one thread per process, with both data paths built from each script's one view recipe;
+# "two threads": OMP_NUM_THREADS=2 (another summation order, so another run)
 METHODS = [
-    # the simclr recipe: now 39.23 / 40.71
+    # the simclr recipe: now 39.23 / 40.71; two threads per process (seed 0): 39.68
     "simclr",
     # the moco recipe of tests/test_convergence_*.py: 33.78 / 33.84 (seeds 0 / 1, bicubic crops); 8 epochs 31.70. The
     # queue starts empty: from random unit vectors (the official code's start) every query went to one direction.
-    # Now (bilinear crops, as main_moco.py): 33.65 / 33.31
+    # Now (bilinear crops, as main_moco.py): 33.65 / 33.31; two threads (seed 0): 34.24
     "moco",
     # the swav recipe of tests/test_convergence_*.py: 34.49 / 34.86 / 34.64 / 34.29 (seeds 0-3, one thread); 8 epochs gave
     # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs.
-    # Now: 34.96 / 33.76
+    # Now: 34.96 / 33.76; two threads (seed 0): 34.59
     "swav",
     # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.89 / 32.63 (seeds 0 / 1, one thread) with the default
     # banks of crops 0 and 1, 33.66 / 33.41 with crop 0's bank alone; the whole set for 7 epochs with 3 x 100 centroids
-    # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank). Now: 32.43 / 33.15
+    # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank). Now: 32.43 / 33.15;
+    # two threads (seed 0): 33.51
     "deepcluster_v2",
     # the npid recipe of tests/test_convergence_*.py: 35.55 (seed 0, one thread); 35.87 / 35.36 (seeds 0 / 1)
     # with a cross-entropy that also counted the batch's other memory entries as negatives (VISSL's: the noise
     # only). An eighth of the images for many epochs keeps the memory bank fresh (each entry is refreshed once
     # per epoch); with that earlier loss --data-fraction 0.5, 28 epochs, 1024 negatives gave 33.62 / 32.11, and
-    # lr 0.06 29.58. Now: 34.17 / 34.42
+    # lr 0.06 29.58. Now: 34.17 / 34.42; two threads (seed 0): 33.57
     "npid",
     # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread) with
     # that same batch-negatives cross-entropy and patch offsets 0-2 px (VISSL's: 0-1). VISSL's
@@ -53,7 +55,8 @@ METHODS = [
     # Now, with VISSL's loss (own entry against the noise only) and patch offsets 0-1: 32.87 / 31.01 with the
     # checkpoint's BatchNorm statistics, which are mostly the 14-px patches' (9 of 10 trunk inputs, forwarded last);
     # scored with precise BN (EVAL_FLAGS): 32.68 / 32.05 / 32.90 (seeds 0-2) vs random init 27.79. At seed 1,
-    # lr 0.12: 28.67 / 29.48 precise BN; lr 0.06 on an eighth of the images for 50 epochs: 31.26 / 31.26
+    # lr 0.12: 28.67 / 29.48 precise BN; lr 0.06 on an eighth of the images for 50 epochs: 31.26 / 31.26.
+    # Two threads (seed 0): 32.53 precise BN
     "pirl",
     # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1) when first
     # written; now 33.16 / 33.20
