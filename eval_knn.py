@@ -73,16 +73,16 @@ class Args:
     show_neighbours: str = field(default="", metadata={
         "help": "also draw a PNG: --show-queries test images (seeded), each with its --show-k nearest training "
                 "images, framed green (same label) or red"})
-    show_queries: int = 8
-    show_k: int = 8
+    show_queries: int = field(default=8, metadata={"help": "test images (rows) in the --show-neighbours grid"})
+    show_k: int = field(default=8, metadata={"help": "nearest training images shown for each"})
     show_clusters: str = field(default="", metadata={
         "help": "also draw a PNG of the largest clusters of the training images, one row each: size, label "
                 "purity, and the members nearest the cluster's mean feature"})
     clusters: int = field(default=0, metadata={
         "help": "for --show-clusters: spherical k-means of the features into N clusters (0: the checkpoint's own: "
                 "ClusterFit's or DeepCluster-v2's pseudo-labels, or SwAV's prototypes with --layers head)"})
-    show_rows: int = 8
-    show_per_row: int = 8
+    show_rows: int = field(default=8, metadata={"help": "clusters (rows, the largest first) in the --show-clusters grid"})
+    show_per_row: int = field(default=8, metadata={"help": "member images shown for each"})
 
 
 # ---------------------------------------------------------------- Meta-Dataset few-shot episodes
