@@ -5,8 +5,10 @@
 features of at most `--eval-bank` training images (a class-balanced, seeded subset, centre-cropped
 without augmentation) are the bank, and those of at most `--eval-size` labelled held-out images
 (`--eval-data`, default the test split of `--data`) are classified, exactly as eval_knn.py would
-score a checkpoint of that step on the same images. It does not change training: the trunk's
-modules keep their train/eval modes, BatchNorm statistics are not updated (eval mode), and the
+score a checkpoint of that step on the same images (under torchrun every process scores its share
+with rank 0's BatchNorm statistics, those a checkpoint holds). It does not change training: the
+trunk's modules keep their train/eval modes, BatchNorm statistics are not updated (eval mode) and
+each process's own are put back, and the
 RNG states (torch, CUDA, Python, NumPy) are restored afterwards, so the losses are the same bits
 with the monitor on or off.
 """
@@ -127,6 +129,11 @@ class KnnMonitor:
         calls it (the images are split among them)."""
         started = time.perf_counter()
         modes = [(m, m.training) for m in trunk.modules()]
+        # every process scores with rank 0's BatchNorm statistics (the checkpoint's), then gets its own back
+        buffers = [b for b in trunk.buffers() if b.is_floating_point()]
+        own = [b.clone() for b in buffers] if dist.world_size() > 1 else []
+        for b in buffers if own else []:
+            dist.broadcast(b, 0)
         rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
@@ -138,6 +145,8 @@ class KnnMonitor:
         finally:
             for m, training in modes:
                 m.training = training
+            for b, saved in zip(buffers if own else [], own):
+                b.copy_(saved)
             torch.set_rng_state(rng[0])
             random.setstate(rng[1])
             np.random.set_state(rng[2])

@@ -105,3 +105,21 @@ def test_report_of_a_monitored_run(runs, tmp_path):
     row = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith(f"| {Path(d).name} ")][0]
     assert "| simclr | 2/2 | 12 |" in row and f"| {last:.2f} |" in row
     assert (tmp_path / "r_knn_top1.png").is_file()
+
+
+def test_monitor_on_two_processes_matches_one(tmp_path):
+    """Under torchrun (2 processes, gloo) the images are split between the ranks: the same number as one process
+    scoring the same checkpoint."""
+    from tests.helpers import run_torchrun
+    d = tmp_path / "run"
+    run_torchrun(2, "simclr.py", "--preset", "cpu", "--data", "cifar10-mini", "--data-fraction", "0.05",
+                 "--batch-size", "16", "--epochs", "1", "--max-steps", "4", "--eval-every", "0.3", "--eval-bank", "100",
+                 "--eval-size", "100", "--workers", "0", "--output-dir", d)
+    evals = [r for r in records(d) if "knn_top1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    trunk, _ = features.load_trunk(str(checkpoint.latest(d)))
+    from common import data
+    args = Namespace(eval_data="", data="cifar10-mini", eval_bank=100, eval_size=100, seed=0, batch_size=16, workers=0)
+    train = data.subset(data.build_dataset("cifar10-mini", "train"), 0.05, 0)
+    again = KnnMonitor(args, train, 32, torch.device("cpu"), "fp32")(trunk)
+    assert again["knn_top1"] == evals[-1]["knn_top1"] and again["knn_top5"] == evals[-1]["knn_top5"]
