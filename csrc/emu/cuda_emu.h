@@ -346,9 +346,6 @@ Launcher<P...> launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t shar
 }
 
 // ---------------------------------------------------------------- built-in variables
-struct ThreadIdx {
-  operator uint3() const { return detail::self().tid; }
-};
 namespace detail {
 inline uint3 thread_idx() { return self().tid; }
 inline uint3 block_idx() {
