@@ -48,15 +48,21 @@ class LARS(torch.optim.Optimizer):
     Groups with `lars=False` are plain SGD with momentum and their weight decay (d = g + wd*w).
     Unlike Apex, p.grad is left as it was (Apex scales it in place).
 
+    `decayed_norm=True` is the LARS of BYOL's, Barlow Twins' and VICReg's code instead: the weight decay is
+    added first, d = g + wd*w, and the trust ratio is eta * |w| / |d| (no eps), 1 where |w| = 0 or |d| = 0.
+
     `foreach=True` runs each group as a few multi-tensor (torch._foreach_*) kernels
     instead of ~10 small kernels per parameter, the same arithmetic (tests/test_speed.py
     checks it against the per-parameter loop); None: foreach when the parameters are on CUDA.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8,
-                 clip=False, nesterov=False, foreach=None):
+                 clip=False, nesterov=False, foreach=None, decayed_norm=False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
-                        trust_coefficient=trust_coefficient, eps=eps, clip=clip, nesterov=nesterov)
+                        trust_coefficient=trust_coefficient, eps=eps, clip=clip, nesterov=nesterov,
+                        decayed_norm=decayed_norm)
+        if clip and decayed_norm:
+            raise ValueError("LARS: clip is Apex's mode; the decayed-norm LARS has none.")
         super().__init__(params, defaults)
         self.foreach = foreach
 
@@ -76,7 +82,12 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if group["lars"]:
+                if group["lars"] and group.get("decayed_norm"):
+                    if group["weight_decay"]:
+                        grad = grad.add(p, alpha=group["weight_decay"])
+                    grad = grad * self._decayed_ratio(group, torch.linalg.vector_norm(p),
+                                                      torch.linalg.vector_norm(grad))
+                elif group["lars"]:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
                     ratio, adapt = self._trust_ratio(group, w_norm, g_norm)
                     if group["weight_decay"]:  # Apex decays only the parameters it adapts (adapt is 1.0 or 0.0)
@@ -105,10 +116,23 @@ class LARS(torch.optim.Optimizer):
             ratio = torch.clamp(ratio / group["lr"], max=1.0)  # lr = 0: inf -> 1, as Apex's min(ratio / lr, 1)
         return torch.where(adapt, ratio, torch.ones_like(ratio)), adapt.to(ratio.dtype)
 
+    @staticmethod
+    def _decayed_ratio(group, w_norm, d_norm):
+        """BYOL's / Barlow Twins' trust ratio eta * |w| / |g + wd*w|, 1 where either norm is 0."""
+        adapt = (w_norm > 0) & (d_norm > 0)
+        ratio = group["trust_coefficient"] * w_norm / torch.where(adapt, d_norm, torch.ones_like(d_norm))
+        return torch.where(adapt, ratio, torch.ones_like(ratio))
+
     def _foreach_group_step(self, group, params):
         """`step` for one group with multi-tensor kernels: the per-parameter loop above, op for op."""
         grads = [p.grad for p in params]
-        if group["lars"]:
+        if group["lars"] and group.get("decayed_norm"):
+            updates = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] \
+                else grads
+            w_norm = torch.stack(torch._foreach_norm(params))
+            d_norm = torch.stack(torch._foreach_norm(updates))
+            updates = torch._foreach_mul(updates, list(self._decayed_ratio(group, w_norm, d_norm).unbind(0)))
+        elif group["lars"]:
             w_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
             ratio, adapt = self._trust_ratio(group, w_norm, g_norm)

@@ -135,6 +135,56 @@ def test_lars_zero_gradient_parameter_is_left_alone_over_many_steps():
     assert torch.equal(w.detach(), start)
 
 
+def _decayed_norm_lars_reference(groups, grads_per_step, lrs, momentum, trust):
+    """The LARS of BYOL's optimizers.py and Barlow Twins' / VICReg's main.py, float64, one parameter at a time:
+    for an adapted parameter d = g + wd * w, then d <- d * trust * |w| / |d| when |w| > 0 and |d| > 0 (else 1);
+    an excluded parameter keeps d = g; buf = momentum * buf + d (buf starts at 0), w <- w - lr * buf."""
+    weights = [[p.detach().clone() for p in g["params"]] for g in groups]
+    buffers = {}
+    for grads, lr in zip(grads_per_step, lrs):
+        for gi, group in enumerate(groups):
+            for pi, w in enumerate(weights[gi]):
+                g = grads[gi][pi]
+                if g is None:
+                    continue
+                d = g.clone()
+                if group["lars"]:
+                    d = d + group["weight_decay"] * w
+                    w_norm, d_norm = math.sqrt(float((w * w).sum())), math.sqrt(float((d * d).sum()))
+                    if w_norm > 0 and d_norm > 0:
+                        d = d * (trust * w_norm / d_norm)
+                buf = buffers.get((gi, pi), torch.zeros_like(w)) * momentum + d
+                buffers[(gi, pi)] = buf
+                w -= lr * buf
+    return weights
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("momentum,trust", [(0.9, 0.001), (0.0, 0.02)])
+def test_decayed_norm_lars_equals_byol_and_barlow_twins_lars(momentum, trust, foreach):
+    params, groups, gen = _lars_problem()
+    groups = [groups[0], groups[1]]  # adapted (wd 1e-3) and excluded (no decay, no adaptation)
+    order = [["w1", "w2", "zero_w", "dead", "flaky"], ["b"]]
+    opt = optim.LARS(groups, lr=0.0, momentum=momentum, trust_coefficient=trust, foreach=foreach,
+                     decayed_norm=True)
+    steps = []
+    for step, lr in enumerate(LRS):
+        grads = _lars_grads(params, gen, step)
+        steps.append([[grads[n] for n in names] for names in order])
+        for n in (n for names in order for n in names):
+            params[n].grad = None if grads[n] is None else grads[n].clone()
+        optim.set_lr(opt, lr)
+        opt.step()
+    start, _, _ = _lars_problem()
+    start_groups = [dict(g, params=[start[n] for n in names]) for g, names in zip(groups, order)]
+    expected = _decayed_norm_lars_reference(start_groups, steps, LRS, momentum, trust)
+    for names, group in zip(order, expected):
+        for n, w in zip(names, group):
+            torch.testing.assert_close(params[n].detach(), w, rtol=1e-12, atol=1e-14, msg=n)
+    # unlike Apex's LARC, a zero gradient still decays the weight (d = wd * w, ratio trust / wd)
+    assert not torch.equal(params["dead"].detach(), start["dead"].detach())
+
+
 # ----------------------------------------------------------------------------- ClusterFit: VISSL's k-means
 
 

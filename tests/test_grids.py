@@ -1,6 +1,7 @@
 """Image grids (common/grids.py, eval_knn.py --show-neighbours): layout, and the right images in the right frames."""
 import math
 
+import pytest
 import torch
 from PIL import Image
 
@@ -134,3 +135,49 @@ def test_eval_knn_show_clusters(tmp_path):
     assert Image.open(out).size[1] == 2 * (64 + 2 * grids.BORDER + grids.LABEL_H)
     proc = run_script(*common, "--weights", "random", "--show-clusters", out, check=False)
     assert proc.returncode == 2 and "give --clusters N" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _two_class_folder(root, per_class):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            shade = 20 + 12 * i if c == "a" else 240 - 12 * i
+            Image.new("RGB", (32, 32), (shade, 255 - shade, 40 + 5 * i)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("method,eval_flags", [("deepcluster_v2", []), ("clusterfit", []),
+                                               ("swav", ["--layers", "head"])])
+def test_eval_knn_draws_the_clusters_a_checkpoint_holds(tmp_path, method, eval_flags):
+    """A short run of each clustering method, then `--show-clusters` without --clusters: the grid shows the
+    checkpoint's own clusters (DeepCluster-v2's and ClusterFit's pseudo-labels, SwAV's prototypes), one row per
+    cluster up to --show-rows."""
+    import importlib
+
+    from common import checkpoint
+
+    folder = _two_class_folder(tmp_path / "d", per_class=16)
+    out = tmp_path / "run"
+    train_flags = [*importlib.import_module(f"tests.test_{method}").SMALL, "--data", folder, "--data-fraction", "1"]
+    if method == "clusterfit":
+        train_flags += ["--weights", "random"]
+    run_script(f"{method}.py", *train_flags, "--max-steps", "3", "--output-dir", out)  # 2 steps per epoch
+    ckpt_path = checkpoint.latest(out)
+    ckpt = checkpoint.load(ckpt_path)
+    png = tmp_path / "clusters.png"
+    proc = run_script("eval_knn.py", "--weights", ckpt_path, "--arch", "resnet18", "--train-data", folder,
+                      "--image-size", "32", "--workers", "0", "--show-clusters", png, "--show-rows", "3",
+                      "--show-per-row", "2", *eval_flags)
+    assert "largest of the checkpoint's clusters" in proc.stderr, proc.stderr[-2000:]
+    if method == "deepcluster_v2":
+        assign = ckpt["labels"][0]
+    elif method == "clusterfit":
+        assign = ckpt["pseudo_labels"]
+    else:
+        assign = None  # SwAV's: each image's nearest prototype, in the head's space
+    rows = 3 if assign is None else min(3, len(set(assign[assign >= 0].tolist())))
+    height = Image.open(png).size[1]
+    row_height = 64 + 2 * grids.BORDER + grids.LABEL_H
+    assert height % row_height == 0 and 1 <= height // row_height <= 3
+    if assign is not None:
+        assert len(assign) == 32 and height // row_height == rows, (assign, height)
