@@ -64,7 +64,7 @@ class Args(RunArgs):
                                                        "whose features are clustered; 'random' for a random trunk"})
     weights_arch: str = field(default="", metadata={"help": "its architecture (default: the checkpoint's, else resnet50)"})
     weights_cifar_stem: bool = field(default=None, metadata={"help": "its stem (default: the checkpoint's)"})
-    feature_layer: str = field(default="pooled", metadata={"choices": list(models.TAPS)})  # VISSL: res5, avg-pooled
+    feature_layer: str = field(default="pooled", metadata={"choices": models.all_taps()})  # VISSL: res5, avg-pooled
     extract_size: int = 224  # centre crop of the resized image, as eval_knn/eval_linear see it
     # stage 2: k-means
     num_clusters: int = 16000  # k-means clusters = pseudo-label classes

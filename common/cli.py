@@ -29,8 +29,9 @@ from common import checkpoint
 # help for the flags every script shares, where a script's Args gives none
 COMMON_HELP = {
     "data": "ImageFolder dir, `path [label]` file list, or cifar10 / cifar10-mini / fashion-mnist",
-    "arch": "trunk: any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...)",
-    "cifar_stem": "3x3 stride-1 first convolution and no max-pool (for 32-px images)",
+    "arch": "trunk: any torchvision ResNet, RegNet, ConvNeXt or ViT (resnet18, resnet50, wide_resnet50_2, "
+            "regnet_y_400mf, convnext_tiny, vit_b_16, ...), or DINO's vit_ti_16 / vit_s_16",
+    "cifar_stem": "3x3 stride-1 first convolution and no max-pool (for 32-px images; ResNets only)",
     "epochs": "training epochs",
     "batch_size": "images per process (the global batch is this times the world size)",
     "lr": "learning rate for a global batch of 256, scaled linearly with the global batch",
@@ -67,7 +68,9 @@ COMMON_HELP = {
     "remove_prefix": "strip this prefix from the checkpoint's weight names (e.g. module.encoder_q.)",
     "append_prefix": "prepend this to the checkpoint's weight names",
     "save_features": "write the extracted features (every --layers tap) to this file, for --features later",
-    "layers": "feature taps: conv1 res2 res3 res4 res5 pooled, VISSL's vissl-* pooled taps, head",
+    "layers": "feature taps: conv1 res2 res3 res4 res5 pooled, VISSL's vissl-* pooled taps, head (ResNets); "
+              "stem stage1..stage4 pooled head (RegNet, ConvNeXt); cls patch_mean cls_last4 cls_avgpool pooled "
+              "head (ViT)",
     "resize_size": "short-side resize before the centre crop (0: from --image-size)",
     "output": "also write the JSON result to this file",
 }

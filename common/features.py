@@ -1,12 +1,13 @@
 """Frozen-trunk features for the eval scripts: load any trunk, extract taps once, cache them.
 
-`load_trunk(weights, arch, cifar_stem, ...)` builds a torchvision ResNet trunk from
-`random`, one of our training checkpoints (its `trunk`, arch and stem), or any foreign
-checkpoint (torchvision, VISSL, MoCo, SwAV, DeepCluster-v2, DINO; common/foreign.py).
+`load_trunk(weights, arch, cifar_stem, ...)` builds a trunk (common/models.py: a torchvision
+ResNet, RegNet, ConvNeXt or ViT) from `random`, one of our training checkpoints (its `trunk`,
+arch and stem), or any foreign checkpoint (torchvision, VISSL, MoCo, SwAV, DeepCluster-v2, DINO,
+whose ViTs are renamed to torchvision's names; common/foreign.py).
 `extract(...)` runs the frozen trunk over a dataset in eval mode (each rank takes a
 strided shard; results are gathered in dataset order, so torchrun splits the work).
 
-Taps (`--layers`): `conv1` (after the max-pool), `res2`..`res5` (global average pooled),
+Taps (`--layers`) of ResNets: `conv1` (after the max-pool), `res2`..`res5` (global average pooled),
 `pooled` (= `res5avg`, the trunk's output), `head` (the checkpoint's MLP projection head
 on the pooled feature: Linear/BatchNorm1d/ReLU stacks saved as `head.`, `projection_head.`
 or `projector.`, as our scripts and SwAV / DeepCluster-v2 save them), and `vissl-conv1`..`vissl-res5`: VISSL's
@@ -14,6 +15,9 @@ linear-probe pooling table for ResNet-50 at 224 px (LINEAR_EVAL_FEAT_POOL_OPS_MA
 conv1 AvgPool(10, 10, 4) -> 6x6, res2 AvgPool(16, 8) -> 6x6, res3 AvgPool(13, 5) -> 4x4,
 res4 AvgPool(8, 3) -> 3x3, res5 AvgPool(6, 1) -> 2x2, flattened). On feature maps smaller
 than VISSL's kernel (small images) the map is adaptively average-pooled to the same grid.
+Other families have their own taps (common/models.py's docstring) besides `pooled` and `head`:
+RegNet and ConvNeXt `stem`, `stage1`..`stage4`; ViTs `cls`, `patch_mean`, and DINO's linear-probe
+features `cls_last4` (ViT-S) and `cls_avgpool` (ViT-B).
 
 `--precise-bn N` (every eval script) first re-estimates every BatchNorm layer's running
 statistics on N training images under the eval transform ("precise BN", Wu & Johnson 2021,
@@ -42,7 +46,7 @@ STAGES = ("conv1", "res2", "res3", "res4", "res5")
 # VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP for ResNet-50: (kernel, stride, padding) and the grid it gives at 224 px.
 VISSL_POOL = {"conv1": ((10, 10, 4), 6), "res2": ((16, 8, 0), 6), "res3": ((13, 5, 0), 4), "res4": ((8, 3, 0), 3),
               "res5": ((6, 1, 0), 2)}
-LAYERS = STAGES + ("pooled", "res5avg", "head") + tuple(f"vissl-{s}" for s in STAGES)
+LAYERS = STAGES + ("pooled", "res5avg", "head") + tuple(f"vissl-{s}" for s in STAGES)  # ResNet
 HEAD_PREFIXES = ("head.", "projection_head.", "projector.", "module.projection_head.", "module.head.")
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -60,9 +64,10 @@ def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_
                with_head=False):
     """(trunk, info) from 'random', our checkpoint, or any foreign checkpoint (common/foreign.py).
 
-    `arch`/`cifar_stem` default to what our checkpoint records, else to the first ResNet
-    whose shapes fit (resnet50 first) and a 3x3 conv1. `info` holds what was loaded,
-    the missing/unexpected keys, and the training crop size when the checkpoint knows it.
+    `arch`/`cifar_stem` default to what our checkpoint records, else to the first architecture
+    of the checkpoint's family whose shapes fit (resnet50 first among ResNets) and a 3x3 conv1.
+    `info` holds what was loaded, the missing/unexpected keys, and the training crop size when
+    the checkpoint knows it.
     """
     info = {"weights": weights}
     if weights == "random":
@@ -88,8 +93,10 @@ def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_
     if cifar_stem is None:
         cifar_stem = "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
     if not arch:
-        candidates = ["resnet50"] + [n for n in models.resnet_names() if n != "resnet50"]
-        arch = foreign.infer_arch(state, candidates) or "resnet50"
+        candidates = models.arch_names(foreign.family_of_state(state))
+        first = ("resnet50", "vit_s_16", "vit_b_16")  # the most common first: the first fit is taken
+        candidates = [n for n in first if n in candidates] + [n for n in candidates if n not in first]
+        arch = foreign.infer_arch(state, candidates) or candidates[0]
     trunk = models.build_trunk(arch, bool(cifar_stem))
     report = foreign.load_into(trunk, state, weights)
     if with_head:
@@ -128,19 +135,34 @@ def load_head(ckpt, source):
 
 
 def _trunk_names():
-    with torch.device("meta"):
-        names = list(models.build_trunk("resnet18").state_dict())
+    """Parameter names of one trunk per family (ResNet's first), and DINO's ViT names: what prefix detection counts."""
+    names = []
+    for arch in ("resnet18", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "vit_ti_16"):
+        names += [n for n in models.trunk_shapes(arch) if n not in names]
+    names += foreign.dino_vit_names(12)
     return [n for n in names if not n.endswith("num_batches_tracked")]
+
+
+def layer_names(trunk):
+    """The `--layers` taps of this trunk's family."""
+    family = models.family_of(trunk)
+    return LAYERS if family == "resnet" else models.FAMILY_TAPS[family] + ("head",)
 
 
 def taps(trunk, images, layers=("pooled",)):
     """{layer: [B, dim]} features of `images` at the requested taps (see the module docstring)."""
-    unknown = [name for name in layers if name not in LAYERS]
-    if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}; choose from {', '.join(LAYERS)}.")
     trunk = getattr(trunk, "module", trunk)
+    valid = layer_names(trunk)
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown} for {getattr(trunk, 'arch', 'this trunk')}; choose from "
+                         f"{', '.join(valid)}.")
     if "head" in layers and not hasattr(trunk, "eval_head"):
         raise ValueError("--layers head needs a checkpoint with a projection head (not 'random' or a bare trunk).")
+    if valid is not LAYERS:  # RegNet, ConvNeXt, ViT: common/models.py's taps, and the head on `pooled`
+        wanted = list(dict.fromkeys("pooled" if name == "head" else name for name in layers))
+        out = models.features(trunk, images, wanted)
+        return {name: trunk.eval_head(out["pooled"]) if name == "head" else out[name] for name in layers}
     stage_of = {name: ("res5" if name in ("pooled", "res5avg", "head") else name.removeprefix("vissl-"))
                 for name in layers}
     deepest = max(STAGES.index(s) for s in stage_of.values())

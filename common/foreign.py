@@ -1,9 +1,10 @@
 """Trunk weights out of any checkpoint: ours, torchvision, VISSL, MoCo, SwAV, DeepCluster-v2, DINO.
 
-Every public SSL checkpoint stores a torchvision-style ResNet under some nesting and
-some key prefix. `trunk_state(ckpt)` finds the nested state dict (or follows
-`--state-dict-key`, a dotted path as VISSL's WEIGHTS_INIT.STATE_DICT_KEY_NAME), strips
-`--remove-prefix` and adds `--append-prefix` (VISSL's REMOVE_PREFIX / APPEND_PREFIX),
+Every public SSL checkpoint stores a torchvision-style trunk (a ResNet, or another family of
+common/models.py) under some nesting and some key prefix; DINO's ViTs use timm's names, which
+are renamed to torchvision's (`dino_vit_to_torchvision`). `trunk_state(ckpt)` finds the nested
+state dict (or follows `--state-dict-key`, a dotted path as VISSL's WEIGHTS_INIT.STATE_DICT_KEY_NAME),
+strips `--remove-prefix` and adds `--append-prefix` (VISSL's REMOVE_PREFIX / APPEND_PREFIX),
 and otherwise detects the prefix as the one in front of the most torchvision trunk
 names (`module.encoder_q.`, `module.`, `backbone.`, `_feature_blocks.`, ...).
 Where it looks, in order:
@@ -14,10 +15,12 @@ Where it looks, in order:
     MoCo / SwAV / DC-v2 {"state_dict": {"module.encoder_q.conv1.weight" | "module.conv1.weight", ...}}
     other               {"model": {...}} or a plain state dict (torchvision, DINO's released backbone)
 
-`load_into(trunk, state)` loads it strictly and reports missing and unexpected keys;
-a trunk that does not load is refused with one sentence.
+`family_of_state(state)` tells the family from the names and `infer_arch(state, candidates)`
+the first architecture whose tensors all match. `load_into(trunk, state)` loads it strictly and
+reports missing and unexpected keys; a trunk that does not load is refused with one sentence.
 """
 import collections
+import re
 
 import torch
 
@@ -97,7 +100,48 @@ def trunk_state(ckpt, trunk_names, state_dict_key=None, remove_prefix=None, appe
         state = {append_prefix + k: v for k, v in state.items()}
     prefix = detect_prefix(state, trunk_names)
     selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return selected, f"{where}, prefix {prefix!r}" if prefix else where
+    where = f"{where}, prefix {prefix!r}" if prefix else where
+    if "cls_token" in selected and "pos_embed" in selected:
+        selected, where = dino_vit_to_torchvision(selected), f"{where}, DINO ViT names"
+    return selected, where
+
+
+# DINO's vision_transformer.py (timm's names) -> torchvision's VisionTransformer; same tensors, same layout
+# (qkv is [q; k; v] as MultiheadAttention's in_proj, each split into heads the same way).
+_DINO_VIT = (("cls_token", "class_token"), ("pos_embed", "encoder.pos_embedding"),
+             ("patch_embed.proj.", "conv_proj."), ("norm.", "encoder.ln."), ("head.", "heads.head."))
+_DINO_BLOCK = (("norm1.", "ln_1."), ("attn.qkv.weight", "self_attention.in_proj_weight"),
+               ("attn.qkv.bias", "self_attention.in_proj_bias"), ("attn.proj.", "self_attention.out_proj."),
+               ("norm2.", "ln_2."), ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.3."))
+
+
+def dino_vit_names(depth):
+    """The parameter names of a DINO (timm-style) ViT of `depth` blocks."""
+    block = [f"blocks.{i}.{part}{leaf}" for i in range(depth) for part in ("norm1.", "attn.proj.", "norm2.", "mlp.fc1.",
+                                                                             "mlp.fc2.") for leaf in ("weight", "bias")]
+    return ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+            *block, *(f"blocks.{i}.attn.qkv.{leaf}" for i in range(depth) for leaf in ("weight", "bias"))]
+
+
+def dino_vit_to_torchvision(state):
+    """Rename a DINO ViT's weights to torchvision's VisionTransformer names (other keys are kept as they are)."""
+    out = {}
+    for key, value in state.items():
+        new = key
+        match = re.match(r"blocks\.(\d+)\.(.*)$", key)
+        if match:
+            index, rest = match.groups()
+            for old, renamed in _DINO_BLOCK:
+                if rest.startswith(old):
+                    new = f"encoder.layers.encoder_layer_{index}.{renamed}{rest[len(old):]}"
+                    break
+        else:
+            for old, renamed in _DINO_VIT:
+                if key == old or (old.endswith(".") and key.startswith(old)):
+                    new = renamed + key[len(old):]
+                    break
+        out[new] = value
+    return out
 
 
 def load_into(trunk, state, source="the checkpoint"):
@@ -120,15 +164,30 @@ def load_into(trunk, state, source="the checkpoint"):
     return {"missing": missing, "unexpected": unexpected}
 
 
+def family_of_state(state):
+    """The trunk family (common/models.py) whose torchvision names a state dict uses; 'resnet' if none."""
+    if "class_token" in state or "encoder.pos_embedding" in state:
+        return "vit"
+    if any(k.startswith("trunk_output.") for k in state):
+        return "regnet"
+    if any(k.startswith("features.") and k.endswith(".layer_scale") for k in state):
+        return "convnext"
+    return "resnet"
+
+
 def infer_arch(state, candidates):
-    """The first architecture in `candidates` whose trunk tensors all appear in `state` with equal shapes."""
+    """The first architecture in `candidates` whose trunk tensors all appear in `state` with equal shapes,
+    and none of whose modules has more tensors in `state` (a deeper model of the same widths)."""
     from common import models
 
-    body = {k for k in state if k.startswith(("layer", "bn1.")) and not k.endswith(IGNORED_MISSING)}
     for arch in candidates:
-        with torch.device("meta"):
-            own = models.build_trunk(arch).state_dict()
-        own = {k: v for k, v in own.items() if not k.endswith(IGNORED_MISSING) and k != "conv1.weight"}  # stem may vary
-        if body <= set(own) and all(k in state and state[k].shape == v.shape for k, v in own.items()):
+        own = models.trunk_shapes(arch)
+        modules = {k.split(".")[0] for k in own}
+        classifier = models.CLASSIFIER[models.family_of(arch)] + "."
+        body = {k for k in state if k.split(".")[0] in modules and not k.startswith(classifier)
+                and not k.endswith(IGNORED_MISSING)}
+        own = {k: v for k, v in own.items() if not k.endswith(IGNORED_MISSING)}
+        if body <= set(own) and all(k == "conv1.weight" or (k in state and state[k].shape == v)  # stem may vary
+                                    for k, v in own.items()):
             return arch
     return None
