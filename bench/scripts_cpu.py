@@ -34,6 +34,11 @@ SCRIPTS = {
     "rotnet": ([], "4 rotations"),
     "jigsaw": ([], "9 tiles"),
     "clusterfit": (["--weights", "random", "--num-clusters", "100", "--kmeans-iters", "5"], "1 view"),
+    "barlow_twins": ([], "2 views"),
+    "vicreg": ([], "2 views"),
+    "byol": ([], "2 views (online + target network)"),
+    "simsiam": ([], "2 views"),
+    "mocov3": ([], "2 views (base + momentum encoder)"),
 }
 
 

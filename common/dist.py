@@ -3,7 +3,8 @@
 `setup(device)` reads the launcher's environment, initialises torch.distributed when
 there is more than one process (NCCL on GPU, gloo on CPU) and returns a `Runtime`.
 `gather_with_grad` is the all_gather SimCLR needs: the result keeps the autograd
-graph of the local slice, and its backward sums every rank's gradient for it.
+graph of the local slice, and its backward sums every rank's gradient for it;
+`all_reduce_with_grad` is the same for a sum over the ranks (Barlow Twins).
 """
 import contextlib
 import datetime
@@ -115,6 +116,34 @@ def gather_with_grad(local):
     if world_size() == 1:
         return local
     return _GatherWithGrad.apply(local)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local):
+        total = local.detach().clone().contiguous()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss used the sum: each rank's part gets the sum of every rank's gradient
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(local):
+    """The sum of `local` over all ranks, differentiably (a statistic of the global batch: Barlow Twins'
+    cross-correlation, a BatchNorm's moments over every rank's rows).
+
+    As with gather_with_grad, every rank computes the same loss from the sum and the backward adds up every
+    rank's gradient for its own part, so DDP's gradient averaging gives exactly the gradient of the
+    single-process loss on the global batch.
+    """
+    if world_size() == 1:
+        return local
+    return _AllReduceWithGrad.apply(local)
 
 
 @torch.no_grad()

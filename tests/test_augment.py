@@ -21,6 +21,10 @@ import torch
 from PIL import Image
 from scipy import stats
 
+import barlow_twins
+import byol
+import mocov3
+import simsiam
 import clusterfit
 import deepcluster_v2
 import jigsaw
@@ -30,6 +34,7 @@ import pirl
 import rotnet
 import simclr
 import swav
+import vicreg
 from common import augment, cli
 
 # name: (module, command line); the default recipes and the variants whose colour pipeline differs
@@ -47,6 +52,12 @@ CASES = {
     "rotnet": (rotnet, []),
     "jigsaw": (jigsaw, []),
     "clusterfit": (clusterfit, []),
+    "barlow_twins": (barlow_twins, []),  # BYOL's asymmetric pair: blur 1.0 / 0.1, solarisation 0 / 0.2
+    "vicreg": (vicreg, []),
+    "vicreg-cifar": (vicreg, ["--preset", "cifar"]),  # crop 0.2-1, no blur, solarisation 0.1 on both views
+    "byol": (byol, []),  # bicubic crops, blur 1.0 / 0.1, solarisation 0 / 0.2
+    "simsiam": (simsiam, []),
+    "mocov3": (mocov3, []),  # BYOL's pair with bilinear crops
 }
 
 
@@ -60,7 +71,8 @@ def recipe(case):
 
 def test_every_training_script_states_its_views_once():
     """Every training script has `view_recipe` and none keeps a second, hand-kept pipeline."""
-    for module in (simclr, moco, swav, deepcluster_v2, npid, pirl, rotnet, jigsaw, clusterfit):
+    for module in (simclr, moco, swav, deepcluster_v2, npid, pirl, rotnet, jigsaw, clusterfit, barlow_twins, vicreg,
+                   byol, simsiam, mocov3):
         groups = module.view_recipe(cli.parse_args(module.Args, module.PRESETS, []))
         assert groups and all(count >= 1 and isinstance(view, augment.View) for count, view in groups)
         for gone in ("device_views", "view_transform", "image_transform", "MultiView", "MultiCrop", "TwoViews"):

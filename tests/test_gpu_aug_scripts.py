@@ -11,11 +11,13 @@ import math
 import pytest
 
 from tests.helpers import MOCO_SMALL, PIRL_SMALL, metrics, run_script
+from tests.test_vicreg import SMALL as VICREG_SMALL
 
 # script, its tests' tiny settings plus the variant's flags, steps
 CASES = {
     "moco-v1": ("moco.py", [*MOCO_SMALL, "--v1"], 3),  # grayscale before an always-on jitter
     "pirl-gblur": ("pirl.py", [*PIRL_SMALL, "--gblur"], 3),  # VISSL's photo_gblur colour pipeline
+    "vicreg-cifar": ("vicreg.py", ["--preset", "cifar", *VICREG_SMALL], 3),  # solarisation on both views, no blur
 }
 
 

@@ -308,7 +308,8 @@ def test_bad_input_table(tmp_path, placeholders, script, given, message):
 
 # ----------------------------------------------------------------------------- the same guards in every method script
 
-GUARDED = ["moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw"]
+GUARDED = ["moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw", "barlow_twins", "vicreg", "byol", "simsiam",
+           "mocov3"]
 
 
 def _small_args(method):
@@ -331,7 +332,7 @@ def test_every_script_stops_on_a_non_finite_loss(tmp_path, method):
 # starts at step 7); RotNet one random rotation per image (drawn from the batch's generator, applied batched).
 PREEMPT = {"moco": (8, 3, []), "swav": (5, 3, ["--epoch-queue-starts", "0"]), "deepcluster_v2": (9, 8, []),
            "npid": (8, 3, []), "pirl": (5, 3, []), "rotnet": (5, 3, ["--rotations", "1"]), "jigsaw": (5, 3, []),
-           "clusterfit": (5, 3, ["--weights", "{resnet18}"])}
+           "clusterfit": (5, 3, ["--weights", "{resnet18}"]), "barlow_twins": (5, 3, []), "vicreg": (5, 3, [])}
 
 
 def _same_state(a, b, where="checkpoint"):
