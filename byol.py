@@ -197,6 +197,9 @@ def build_optimizer(model, args):
 def train(args, runtime):
     if not 0 <= args.base_tau <= 1:
         raise ValueError(f"--base-tau must be in [0, 1], got {args.base_tau}.")
+    if args.batch_size < 2:
+        raise ValueError(f"BYOL's projector and predictor normalise over the batch (BatchNorm): --batch-size must be "
+                         f"at least 2, got {args.batch_size}.")
     if args.lars_clip and args.lars != "apex":
         raise ValueError("--lars-clip is Apex's clip mode: use it with --lars apex.")
     views_recipe = view_recipe(args)

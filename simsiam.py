@@ -157,6 +157,9 @@ def learning_rate(step, steps_per_epoch, total_steps, warmup_steps, peak_lr, arg
 
 
 def train(args, runtime):
+    if args.batch_size < 2:
+        raise ValueError(f"SimSiam's projector and predictor normalise over the batch (BatchNorm): --batch-size must "
+                         f"be at least 2, got {args.batch_size}.")
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("simsiam", args, runtime)
     loader = run.loader(None, view_recipe(args))
