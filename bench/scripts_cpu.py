@@ -39,6 +39,7 @@ SCRIPTS = {
     "byol": ([], "2 views (online + target network)"),
     "simsiam": ([], "2 views"),
     "mocov3": ([], "2 views (base + momentum encoder)"),
+    "dino": ([], "2 crops (student + teacher; no local crops at --preset cifar)"),
 }
 
 

@@ -23,16 +23,17 @@ from scipy import stats
 
 import barlow_twins
 import byol
-import mocov3
-import simsiam
 import clusterfit
 import deepcluster_v2
+import dino
 import jigsaw
 import moco
+import mocov3
 import npid
 import pirl
 import rotnet
 import simclr
+import simsiam
 import swav
 import vicreg
 from common import augment, cli
@@ -58,6 +59,7 @@ CASES = {
     "byol": (byol, []),  # bicubic crops, blur 1.0 / 0.1, solarisation 0 / 0.2
     "simsiam": (simsiam, []),
     "mocov3": (mocov3, []),  # BYOL's pair with bilinear crops
+    "dino": (dino, []),  # 2 global crops (blur 1.0 / 0.1, solarisation on the second) and 10 local ones
 }
 
 
@@ -72,7 +74,7 @@ def recipe(case):
 def test_every_training_script_states_its_views_once():
     """Every training script has `view_recipe` and none keeps a second, hand-kept pipeline."""
     for module in (simclr, moco, swav, deepcluster_v2, npid, pirl, rotnet, jigsaw, clusterfit, barlow_twins, vicreg,
-                   byol, simsiam, mocov3):
+                   byol, simsiam, mocov3, dino):
         groups = module.view_recipe(cli.parse_args(module.Args, module.PRESETS, []))
         assert groups and all(count >= 1 and isinstance(view, augment.View) for count, view in groups)
         for gone in ("device_views", "view_transform", "image_transform", "MultiView", "MultiCrop", "TwoViews"):
