@@ -109,25 +109,29 @@ class Run:
         """--data's training images, --data-fraction of them (class-balanced)."""
         return data.subset(data.build_dataset(self.args.data, "train"), self.args.data_fraction, self.args.seed)
 
-    def view_dataset(self, dataset, views, seed=None):
+    def view_dataset(self, dataset, views, seed=None, transform=None):
         """dataset -> items of (views, label, index, bad) for the recipe `views` ([(count, augment.View)]): the
-        per-image path (augment.PerImage) in the workers, or with --gpu-aug decoded images whose views the
-        device makes (self.device_views)."""
+        per-image path (augment.PerImage, or `transform` when given) in the workers, or with --gpu-aug decoded
+        images whose views the device makes (self.device_views)."""
         seed = self.args.seed if seed is None else seed
-        if self.gpu_aug:
+        if self.gpu_aug and transform is None:
             return data.ViewDataset(data.DecodedImages(dataset, augment.max_side(views)), None, seed=seed)
-        return data.ViewDataset(dataset, augment.PerImage(views), seed=seed)
+        return data.ViewDataset(dataset, transform or augment.PerImage(views), seed=seed)
 
     def device_views(self, views, seed=None):
         """The batched path of the recipe `views` for --gpu-aug (augment.batched: common.speed.DeviceViews)."""
         return augment.batched(views, self.args.seed if seed is None else seed, self.channels_last)
 
-    def loader(self, dataset, views):
+    def loader(self, dataset, views, transform=None):
         """The training loader of `dataset` (None: `self.dataset()`), sharded over the processes, making the
-        views of the recipe `views` ([(count, augment.View)]) on the path --gpu-aug picks."""
+        views of the recipe `views` ([(count, augment.View)]) on the path --gpu-aug picks. `transform`: the
+        method's own per-image transform of a dataset item instead (e.g. one that also edits a caption), seeded
+        per sample like augment.PerImage; it needs the per-image path (--gpu-aug off)."""
         dataset = self.dataset() if dataset is None else dataset
         self.train_images, self.view_size = dataset, views[0][1].size  # for the online kNN monitor
-        items = self.view_dataset(dataset, views)
+        if transform is not None and self.gpu_aug:
+            raise ValueError(f"{self.method} makes its views per image in the data workers: use --gpu-aug off.")
+        items = self.view_dataset(dataset, views, transform=transform)
         self.make_views = self.device_views(views)
         self.n_images = len(items)
         self.sampler = data.EpochSampler(len(items), self.runtime.rank, self.runtime.world_size, seed=self.args.seed)

@@ -309,7 +309,7 @@ def test_bad_input_table(tmp_path, placeholders, script, given, message):
 # ----------------------------------------------------------------------------- the same guards in every method script
 
 GUARDED = ["moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw", "barlow_twins", "vicreg", "byol", "simsiam",
-           "mocov3", "dino"]
+           "mocov3", "dino", "virtex"]
 
 
 def _small_args(method):

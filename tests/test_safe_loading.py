@@ -28,7 +28,7 @@ from common import checkpoint, data, features
 from tests.helpers import run_script
 
 TRAINING_SCRIPTS = ("simclr", "moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw", "clusterfit",
-                    "barlow_twins", "vicreg", "byol", "simsiam", "mocov3", "dino")
+                    "barlow_twins", "vicreg", "byol", "simsiam", "mocov3", "dino", "virtex")
 REFUSAL = (r"would import .*pathlib\.Path.* when loaded, which can run arbitrary code, so it was not loaded; if you "
            r"trust whoever made this file, re-run with --trust-checkpoint\.")
 
