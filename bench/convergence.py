@@ -58,8 +58,9 @@ METHODS = [
     # lr 0.12: 28.67 / 29.48 precise BN; lr 0.06 on an eighth of the images for 50 epochs: 31.26 / 31.26.
     # Two threads (seed 0): 32.53 precise BN
     "pirl",
-    # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1) when first
-    # written; now 33.16 / 33.20
+    # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1) when first written; 33.16 /
+    # 33.20 pooled before it was scored at res4; with two threads 31.92 / 33.22 pooled. At res4 with precise BN
+    # (EVAL_FLAGS), random init 31.16: 34.41 / 35.38 (one thread), 34.01 / 34.74 (two threads)
     "rotnet",
     # the jigsaw recipe of tests/test_convergence_*.py, scored at res4 with precise BN (EVAL_FLAGS): 33.49 / 34.29 /
     # 34.46 / 34.38 (seeds 0-3, one thread), 33.93 / 34.73 (seeds 0 / 1, two threads) vs random init 31.16 under the
@@ -67,17 +68,20 @@ METHODS = [
     # 3 epochs 28.21-30.18 over seeds and thread counts, as were 13-px tiles in 18-px cells (the paper's gap) 29.30
     # and 18-px tiles of a 72-px resize 27.84. Without precise BN the tiles' BatchNorm statistics hurt res3/res4
     # (31.34 at res4 vs 34.43 for random init); 2 epochs of the preset's own geometry gave 28.06 pooled.
-    # Now (tiles cut per batch on both paths): 33.62 / 35.07
+    # Now (tiles cut per batch on both paths): 33.62 / 35.07; two threads 34.17 (seed 0)
     "jigsaw",
     # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk: 34.96 / 34.36
-    # when its test was written; now 34.75 (seed 0)
+    # when its test was written; now 34.75 / 34.31 (seeds 0 / 1), two threads 34.17 (seed 0)
     "clusterfit",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
 # not fit 32-px images, and its last block is specific to the pretext task (Goyal et al. 2019 probe Jigsaw at res4).
-# PIRL's trunk sees nine 14-px patches for every 32-px image, so its statistics are re-estimated too.
-EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000")}
+# RotNet's likewise: its trunk saw rotated images and its last block predicts rotations (its pooled margin did not
+# hold with two threads). PIRL's trunk sees nine 14-px patches for every 32-px image, so its statistics are
+# re-estimated too.
+EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"),
+              "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000")}
 
 
 def run(argv):

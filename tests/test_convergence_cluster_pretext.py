@@ -8,7 +8,7 @@ as the bank. The seeded random-init trunk's score under the same evaluation (31.
 split) is the session fixture `random_knn_top1`. Each test's docstring gives its budget, how the recipe
 was found and the accuracies measured when it was written; the margins sit below every measurement.
 
-SwAV, DeepCluster-v2, RotNet and Jigsaw (Jigsaw scored at res4, both trunks with precise BN); SimCLR,
+SwAV, DeepCluster-v2, RotNet and Jigsaw (RotNet and Jigsaw scored at res4, both trunks with precise BN); SimCLR,
 MoCo v2, NPID, PIRL and ClusterFit are in tests/test_convergence_instance.py (two files of similar length
 for the two xdist workers of `make test-convergence`).
 """
@@ -81,12 +81,13 @@ def test_deepcluster_v2_beats_random_init(tmp_path, random_knn_top1):
     assert_beats_random_init("deepcluster_v2", top1, random_knn_top1, DEEPCLUSTER_V2_MARGIN)
 
 
-ROTNET_MARGIN = 1.0
+ROTNET_MARGIN = 1.5
+RES4_WITH_PRECISE_BN = ("--layers", "res4", "--precise-bn", "4000")
 
 
 @pytest.mark.convergence
-def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
-    """A short CPU RotNet run must lift weighted-kNN accuracy on CIFAR-10 test above a random-init trunk.
+def test_rotnet_beats_random_init_at_res4(tmp_path):
+    """A short CPU RotNet run must lift weighted-kNN accuracy of res4 features above a random-init trunk's.
 
     Budget: 4 epochs over cifar10-mini's 4,000 training images, 500 steps of 32 images x 4 rotations
     (64,000 32-px views, ResNet-18 with the ImageNet stem), about 100 s on 2 idle cores. The learning
@@ -97,15 +98,23 @@ def test_rotnet_beats_random_init(tmp_path, random_knn_top1):
     34.54 (seed 0) and 33.65 (seed 1) vs random init 31.77, i.e. +2.8 and +1.9 points. Re-measured
     with both data paths built from the one view recipe, after the rotations' per-step draws moved to
     the run's seeded generator (one thread per run, as under `make test-convergence`): 33.16 / 33.20 (seeds 0 / 1), +1.4 / +1.4.
-    The assertion asks for +1 point, below every measurement (CPU runs are deterministic per seed and
-    thread count; the test runs seed 0).
+
+    Why res4 with precise BN, for both trunks: the pooled res5 feature did not hold its margin with two threads
+    per run (a plain `pytest` on 2 cores): 31.92 at seed 0, +0.15. The last block specialises in the rotation
+    task (Gidaris et al. 2018 find RotNet's best features in the middle blocks), and the trunk's BatchNorm
+    statistics are those of rotated images. At res4 with statistics re-estimated on the bank images
+    (eval_knn.py --precise-bn 4000), the same checkpoints score 34.41 / 35.38 (seeds 0 / 1, one thread) and
+    34.01 / 34.74 (two threads) against 31.16 for random init under the same evaluation: +2.9 to +4.2 points
+    (res3 gains less over its random init, 33.86). The assertion asks for +1.5 points, below every measurement
+    (CPU runs are deterministic per seed and thread count; the test runs seed 0).
     """
-    top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cpu", "--print-every", "100")
-    assert_beats_random_init("rotnet", top1, random_knn_top1, ROTNET_MARGIN)
+    top1 = pretrain_knn_top1(tmp_path, "rotnet.py", "--preset", "cpu", "--print-every", "100",
+                             eval_flags=RES4_WITH_PRECISE_BN)
+    random_top1 = knn_top1("random", *RES4_WITH_PRECISE_BN)
+    assert_beats_random_init("rotnet", top1, random_top1, ROTNET_MARGIN)
 
 
 JIGSAW_MARGIN = 1.5
-RES4_WITH_PRECISE_BN = ("--layers", "res4", "--precise-bn", "4000")
 
 
 @pytest.mark.convergence
@@ -127,7 +136,8 @@ def test_jigsaw_beats_random_init_at_res4(tmp_path):
     CIFAR-10 test images, res4 with precise BN): 33.49, 34.29, 34.46 and 34.38 (seeds 0-3, one thread per
     run as under `make test-convergence`), 33.93 and 34.73 (seeds 0 / 1, two threads), vs random init 31.16 under the
     same evaluation: +2.3 to +3.6 points; re-measured once the tiles were cut per batch on both data paths
-    (one thread per run): 33.62 / 35.07 (seeds 0 / 1), +2.5 / +3.9. The assertion asks for +1.5 points, below
+    (one thread per run): 33.62 / 35.07 (seeds 0 / 1), +2.5 / +3.9, and with two threads 34.17 (seed 0), +3.0.
+    The assertion asks for +1.5 points, below
     every measurement; the test runs seed 0.
     """
     top1 = pretrain_knn_top1(tmp_path, "jigsaw.py", "--preset", "cpu", "--print-every", "40",
