@@ -234,7 +234,7 @@ class DINOHead(nn.Module):
         return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1, p=2))
 
 
-class MultiCrop(nn.Module):
+class MultiCropWrapper(nn.Module):
     """Trunk + head over a list of crops: consecutive crops of one size share a trunk pass, the head runs once."""
 
     def __init__(self, trunk, head):
@@ -261,7 +261,7 @@ class DINO(nn.Module):
         vit = models.family_of(trunk) == "vit"
         if vit:
             init_vit_as_dino(trunk)
-        self.student = MultiCrop(trunk, DINOHead(trunk.feature_dim, args))
+        self.student = MultiCropWrapper(trunk, DINOHead(trunk.feature_dim, args))
         self.teacher = copy.deepcopy(self.student)  # starts equal to the student
         for p in self.teacher.parameters():
             p.requires_grad = False

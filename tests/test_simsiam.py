@@ -100,7 +100,7 @@ def test_loss_falls_on_a_fixed_batch():
         group["lr"] = 0.1
     losses = []
     model.train()
-    for _ in range(15):
+    for _ in range(40):
         loss = simsiam.simsiam_loss(*model(batch))
         optimizer.zero_grad()
         loss.backward()
