@@ -28,8 +28,9 @@ with p 0.8; ImageNet normalisation.
 caption's distinct tokens), `masked_lm` (the same decoder without causal mask predicts masked tokens with the
 original's proportions: 15% of a caption's words, each replaced by [MASK] with p 0.85, by a random word with p 0.1,
 kept with p 0.05; the selection rule, the share rounded down but at least one word and never [SOS] / [EOS], is this
-script's). `multilabel_classification` (COCO's object labels) is refused: this script reads no instance
-annotations.
+script's) and `multilabel_classification` (the same linear layer predicts the image's COCO object categories, read
+from ROOT/annotations/instances_train2017.json, with token classification's loss over the distinct categories;
+images without objects are left out, and the flip is only an image flip).
 
 Deviations from the original code:
 - Tokenizer: a word-level vocabulary built here from the training captions (lower-cased, accents stripped,
@@ -49,9 +50,10 @@ Deviations from the original code:
 - Lookahead's slow weights and step counter are saved in the checkpoint (the original resets them on resume).
 - Label smoothing is available (`--label-smoothing`, torch's definition) but off, as in the original.
 - The online kNN monitor is not offered (captions have no class labels); evaluate checkpoints with eval_*.py.
-- `--caption` decodes greedily (the original's decoder: beam search, width 5) from the original's validation view
-  (shorter side resized to 256/224 of the crop, centre crop); like the original's decoding step it never repeats
-  the previous token.
+- `--caption` decodes with the original's beam search (virtex/utils/beam_search.py after its v1.2 fix: width 5,
+  2 candidates per beam, summed log-probabilities without length normalisation, the previous token's log-probability
+  set to -10000 so that no token repeats the one before it, at most --max-caption-length tokens) from the original's
+  validation view (shorter side resized to 256/224 of the crop, centre crop); `--beam-size 1` decodes greedily.
 
     torchrun --nproc_per_node=8 virtex.py --data /datasets/coco
     python virtex.py --preset tiny --data /data/coco-captions-mini   # 2-core CPU, a few hundred captions
@@ -88,7 +90,9 @@ class Args(RunArgs):
                 "with zero_init_residual=True)"})
     task: str = field(default="bicaptioning", metadata={
         "choices": TASKS, "help": "the pretraining task (paper Table 1): bicaptioning (the paper's VirTex), "
-                                  "captioning (forward only), token_classification, masked_lm"})
+                                  "captioning (forward only), token_classification, multilabel_classification "
+                                  "(COCO's object categories, from annotations/instances_train2017.json), "
+                                  "masked_lm"})
     textual_layers: int = 1  # L, transformer layers (the paper's best: 1)
     textual_width: int = 2048  # H, the textual head's width (the paper's best: 2048)
     textual_heads: int = 0  # attention heads (0: H / 64, as the original's A)
@@ -121,7 +125,9 @@ class Args(RunArgs):
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8  # probability of the colour jitter
     caption: tuple[str, ...] = field(default=(), metadata={
-        "help": "caption these images with --weights' model (greedy decoding), print one line each, and exit"})
+        "help": "caption these images with --weights' model (beam search), print one line each, and exit"})
+    beam_size: int = 5  # --caption's beam width (the original's 5; 1: greedy decoding)
+    beam_per_node: int = 2  # --caption: candidates kept per beam and step (the original's per_node_beam_size)
     weights: str = field(default="", metadata={"help": "a virtex checkpoint, for --caption"})
     output_dir: str = "runs/virtex"
 
@@ -232,6 +238,58 @@ class CocoCaptions(torch.utils.data.Dataset):
         return self.files.describe(index)
 
 
+class CocoObjects(torch.utils.data.Dataset):
+    """multilabel_classification's data, COCO's instances layout: ROOT/<split>2017/<file_name> and
+    ROOT/annotations/instances_<split>2017.json. Items are ((PIL image, labels), -1), images sorted by id, labels the
+    image's distinct object categories numbered 1..C in the file's category order (0 pads, as the original's
+    background); images without objects are left out (as the original's MultiLabelClassificationDataset)."""
+
+    def __init__(self, root, split="train"):
+        root = Path(root)
+        annotations = root / "annotations" / f"instances_{split}2017.json"
+        layout = (f"--task multilabel_classification takes a folder in COCO's layout (ROOT/{split}2017/*.jpg, "
+                  f"ROOT/annotations/instances_{split}2017.json)")
+        if not root.is_dir():
+            raise data.DataError(f"data path {root} does not exist or is not a folder; {layout}.")
+        if not annotations.is_file():
+            raise data.DataError(f"{annotations} does not exist: {layout}.")
+        try:
+            content = json.loads(annotations.read_text(encoding="utf-8"))
+            images = {int(im["id"]): str(im["file_name"]) for im in content["images"]}
+            self.categories = [str(c["name"]) for c in content["categories"]]
+            number = {int(c["id"]): i + 1 for i, c in enumerate(content["categories"])}
+            labels = {}
+            for a in content["annotations"]:
+                labels.setdefault(int(a["image_id"]), set()).add(number[int(a["category_id"])])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise data.DataError(f"{annotations} is not a COCO instances file (a JSON object with 'images' "
+                                 f"[{{id, file_name}}], 'categories' [{{id, name}}] and 'annotations' "
+                                 f"[{{image_id, category_id}}] naming those categories).") from None
+        unknown = sorted(set(labels) - set(images))
+        if unknown:
+            raise data.DataError(f"{annotations} has objects in image id {unknown[0]}, which its 'images' list does "
+                                 f"not name ({len(unknown)} such id(s)).")
+        ids = sorted(i for i in images if labels.get(i))
+        if not ids:
+            raise data.DataError(f"{annotations} has no objects in its images; multilabel_classification trains on "
+                                 f"images with objects.")
+        self.without_captions = len(images) - len(ids)  # images left out (here: without objects)
+        self.ids = ids
+        self.labels_of = [tuple(sorted(labels[i])) for i in ids]
+        self.files = data.ImageFiles([root / f"{split}2017" / images[i] for i in ids], [-1] * len(ids), [])
+        self.labels = [-1] * len(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image, _ = self.files[index]
+        return (image, self.labels_of[index]), -1
+
+    def describe(self, index):
+        return self.files.describe(index)
+
+
 def fraction_subset(dataset, fraction, seed):
     """--data-fraction: a seeded random share of the images (the original's DATA.USE_PERCENTAGE)."""
     return torch.utils.data.Subset(dataset, data.fraction_indices([0] * len(dataset), fraction, seed).tolist())
@@ -254,15 +312,19 @@ class CaptionViews:
     """(PIL image, captions) -> [image view, tokens] (masked_lm: [view, masked tokens, labels]), tokens padded with
     [PAD] to --max-caption-length. Called by data.ViewDataset with the generators seeded per (seed, epoch, index):
     the caption choice, the crop, the flip (the same draw turns the image and swaps "left"/"right") and the
-    masking all come from them."""
+    masking all come from them. multilabel_classification: (PIL image, labels) -> [view, labels padded with 0 to
+    `categories` slots]."""
 
-    def __init__(self, args, vocabulary):
-        self.args, self.vocabulary = args, vocabulary
+    def __init__(self, args, vocabulary, categories=0):
+        self.args, self.vocabulary, self.categories = args, vocabulary, categories
         self.per_image = augment.PerImage(view_recipe(args))
 
     def __call__(self, item):
         image, captions = item
         args = self.args
+        if args.task == "multilabel_classification":
+            (_, view, params), = self.per_image.sample(*image.size)
+            return [augment.apply(view, image, params, 0), padded(captions, self.categories)]
         caption = captions[0] if args.single_caption else captions[int(torch.randint(len(captions), ()))]
         (_, view, params), = self.per_image.sample(*image.size)
         x = augment.apply(view, image, params, 0)
@@ -392,14 +454,14 @@ class VirTex(nn.Module):
         super().__init__()
         self.task = args.task
         self.trunk = models.build_trunk(args.arch, args.cifar_stem, zero_init_residual=args.zero_init_residual)
-        if self.task == "token_classification":
+        if self.task in ("token_classification", "multilabel_classification"):
             self.textual = nn.Linear(self.trunk.feature_dim, vocab_size)  # the original's LinearTextualHead
         else:
             self.textual = TextualHead(args, self.trunk.feature_dim, vocab_size)
 
     def forward(self, images, tokens):
         grid = resnet_grid(self.trunk, images)
-        if self.task == "token_classification":
+        if self.task in ("token_classification", "multilabel_classification"):
             return self.textual(grid.mean(dim=(2, 3)))
         if self.task == "bicaptioning":
             return self.textual(grid, tokens), self.textual(grid, reverse_captions(tokens), backward=True)
@@ -416,12 +478,13 @@ def captioning_loss(logits, tokens, label_smoothing=0.0):
                            ignore_index=PAD, label_smoothing=label_smoothing)
 
 
-def token_classification_loss(logits, tokens):
+def token_classification_loss(logits, tokens, ignored=len(SPECIALS)):
     """Minus the mean log-probability of each caption's distinct word tokens, averaged over the images (the
-    original's TokenClassificationModel; [PAD], [UNK], [SOS], [EOS], [MASK] ignored; a caption without words adds 0)."""
+    original's ClassificationModel; the first `ignored` ids are not targets: [PAD], [UNK], [SOS], [EOS], [MASK] for
+    words, the padding 0 for multilabel_classification's categories; a caption without words adds 0)."""
     logprobs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)
     bag = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, tokens, True)
-    bag[:, :len(SPECIALS)] = False
+    bag[:, :ignored] = False
     per_image = -(logprobs * bag).sum(dim=1) / bag.sum(dim=1).clamp(min=1)
     return per_image.mean()
 
@@ -437,6 +500,8 @@ def virtex_loss(outputs, tokens, task, label_smoothing=0.0, labels=None):
         loss = captioning_loss(outputs, tokens, label_smoothing)
     elif task == "token_classification":
         loss = token_classification_loss(outputs, tokens)
+    elif task == "multilabel_classification":
+        loss = token_classification_loss(outputs, tokens, ignored=1)
     else:  # masked_lm: every position with a label
         logits = outputs if outputs.dtype == torch.float64 else outputs.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=PAD,
@@ -493,9 +558,6 @@ class Lookahead:
 
 
 def check_args(args):
-    if args.task == "multilabel_classification":
-        raise ValueError("--task multilabel_classification needs COCO's object annotations "
-                         "(instances_train2017.json), which this script does not read; use another --task.")
     if models.family_of(args.arch) != "resnet":
         raise ValueError(f"VirTex's textual head reads a ResNet's last feature map: --arch must be a ResNet, got "
                          f"{args.arch}.")
@@ -521,16 +583,22 @@ def train(args, runtime):
         return caption_images(args, runtime)
     check_args(args)
     args.gpu_aug = "off"
-    dataset = CocoCaptions(args.data)
+    objects = args.task == "multilabel_classification"
+    dataset = CocoObjects(args.data) if objects else CocoCaptions(args.data)
     if args.data_fraction != 1:
         dataset = fraction_subset(dataset, args.data_fraction, args.seed)
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("virtex", args, runtime)
     state = run.latest_state()
-    vocabulary = Vocabulary(state["vocabulary"]) if state is not None and "vocabulary" in state else \
-        Vocabulary.build(all_captions(dataset), args.vocab_size)
-    loader = run.loader(dataset, view_recipe(args), transform=CaptionViews(args, vocabulary))
-    model, core = run.wrap(VirTex(args, len(vocabulary)))
+    if objects:  # the categories are the "vocabulary": 0 pads, 1..C the file's categories
+        categories = (dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset).categories
+        vocabulary, outputs = None, 1 + len(categories)
+    else:
+        vocabulary = Vocabulary(state["vocabulary"]) if state is not None and "vocabulary" in state else \
+            Vocabulary.build(all_captions(dataset), args.vocab_size)
+        categories, outputs = [], len(vocabulary)
+    loader = run.loader(dataset, view_recipe(args), transform=CaptionViews(args, vocabulary, len(categories)))
+    model, core = run.wrap(VirTex(args, outputs))
     optimizer, scaler = build_optimizer(core, args, run.global_batch), run.grad_scaler()
     lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]], args.lookahead_steps,
                           args.lookahead_alpha) if args.lookahead_steps > 0 else None
@@ -538,14 +606,17 @@ def train(args, runtime):
     if lookahead is not None and state is not None and state.get("lookahead") is not None:
         lookahead.load_state_dict(state["lookahead"])
     del state
-    run.save_also(lambda: {"vocabulary": list(vocabulary.tokens),
+    run.save_also(lambda: {"vocabulary": list(vocabulary.tokens) if vocabulary is not None else None,
+                           "categories": list(categories),
                            "lookahead": lookahead.state_dict() if lookahead is not None else None})
 
     # ---- the method: edit here
     peak_lr = optim.scaled_lr(args.lr, run.global_batch)
-    run.start(f"task {args.task}, L{args.textual_layers} H{args.textual_width}, vocabulary {len(vocabulary)}, "
-              f"peak lr {peak_lr:.4g} (trunk) / {optim.scaled_lr(args.textual_lr, run.global_batch):.4g} (head)"
-              + (f", {dataset.without_captions} image(s) without captions left out"
+    run.start(f"task {args.task}, "
+              + (f"{len(categories)} categories, " if objects else
+                 f"L{args.textual_layers} H{args.textual_width}, vocabulary {len(vocabulary)}, ")
+              + f"peak lr {peak_lr:.4g} (trunk) / {optim.scaled_lr(args.textual_lr, run.global_batch):.4g} (head)"
+              + (f", {dataset.without_captions} image(s) without {'objects' if objects else 'captions'} left out"
                  if getattr(dataset, "without_captions", 0) else ""))
     model.train()
     for epoch in run.epochs():
@@ -578,11 +649,11 @@ def train(args, runtime):
 @torch.no_grad()
 def greedy_captions(model, images, max_length):
     """Greedy decoding from [SOS] with the forward decoder: each step appends the most likely next token other
-    than the previous one (the original's decoding rule), until [EOS] or max_length tokens."""
+    than the previous one (the original's decoding rule), until [EOS] or max_length tokens after [SOS]."""
     grid = resnet_grid(model.trunk, images)
     tokens = torch.full((len(images), 1), SOS, dtype=torch.long, device=images.device)
     done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
-    while tokens.shape[1] < max_length and not bool(done.all()):
+    while tokens.shape[1] <= max_length and not bool(done.all()):
         logits = model.textual(grid, tokens)[:, -1].float()
         logits.scatter_(1, tokens[:, -1:], -float("inf"))
         next_token = torch.where(done, torch.full_like(done, PAD, dtype=torch.long), logits.argmax(dim=1))
@@ -591,14 +662,55 @@ def greedy_captions(model, images, max_length):
     return tokens[:, 1:]
 
 
+@torch.no_grad()
+def beam_captions(model, images, max_length, beam_size=5, per_node=2):
+    """The original's beam search (virtex/utils/beam_search.py, v1.2): the first step keeps the beam_size most
+    likely first tokens; each later step scores every beam's per_node best continuations (log-probability summed
+    over the caption, the previous token's set to -10000, a beam that ended continues with [EOS] at no cost) and
+    keeps the beam_size best, until every beam has ended or max_length tokens. Returns the best beam's tokens
+    [B, <= max_length] (the [EOS]s after the first are the search's padding)."""
+    grid = resnet_grid(model.trunk, images)
+    batch = len(images)
+
+    def next_logprobs(predictions):  # [N, t] tokens after [SOS] -> [N, V] log-probabilities of the next one
+        tokens = torch.cat([torch.full((len(predictions), 1), SOS, dtype=torch.long, device=images.device),
+                            predictions], dim=1)
+        memory = grid.repeat_interleave(len(predictions) // batch, dim=0)
+        return F.log_softmax(model.textual(memory, tokens)[:, -1].double(), dim=1)
+
+    first = next_logprobs(torch.empty(batch, 0, dtype=torch.long, device=images.device))
+    scores, tokens = first.topk(min(beam_size, first.shape[1]), dim=1)  # [B, K]
+    beams, vocab = tokens.shape[1], first.shape[1]
+    predictions = tokens[:, :, None]  # [B, K, t]
+    after_end = torch.full((vocab,), -float("inf"), dtype=first.dtype, device=first.device)
+    after_end[EOS] = 0.0
+    for _ in range(max_length - 1):
+        last = predictions[:, :, -1]
+        if bool((last == EOS).all()):
+            break
+        logprobs = next_logprobs(predictions.reshape(batch * beams, -1)).view(batch, beams, vocab)
+        logprobs.scatter_(2, last[:, :, None], -10000.0)  # no token repeats the one before it
+        logprobs = torch.where((last == EOS)[:, :, None], after_end, logprobs)
+        top, candidates = logprobs.topk(min(per_node, vocab), dim=2)  # [B, K, P]
+        summed = (scores[:, :, None] + top).view(batch, -1)
+        scores, chosen = summed.topk(beams, dim=1)  # the best K of the K x P continuations
+        parents = chosen // top.shape[2]
+        predictions = torch.cat([predictions.gather(1, parents[:, :, None].expand(-1, -1, predictions.shape[2])),
+                                 candidates.view(batch, -1).gather(1, chosen)[:, :, None]], dim=2)
+    return predictions[:, 0]
+
+
 def caption_images(args, runtime):
     """--caption IMAGE... --weights CKPT: print `path<TAB>caption` per image."""
     if not args.caption or not args.weights:
         raise ValueError("--caption IMAGE... and --weights CHECKPOINT go together (caption images with a trained "
                          "virtex model).")
+    if args.beam_size < 1 or args.beam_per_node < 1:
+        raise ValueError(f"--beam-size and --beam-per-node must be at least 1, got {args.beam_size} and "
+                         f"{args.beam_per_node}.")
     ckpt = checkpoint.load(args.weights)
     if not isinstance(ckpt, dict) or ckpt.get("method") != "virtex" or not isinstance(ckpt.get("args"), dict) \
-            or not isinstance(ckpt.get("vocabulary"), list) or not isinstance(ckpt.get("model"), dict):
+            or not isinstance(ckpt.get("model"), dict):
         raise checkpoint.CheckpointError(f"{args.weights} is not a virtex training checkpoint.")
     trained = Args()  # the defaults, then the checkpoint's settings
     for key, value in ckpt["args"].items():
@@ -606,6 +718,8 @@ def caption_images(args, runtime):
             setattr(trained, key, tuple(value) if isinstance(value, list) else value)
     if trained.task not in ("bicaptioning", "captioning"):
         raise ValueError(f"{args.weights} was trained for {trained.task}, which has no forward captioning decoder.")
+    if not isinstance(ckpt.get("vocabulary"), list):
+        raise checkpoint.CheckpointError(f"{args.weights} is not a virtex training checkpoint (it has no vocabulary).")
     vocabulary = Vocabulary(ckpt["vocabulary"])
     model = VirTex(trained, len(vocabulary))
     checkpoint.load_model(model, ckpt["model"], args.weights)
@@ -621,7 +735,9 @@ def caption_images(args, runtime):
             raise ValueError(f"cannot read the image {e}.") from None
         image = TF.center_crop(TF.resize(image, round(size * 256 / 224)), size)  # the original's validation view
         x = TF.normalize(TF.to_tensor(image), gpu_aug.IMAGENET_MEAN, gpu_aug.IMAGENET_STD)
-        ids = greedy_captions(model, x[None].to(runtime.device), trained.max_caption_length)[0].tolist()
+        x = x[None].to(runtime.device)
+        ids = (greedy_captions(model, x, trained.max_caption_length) if args.beam_size == 1 else
+               beam_captions(model, x, trained.max_caption_length, args.beam_size, args.beam_per_node))[0].tolist()
         lines.append(f"{path}\t{vocabulary.decode(ids)}")
     if runtime.is_main:
         print("\n".join(lines), flush=True)

@@ -47,6 +47,18 @@ def make_tiny_coco(root, n_images=16, size=40, seed=0, captions_per_image=3, wit
     return root
 
 
+def add_tiny_instances(root, objects, categories=((1, "person"), (3, "car"), (90, "toothbrush"))):
+    """annotations/instances_train2017.json beside make_tiny_coco's images: `objects` maps an image id to the COCO
+    category ids of its objects (repeats allowed); the other images have no objects."""
+    captions = json.loads((root / "annotations" / "captions_train2017.json").read_text())
+    annotations = [{"image_id": image, "category_id": c, "id": 100 * image + k, "bbox": [0, 0, 1, 1]}
+                   for image, cats in objects.items() for k, c in enumerate(cats)]
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps({
+        "images": captions["images"], "annotations": annotations,
+        "categories": [{"id": i, "name": name} for i, name in categories]}))
+    return root
+
+
 def _tiny_coco():
     """The SMALL flags' caption set, made once (atomically: concurrent test workers may race) in the temp folder."""
     target = Path(tempfile.gettempdir()) / f"ssl-reference-virtex-tiny-coco-v1-{os.getuid()}"
@@ -136,6 +148,19 @@ def test_token_classification_loss_is_the_mean_log_probability_of_the_distinct_w
     logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     expected = (-(logp[0, 5] + logp[0, 6]) / 2 - logp[1, 7]) / 2
     torch.testing.assert_close(virtex.token_classification_loss(logits, tokens), expected, rtol=1e-14, atol=0)
+
+
+def test_multilabel_loss_is_the_mean_log_probability_of_the_distinct_categories():
+    """multilabel_classification: the same loss with only the padding 0 ignored (category 1 counts)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 3, 0], [2, 0, 0], [1, 2, 3]])
+    loss = virtex.virtex_loss(logits, labels, "multilabel_classification")[0]
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    expected = (-(logp[0, 1] + logp[0, 3]) / 2 - logp[1, 2] - (logp[2, 1] + logp[2, 2] + logp[2, 3]) / 3) / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0],
+                               rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- model
@@ -309,6 +334,122 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
             torch.testing.assert_close(rank["after"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_multilabel_reads_coco_objects_and_trains(tmp_path):
+    """Categories are numbered 1..C in the file's order whatever their COCO ids, repeats count once, images without
+    objects are left out; a run trains, and its checkpoint keeps the category names."""
+    root = add_tiny_instances(make_tiny_coco(tmp_path / "coco", n_images=6), {1: [3, 3, 90], 2: [1], 4: [90, 1, 3],
+                                                                             5: [3], 6: [1, 90]})
+    dataset = virtex.CocoObjects(root)
+    assert dataset.ids == [1, 2, 4, 5, 6] and dataset.without_captions == 1
+    assert dataset.labels_of == [(2, 3), (1,), (1, 2, 3), (2,), (1, 3)]
+    assert dataset.categories == ["person", "car", "toothbrush"]
+    views = virtex.CaptionViews(tiny_args("--task", "multilabel_classification", "--image-size", "32"), None, 3)
+    torch.manual_seed(0)
+    x, labels = views(dataset[2][0])
+    assert x.shape == (3, 32, 32) and labels.tolist() == [1, 2, 3]
+    proc = run_script("virtex.py", *SMALL, "--data", root, "--task", "multilabel_classification", "--output-dir",
+                      tmp_path / "out", "--max-steps", "2")
+    assert "3 categories" in proc.stdout and "1 image(s) without objects left out" in proc.stdout
+    records = metrics(tmp_path / "out")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-00000002.pth", weights_only=True)
+    assert ckpt["categories"] == ["person", "car", "toothbrush"] and ckpt["vocabulary"] is None
+    assert ckpt["model"]["textual.weight"].shape == (4, 512)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+def naive_beam_search(next_logprobs, max_length, beam_size, per_node):
+    """The original's beam search written out beam by beam for one image, in float64: next_logprobs(prefix) gives
+    the log-probabilities of the token after [SOS] + prefix."""
+    first = next_logprobs([])
+    order = sorted(range(len(first)), key=lambda t: -first[t])[:beam_size]
+    beams = [([t], first[t]) for t in order]
+    for _ in range(max_length - 1):
+        if all(b[-1] == virtex.EOS for b, _ in beams):
+            break
+        candidates = []
+        for tokens, score in beams:
+            if tokens[-1] == virtex.EOS:
+                options = [(virtex.EOS, 0.0)] + [(t, -math.inf) for t in range(len(first)) if t != virtex.EOS]
+            else:
+                logp = list(next_logprobs(tokens))
+                logp[tokens[-1]] = -10000.0
+                options = [(t, logp[t]) for t in range(len(logp))]
+            options.sort(key=lambda o: -o[1])
+            candidates += [(tokens + [t], score + lp) for t, lp in options[:per_node]]
+        candidates.sort(key=lambda c: -c[1])
+        beams = candidates[:beam_size]
+    return beams[0][0]
+
+
+class LookupDecoder(torch.nn.Module):
+    """A stand-in textual head for the search tests: the next token's logits are a random table over the last two
+    tokens plus a random map of the image's pooled features, so that captions differ between images and [EOS] comes
+    at varied places (the search does not care what the head is)."""
+
+    def __init__(self, vocab, feature_dim, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.pairs = torch.randn(vocab, vocab, vocab, generator=g, dtype=torch.float64) * 12
+        self.image = torch.randn(feature_dim, vocab, generator=g, dtype=torch.float64) * 12
+
+    def forward(self, grid, tokens):
+        before = tokens[:, -2] if tokens.shape[1] > 1 else torch.full_like(tokens[:, -1], virtex.PAD)
+        image = torch.nn.functional.normalize(grid.mean(dim=(2, 3)), dim=1) @ self.image
+        return (self.pairs[before, tokens[:, -1]] + image)[:, None].expand(-1, tokens.shape[1], -1)
+
+
+def tiny_captioner(seed):
+    torch.manual_seed(seed)
+    trunk = virtex.models.build_trunk("resnet18", False).double().eval()
+    return torch.nn.ModuleDict(dict(trunk=trunk, textual=LookupDecoder(11, trunk.feature_dim, seed)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_follows_the_original_algorithm(seed):
+    model = tiny_captioner(seed)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    found = virtex.beam_captions(model, images, max_length=7, beam_size=3, per_node=2)
+    grid = virtex.resnet_grid(model.trunk, images)
+    for i in range(len(images)):
+        def next_logprobs(prefix):
+            tokens = torch.tensor([[virtex.SOS] + prefix])
+            with torch.no_grad():
+                return torch.log_softmax(model.textual(grid[i:i + 1], tokens)[0, -1], dim=0).tolist()
+        expected = naive_beam_search(next_logprobs, 7, 3, 2)  # the batch searches on while any image's beams do:
+        row = found[i].tolist()  # its [EOS] padding may be longer
+        assert row[:len(expected)] == expected and set(row[len(expected):]) <= {virtex.EOS}, i
+    assert len({tuple(row) for row in found.tolist()}) > 1  # the images get different captions
+
+
+def test_wide_beam_finds_the_best_two_token_caption_and_width_one_is_greedy():
+    """With a beam as wide as the vocabulary and every candidate kept, two steps score every two-token caption, so
+    the best beam is the most likely one (found here by enumeration); beam width 1 is greedy decoding."""
+    model = tiny_captioner(3)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    best = virtex.beam_captions(model, images, max_length=2, beam_size=11, per_node=11)
+    grid = virtex.resnet_grid(model.trunk, images)
+    with torch.no_grad():
+        for i in range(len(images)):
+            first = torch.log_softmax(model.textual(grid[i:i + 1], torch.tensor([[virtex.SOS]]))[0, -1], dim=0)
+            scores = {}
+            for a in range(11):
+                second = torch.log_softmax(model.textual(grid[i:i + 1], torch.tensor([[virtex.SOS, a]]))[0, -1], 0)
+                for b in range(11):
+                    step = (0.0 if b == virtex.EOS else -math.inf) if a == virtex.EOS else \
+                        (-10000.0 if b == a else float(second[b]))
+                    scores[(a, b)] = float(first[a]) + step
+            assert tuple(best[i].tolist()) == max(scores, key=scores.get)
+    with torch.no_grad():  # greedy decoding never repeats [SOS] as the first word; the beam, as the original's, may
+        model.textual.pairs[:, :, virtex.SOS] = -1e4
+    greedy = virtex.greedy_captions(model, images, 6)
+    narrow = virtex.beam_captions(model, images, max_length=6, beam_size=1, per_node=1)
+    for g, n in zip(greedy.tolist(), narrow.tolist()):
+        cut = g.index(virtex.EOS) + 1 if virtex.EOS in g else len(g)
+        assert n[:cut] == g[:cut] and len(g) <= 6
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["no-annotations", "no-captions", "unknown-image", "not-json"])
@@ -352,8 +493,8 @@ def test_images_without_captions_are_left_out_and_long_captions_truncated(tmp_pa
 @pytest.mark.convergence
 def test_learns_coco_captions_mini_and_reproduces_training_captions(tmp_path):
     """About 3.5 minutes on one core: `--preset tiny` on a quarter of coco-captions-mini (20 images), one fixed caption
-    per image and no augmentation, 200 steps. The captioning loss must fall well below its start, and greedy
-    decoding of the training images (seen as in training: the whole image resized to the crop size) must give back
+    per image and no augmentation, 200 steps. The captioning loss must fall well below its start, and greedy and
+    beam-search decoding of the training images (seen as in training: the whole image resized to the crop size) must give back
     some of their captions word for word."""
     if not (MINI / "annotations" / "captions_train2017.json").is_file():
         pytest.skip(f"provide coco-captions-mini (COCO's layout: train2017/*.jpg, annotations/"
@@ -383,6 +524,9 @@ def test_learns_coco_captions_mini_and_reproduces_training_captions(tmp_path):
     exact = sum(d == t for d, t in zip(decoded, truth))
     print(f"{exact} of {len(chosen)} training captions reproduced; " + "; ".join(decoded[:3]))
     assert exact >= 10, list(zip(decoded, truth))  # 20 of 20 measured
+    beam = [vocabulary.decode(row.tolist()) for row in virtex.beam_captions(model, images, 30)]
+    print(f"beam search: {sum(d == t for d, t in zip(beam, truth))} of {len(chosen)} reproduced")
+    assert sum(d == t for d, t in zip(beam, truth)) >= 10, list(zip(beam, truth))
     # the command line captions them too (its view: the original's resize and centre crop)
     out = run_script("virtex.py", "--caption", *[dataset.describe(i) for i in chosen[:2]], "--weights",
                      checkpoint.latest(tmp_path))
