@@ -21,7 +21,8 @@ SGD, batch 256, 500k iterations (here 1082 epochs of COCO's 118,287 training ima
 then cosine to 0 (both learning rates on the same schedule), captions lower-cased, accent-stripped, [SOS] w1 .. wn
 [EOS] truncated to 30 tokens. Views (virtex/factories.py): random resized crop scale 0.2-1, ratio 3/4-4/3, to
 224; a horizontal flip with p 0.5 that swaps "left" and "right" in the caption; colour jitter (0.4, 0.4, 0.4, 0.1)
-with p 0.8; ImageNet normalisation.
+with p 0.8; ImageNet normalisation. BatchNorm statistics stay per process (the original wraps its model in DDP
+without SyncBatchNorm: 32 images per GPU).
 
 `--task` also gives the paper's ablations (Sec. 4.1, Table 1): `captioning` (forward only), `token_classification`
 (a linear layer on the pooled trunk predicts the caption's words as a bag: minus the mean log-probability of the
