@@ -115,9 +115,7 @@ PRESETS["cpu"] = dict(PRESETS["cifar"],
 def view_recipe(args):
     """BYOL's asymmetric views, as main_moco.py: blur p 1.0 / 0.1, solarisation p 0 / 0.2 for view 1 / view 2,
     the rest alike. Bilinear crops; the flip, drawn last there, commutes with the rest."""
-    if len(args.blur_p) != 2 or len(args.solarize_p) != 2:
-        raise ValueError(f"--blur-p and --solarize-p take one probability per view (two), got {args.blur_p} and "
-                         f"{args.solarize_p}.")
+    augment.check_per_view(2, blur_p=args.blur_p, solarize_p=args.solarize_p)
     size = args.image_size
     return [(1, augment.View(size, scale=tuple(args.crop_scale), jitter=tuple(args.jitter), jitter_p=args.jitter_p,
                              grayscale_p=args.grayscale_p, blur_p=blur, blur_kernel_size=2 * (size // 20) + 1,

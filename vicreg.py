@@ -112,9 +112,7 @@ def view_recipe(args):
     paths (common/augment.py): the same crop, flip, jitter and grayscale, blur p 1.0 / 0.1 and solarisation
     p 0.0 / 0.2 for view 1 / view 2. Bicubic crops; the blur's kernel is 10% of the side (23 px at 224), sigma
     in [0.1, 2]."""
-    if len(args.blur_p) != 2 or len(args.solarize_p) != 2:
-        raise ValueError(f"--blur-p and --solarize-p take one probability per view (two), got {args.blur_p} and "
-                         f"{args.solarize_p}.")
+    augment.check_per_view(2, blur_p=args.blur_p, solarize_p=args.solarize_p)
     size = args.image_size
     return [(1, augment.View(size, scale=tuple(args.crop_scale), interpolation="bicubic", jitter=tuple(args.jitter),
                              jitter_p=args.jitter_p, grayscale_p=args.grayscale_p, blur_p=blur,

@@ -117,6 +117,16 @@ class Patches(View):
         return gpu_aug.JigsawPatches(self.size, self.crop_size, self.scale, self.grid, **self.colour())
 
 
+def check_per_view(count, **options):
+    """Refuse options that take one probability per view (e.g. blur_p=(1.0, 0.1) for two asymmetric views) when one
+    of them has another number of entries."""
+    if any(len(values) != count for values in options.values()):
+        names = " and ".join(f"--{name.replace('_', '-')}" for name in options)
+        given = " and ".join(str(tuple(values)) for values in options.values())
+        words = {1: "one", 2: "two", 3: "three"}.get(count, str(count))
+        raise ValueError(f"{names} take one probability per view ({words}), got {given}.")
+
+
 def max_side(groups):
     """The largest image side the decode-only workers keep for these views (``speed.max_side``)."""
     return speed.max_side([view.source_side for _, view in groups])
