@@ -26,26 +26,26 @@ COMMON = ["--preset", "cpu", "--print-every", "50"]
 # "now:" figures: seeds 0 / 1, one thread per process, with both data paths built from each script's one view recipe;
 # "two threads": OMP_NUM_THREADS=2 (another summation order, so another run)
 METHODS = [
-    # the simclr recipe: now 39.23 / 40.71; two threads per process (seed 0): 39.68
+    # the simclr recipe: now 39.23 / 40.71; two threads per process: 39.68 / 39.16
     "simclr",
     # the moco recipe of tests/test_convergence_*.py: 33.78 / 33.84 (seeds 0 / 1, bicubic crops); 8 epochs 31.70. The
     # queue starts empty: from random unit vectors (the official code's start) every query went to one direction.
-    # Now (bilinear crops, as main_moco.py): 33.65 / 33.31; two threads (seed 0): 34.24
+    # Now (bilinear crops, as main_moco.py): 33.65 / 33.31; two threads: 34.24 / 32.56
     "moco",
     # the swav recipe of tests/test_convergence_*.py: 34.49 / 34.86 / 34.64 / 34.29 (seeds 0-3, one thread); 8 epochs gave
     # 34.06 / 33.09 (two threads) and 32.05 in CI; --epsilon 0.05 / 0.03 / 0.02 gave 30.13 / 31.65 / 33.20 at 8 epochs.
-    # Now: 34.96 / 33.76; two threads (seed 0): 34.59
+    # Now: 34.96 / 33.76; two threads: 34.59 / 33.12
     "swav",
     # the deepcluster_v2 recipe of tests/test_convergence_*.py: 33.89 / 32.63 (seeds 0 / 1, one thread) with the default
     # banks of crops 0 and 1, 33.66 / 33.41 with crop 0's bank alone; the whole set for 7 epochs with 3 x 100 centroids
     # 32.75 / 32.83, 3 x 30 centroids 33.07; --data-fraction 0.125 for 56 epochs 31.93 (crop 0's bank). Now: 32.43 / 33.15;
-    # two threads (seed 0): 33.51
+    # two threads: 33.51 / 32.27
     "deepcluster_v2",
     # the npid recipe of tests/test_convergence_*.py: 35.55 (seed 0, one thread); 35.87 / 35.36 (seeds 0 / 1)
     # with a cross-entropy that also counted the batch's other memory entries as negatives (VISSL's: the noise
     # only). An eighth of the images for many epochs keeps the memory bank fresh (each entry is refreshed once
     # per epoch); with that earlier loss --data-fraction 0.5, 28 epochs, 1024 negatives gave 33.62 / 32.11, and
-    # lr 0.06 29.58. Now: 34.17 / 34.42; two threads (seed 0): 33.57
+    # lr 0.06 29.58. Now: 34.17 / 34.42; two threads: 33.57 / 35.60
     "npid",
     # the pirl recipe of tests/test_convergence_*.py: 32.74 / 33.41 / 33.74 / 32.32 (seeds 0-3, one thread) with
     # that same batch-negatives cross-entropy and patch offsets 0-2 px (VISSL's: 0-1). VISSL's
@@ -56,7 +56,7 @@ METHODS = [
     # checkpoint's BatchNorm statistics, which are mostly the 14-px patches' (9 of 10 trunk inputs, forwarded last);
     # scored with precise BN (EVAL_FLAGS): 32.68 / 32.05 / 32.90 (seeds 0-2) vs random init 27.79. At seed 1,
     # lr 0.12: 28.67 / 29.48 precise BN; lr 0.06 on an eighth of the images for 50 epochs: 31.26 / 31.26.
-    # Two threads (seed 0): 32.53 precise BN
+    # Two threads: 32.53 / 31.52 precise BN
     "pirl",
     # the rotnet recipe of tests/test_convergence_*.py: 34.54 / 33.65 (seeds 0 / 1) when first written; 33.16 /
     # 33.20 pooled before it was scored at res4; with two threads 31.92 / 33.22 pooled. At res4 with precise BN
@@ -68,10 +68,10 @@ METHODS = [
     # 3 epochs 28.21-30.18 over seeds and thread counts, as were 13-px tiles in 18-px cells (the paper's gap) 29.30
     # and 18-px tiles of a 72-px resize 27.84. Without precise BN the tiles' BatchNorm statistics hurt res3/res4
     # (31.34 at res4 vs 34.43 for random init); 2 epochs of the preset's own geometry gave 28.06 pooled.
-    # Now (tiles cut per batch on both paths): 33.62 / 35.07; two threads 34.17 (seed 0)
+    # Now (tiles cut per batch on both paths): 33.62 / 35.07; two threads 34.17 / 33.66
     "jigsaw",
     # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk: 34.96 / 34.36
-    # when its test was written; now 34.75 / 34.31 (seeds 0 / 1), two threads 34.17 (seed 0)
+    # when its test was written; now 34.75 / 34.31 (seeds 0 / 1), two threads 34.17 / 34.45
     "clusterfit",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
