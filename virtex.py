@@ -191,15 +191,16 @@ class Vocabulary:
 
 # ----------------------------------------------------------------------------- data
 
-class CocoCaptions(torch.utils.data.Dataset):
-    """COCO Captions' layout: ROOT/<split>2017/<file_name> and ROOT/annotations/captions_<split>2017.json.
-    Items are ((PIL image, captions), -1), images sorted by id; images without a caption are left out."""
+class CocoAnnotated(torch.utils.data.Dataset):
+    """COCO's layout: ROOT/<split>2017/<file_name> and ROOT/annotations/<KIND>_<split>2017.json. Items are
+    ((PIL image, targets), -1), images sorted by id; images without targets are left out (`left_out` counts them).
+    A subclass reads its targets per image id from the JSON object (`read`)."""
+    KIND = NOUN = FORMAT = NEED = LAYOUT = ""
 
     def __init__(self, root, split="train"):
         root = Path(root)
-        annotations = root / "annotations" / f"captions_{split}2017.json"
-        layout = (f"--data takes a folder in COCO Captions' layout (ROOT/{split}2017/*.jpg, "
-                  f"ROOT/annotations/captions_{split}2017.json)")
+        annotations = root / "annotations" / f"{self.KIND}_{split}2017.json"
+        layout = f"{self.LAYOUT} (ROOT/{split}2017/*.jpg, ROOT/annotations/{self.KIND}_{split}2017.json)"
         if not root.is_dir():
             raise data.DataError(f"data path {root} does not exist or is not a folder; {layout}.")
         if not annotations.is_file():
@@ -207,24 +208,19 @@ class CocoCaptions(torch.utils.data.Dataset):
         try:
             content = json.loads(annotations.read_text(encoding="utf-8"))
             images = {int(im["id"]): str(im["file_name"]) for im in content["images"]}
-            captions = {}
-            for a in content["annotations"]:
-                if not isinstance(a["caption"], str):
-                    raise TypeError
-                captions.setdefault(int(a["image_id"]), []).append(a["caption"])
+            targets = self.read(content)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise data.DataError(f"{annotations} is not a COCO captions file (a JSON object with 'images' "
-                                 f"[{{id, file_name}}] and 'annotations' [{{image_id, caption}}]).") from None
-        unknown = sorted(set(captions) - set(images))
+            raise data.DataError(f"{annotations} is not a COCO {self.KIND} file ({self.FORMAT}).") from None
+        unknown = sorted(set(targets) - set(images))
         if unknown:
-            raise data.DataError(f"{annotations} has captions of image id {unknown[0]}, which its 'images' list "
+            raise data.DataError(f"{annotations} has {self.NOUN} of image id {unknown[0]}, which its 'images' list "
                                  f"does not name ({len(unknown)} such id(s)).")
-        ids = sorted(i for i in images if captions.get(i))
+        ids = sorted(i for i in images if targets.get(i))
         if not ids:
-            raise data.DataError(f"{annotations} has no captions of its images; VirTex trains on captioned images.")
-        self.without_captions = len(images) - len(ids)
+            raise data.DataError(f"{annotations} has no {self.NOUN} of its images; {self.NEED}.")
+        self.left_out = len(images) - len(ids)
         self.ids = ids
-        self.captions = [tuple(captions[i]) for i in ids]
+        self.targets = [tuple(targets[i]) for i in ids]
         self.files = data.ImageFiles([root / f"{split}2017" / images[i] for i in ids], [-1] * len(ids), [])
         self.labels = [-1] * len(ids)
 
@@ -233,62 +229,43 @@ class CocoCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, _ = self.files[index]
-        return (image, self.captions[index]), -1
+        return (image, self.targets[index]), -1
 
     def describe(self, index):
         return self.files.describe(index)
 
 
-class CocoObjects(torch.utils.data.Dataset):
-    """multilabel_classification's data, COCO's instances layout: ROOT/<split>2017/<file_name> and
-    ROOT/annotations/instances_<split>2017.json. Items are ((PIL image, labels), -1), images sorted by id, labels the
-    image's distinct object categories numbered 1..C in the file's category order (0 pads, as the original's
-    background); images without objects are left out (as the original's MultiLabelClassificationDataset)."""
+class CocoCaptions(CocoAnnotated):
+    """COCO Captions: each image's captions (annotations/captions_<split>2017.json)."""
+    KIND, NOUN, NEED = "captions", "captions", "VirTex trains on captioned images"
+    FORMAT = "a JSON object with 'images' [{id, file_name}] and 'annotations' [{image_id, caption}]"
+    LAYOUT = "--data takes a folder in COCO Captions' layout"
 
-    def __init__(self, root, split="train"):
-        root = Path(root)
-        annotations = root / "annotations" / f"instances_{split}2017.json"
-        layout = (f"--task multilabel_classification takes a folder in COCO's layout (ROOT/{split}2017/*.jpg, "
-                  f"ROOT/annotations/instances_{split}2017.json)")
-        if not root.is_dir():
-            raise data.DataError(f"data path {root} does not exist or is not a folder; {layout}.")
-        if not annotations.is_file():
-            raise data.DataError(f"{annotations} does not exist: {layout}.")
-        try:
-            content = json.loads(annotations.read_text(encoding="utf-8"))
-            images = {int(im["id"]): str(im["file_name"]) for im in content["images"]}
-            self.categories = [str(c["name"]) for c in content["categories"]]
-            number = {int(c["id"]): i + 1 for i, c in enumerate(content["categories"])}
-            labels = {}
-            for a in content["annotations"]:
-                labels.setdefault(int(a["image_id"]), set()).add(number[int(a["category_id"])])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise data.DataError(f"{annotations} is not a COCO instances file (a JSON object with 'images' "
-                                 f"[{{id, file_name}}], 'categories' [{{id, name}}] and 'annotations' "
-                                 f"[{{image_id, category_id}}] naming those categories).") from None
-        unknown = sorted(set(labels) - set(images))
-        if unknown:
-            raise data.DataError(f"{annotations} has objects in image id {unknown[0]}, which its 'images' list does "
-                                 f"not name ({len(unknown)} such id(s)).")
-        ids = sorted(i for i in images if labels.get(i))
-        if not ids:
-            raise data.DataError(f"{annotations} has no objects in its images; multilabel_classification trains on "
-                                 f"images with objects.")
-        self.without_captions = len(images) - len(ids)  # images left out (here: without objects)
-        self.ids = ids
-        self.labels_of = [tuple(sorted(labels[i])) for i in ids]
-        self.files = data.ImageFiles([root / f"{split}2017" / images[i] for i in ids], [-1] * len(ids), [])
-        self.labels = [-1] * len(ids)
+    def read(self, content):
+        captions = {}
+        for a in content["annotations"]:
+            if not isinstance(a["caption"], str):
+                raise TypeError
+            captions.setdefault(int(a["image_id"]), []).append(a["caption"])
+        return captions
 
-    def __len__(self):
-        return len(self.ids)
 
-    def __getitem__(self, index):
-        image, _ = self.files[index]
-        return (image, self.labels_of[index]), -1
+class CocoObjects(CocoAnnotated):
+    """multilabel_classification's data (annotations/instances_<split>2017.json): each image's distinct object
+    categories numbered 1..C in the file's category order (0 pads, as the original's background), sorted; images
+    without objects are left out (as the original's MultiLabelClassificationDataset)."""
+    KIND, NOUN, NEED = "instances", "objects", "multilabel_classification trains on images with objects"
+    FORMAT = ("a JSON object with 'images' [{id, file_name}], 'categories' [{id, name}] and 'annotations' "
+              "[{image_id, category_id}] naming those categories")
+    LAYOUT = "--task multilabel_classification takes a folder in COCO's layout"
 
-    def describe(self, index):
-        return self.files.describe(index)
+    def read(self, content):
+        self.categories = [str(c["name"]) for c in content["categories"]]
+        number = {int(c["id"]): i + 1 for i, c in enumerate(content["categories"])}
+        labels = {}
+        for a in content["annotations"]:
+            labels.setdefault(int(a["image_id"]), set()).add(number[int(a["category_id"])])
+        return {image: sorted(found) for image, found in labels.items()}
 
 
 def fraction_subset(dataset, fraction, seed):
@@ -298,8 +275,8 @@ def fraction_subset(dataset, fraction, seed):
 
 def all_captions(dataset):
     if isinstance(dataset, torch.utils.data.Subset):
-        return [c for i in dataset.indices for c in dataset.dataset.captions[i]]
-    return [c for captions in dataset.captions for c in captions]
+        return [c for i in dataset.indices for c in dataset.dataset.targets[i]]
+    return [c for captions in dataset.targets for c in captions]
 
 
 def view_recipe(args):
@@ -617,8 +594,8 @@ def train(args, runtime):
               + (f"{len(categories)} categories, " if objects else
                  f"L{args.textual_layers} H{args.textual_width}, vocabulary {len(vocabulary)}, ")
               + f"peak lr {peak_lr:.4g} (trunk) / {optim.scaled_lr(args.textual_lr, run.global_batch):.4g} (head)"
-              + (f", {dataset.without_captions} image(s) without {'objects' if objects else 'captions'} left out"
-                 if getattr(dataset, "without_captions", 0) else ""))
+              + (f", {dataset.left_out} image(s) without {dataset.NOUN} left out" if getattr(dataset, "left_out", 0)
+                 else ""))
     model.train()
     for epoch in run.epochs():
         for views, indices in run.batches(loader):

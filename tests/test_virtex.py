@@ -264,9 +264,9 @@ def test_vocabulary_truncation_and_masking():
 def test_dataset_reads_coco_layout_leaves_out_uncaptioned_images_and_subsets(tmp_path):
     root = make_tiny_coco(tmp_path / "coco", n_images=6, without_captions=2)
     dataset = virtex.CocoCaptions(root)
-    assert len(dataset) == 6 and dataset.without_captions == 2 and len(dataset.captions[0]) == 3
+    assert len(dataset) == 6 and dataset.left_out == 2 and len(dataset.targets[0]) == 3
     (image, captions), label = dataset[0]
-    assert image.size == (40, 40) and label == -1 and captions == dataset.captions[0]
+    assert image.size == (40, 40) and label == -1 and captions == dataset.targets[0]
     a, b = (virtex.fraction_subset(dataset, 0.5, 3).indices for _ in range(2))
     assert a == b and len(a) == 3
 
@@ -340,8 +340,8 @@ def test_multilabel_reads_coco_objects_and_trains(tmp_path):
     root = add_tiny_instances(make_tiny_coco(tmp_path / "coco", n_images=6), {1: [3, 3, 90], 2: [1], 4: [90, 1, 3],
                                                                              5: [3], 6: [1, 90]})
     dataset = virtex.CocoObjects(root)
-    assert dataset.ids == [1, 2, 4, 5, 6] and dataset.without_captions == 1
-    assert dataset.labels_of == [(2, 3), (1,), (1, 2, 3), (2,), (1, 3)]
+    assert dataset.ids == [1, 2, 4, 5, 6] and dataset.left_out == 1
+    assert dataset.targets == [(2, 3), (1,), (1, 2, 3), (2,), (1, 3)]
     assert dataset.categories == ["person", "car", "toothbrush"]
     views = virtex.CaptionViews(tiny_args("--task", "multilabel_classification", "--image-size", "32"), None, 3)
     torch.manual_seed(0)
@@ -520,7 +520,7 @@ def test_learns_coco_captions_mini_and_reproduces_training_captions(tmp_path):
     images = torch.stack([TF.normalize(TF.to_tensor(TF.resize(dataset[i][0][0], [args.image_size] * 2)),
                                        gpu_aug.IMAGENET_MEAN, gpu_aug.IMAGENET_STD) for i in chosen])
     decoded = [vocabulary.decode(row.tolist()) for row in virtex.greedy_captions(model, images, 30)]
-    truth = [" ".join(virtex.caption_words(dataset.captions[i][0])) for i in chosen]
+    truth = [" ".join(virtex.caption_words(dataset.targets[i][0])) for i in chosen]
     exact = sum(d == t for d, t in zip(decoded, truth))
     print(f"{exact} of {len(chosen)} training captions reproduced; " + "; ".join(decoded[:3]))
     assert exact >= 10, list(zip(decoded, truth))  # 20 of 20 measured
