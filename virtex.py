@@ -562,14 +562,13 @@ def train(args, runtime):
     check_args(args)
     args.gpu_aug = "off"
     objects = args.task == "multilabel_classification"
-    dataset = CocoObjects(args.data) if objects else CocoCaptions(args.data)
-    if args.data_fraction != 1:
-        dataset = fraction_subset(dataset, args.data_fraction, args.seed)
+    coco = CocoObjects(args.data) if objects else CocoCaptions(args.data)
+    dataset = fraction_subset(coco, args.data_fraction, args.seed) if args.data_fraction != 1 else coco
     # ---- run management (common/run.py): data, model on the device, optimizer, resume
     run = Run("virtex", args, runtime)
     state = run.latest_state()
     if objects:  # the categories are the "vocabulary": 0 pads, 1..C the file's categories
-        categories = (dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset).categories
+        categories = coco.categories
         vocabulary, outputs = None, 1 + len(categories)
     else:
         vocabulary = Vocabulary(state["vocabulary"]) if state is not None and "vocabulary" in state else \
@@ -594,8 +593,7 @@ def train(args, runtime):
               + (f"{len(categories)} categories, " if objects else
                  f"L{args.textual_layers} H{args.textual_width}, vocabulary {len(vocabulary)}, ")
               + f"peak lr {peak_lr:.4g} (trunk) / {optim.scaled_lr(args.textual_lr, run.global_batch):.4g} (head)"
-              + (f", {dataset.left_out} image(s) without {dataset.NOUN} left out" if getattr(dataset, "left_out", 0)
-                 else ""))
+              + (f", {coco.left_out} image(s) without {coco.NOUN} left out" if coco.left_out else ""))
     model.train()
     for epoch in run.epochs():
         for views, indices in run.batches(loader):
