@@ -357,16 +357,42 @@ def precise_bn(trunk, dataset, transform, n_images, batch_size=256, workers=4, d
 @torch.no_grad()
 def extract(trunk, dataset, layers, transform, batch_size=256, workers=4, device="cpu", precision="auto"):
     """{layer: [N, dim] float32 features}, labels [N] (or [N, C]): the whole dataset, in order, on every rank."""
+    return extract_batches(trunk, _loader(dataset, transform, batch_size, workers, device), len(dataset), layers,
+                           device, precision)
+
+
+def _loader(dataset, transform, batch_size, workers, device):
+    """This rank's strided shard of `dataset` as batches of (images, labels, dataset indices)."""
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_Images(dataset, transform), shard),
-                                         batch_size=batch_size, num_workers=workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(_Images(dataset, transform), shard),
+                                       batch_size=batch_size, num_workers=workers,
+                                       pin_memory=torch.device(device).type == "cuda")
+
+
+def decode(dataset, image_size, batch_size=256, workers=4):
+    """This rank's shard of `dataset` under eval_transform(image_size), held as uint8 pixels before the
+    float conversion and normalisation: (images [n, 3, H, W] uint8, labels, dataset indices).
+    `normalised(images)` gives back exactly eval_transform's tensors (ToTensor is uint8 / 255)."""
+    resize_crop = eval_transform(image_size).transforms[:2]
+    loader = _loader(dataset, T.Compose(resize_crop + [T.PILToTensor()]), batch_size, workers, "cpu")
+    images, labels, indices = zip(*loader) if len(loader) else ((), (), ())
+    return torch.cat(images), torch.cat(labels), torch.cat(indices)
+
+
+def normalised(images):
+    """uint8 images [N, 3, H, W] -> eval_transform's float tensors (the same bits as ToTensor + Normalize)."""
+    return T.Normalize(MEAN, STD)(images.float().div(255))
+
+
+def extract_batches(trunk, batches, n, layers, device="cpu", precision="auto"):
+    """extract() over given batches of (float images, labels, indices of an `n`-image dataset): this rank's
+    shard; the shards are gathered in dataset order on every rank."""
     if precision == "auto":  # bf16 on GPU (the project's default), exact fp32 on CPU
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
     trunk = trunk.to(device).eval()
     feats = {name: [] for name in layers}
     labels, indices = [], []
-    for images, y, idx in loader:
+    for images, y, idx in batches:
         with dist.autocast(torch.device(device), precision):
             out = taps(trunk, images.to(device, non_blocking=True), layers)
         for name in layers:
@@ -374,7 +400,7 @@ def extract(trunk, dataset, layers, transform, batch_size=256, workers=4, device
         labels.append(y.to(device))
         indices.append(idx.to(device))
     if dist.world_size() > 1:  # pad shards to equal length, gather, restore dataset order
-        n = -(-len(dataset) // dist.world_size())
+        n = -(-n // dist.world_size())
         order = _pad(torch.cat(indices), n, -1)
         gathered_order = dist.gather(order)
         keep = gathered_order >= 0

@@ -64,6 +64,36 @@ def test_monitor_reports_what_the_protocol_gives_on_the_final_checkpoint(runs):
     assert again["knn_top1"] == last["knn_top1"] and again["knn_top5"] == last["knn_top5"]
 
 
+@pytest.mark.parametrize("size", [32, 45, 72])  # as they are, upscaled, resized by 256/224 then cropped
+def test_decoded_images_give_eval_knn_features_bit_for_bit(size, monkeypatch):
+    """The monitor keeps the images as uint8 pixels after the first evaluation; its features are still exactly
+    the eval transform's (features.extract, as eval_knn.py computes them), and above the size limit it decodes
+    them at every evaluation with the same result."""
+    from common import data, knn, models
+    torch.manual_seed(0)
+    trunk = models.build_trunk("resnet18", False).eval()
+    args = Namespace(eval_data="", data="cifar10-mini", eval_bank=37, eval_size=23, seed=1, batch_size=16,
+                     workers=0)
+    train = data.build_dataset("cifar10-mini", "train")
+    monitor = KnnMonitor(args, train, size, torch.device("cpu"), "fp32")
+    first = monitor(trunk)
+    assert set(monitor.decoded) == {"bank", "queries"}
+    images, labels, indices = monitor.decoded["bank"]
+    assert images.dtype == torch.uint8 and images.shape == (37, 3, size, size) and indices.tolist() == list(range(37))
+    for which in ("bank", "queries"):
+        got, got_y = monitor._features(trunk, which)
+        want, want_y = features.extract(trunk, getattr(monitor, which), ("pooled",), features.eval_transform(size),
+                                        batch_size=16, workers=0)
+        assert torch.equal(got["pooled"], want["pooled"]) and torch.equal(got_y, want_y)
+    n = len(monitor.bank) + len(monitor.queries)
+    monkeypatch.setattr(knn, "CACHE_BYTES", 3 * size * size * (n - 1))  # one image short of both sets
+    uncached = KnnMonitor(args, train, size, torch.device("cpu"), "fp32")
+    assert uncached.decoded is None
+    again = uncached(trunk)
+    assert (again["knn_top1"], again["knn_top5"]) == (first["knn_top1"], first["knn_top5"])
+    assert monitor(trunk)["knn_top1"] == first["knn_top1"]
+
+
 def test_balanced_subset_is_seeded_and_balanced():
     from common import data
     train = data.build_dataset("cifar10-mini", "train")
