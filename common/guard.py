@@ -42,11 +42,12 @@ class NonFiniteError(ValueError):
 
 class StepGuard:
     def __init__(self, output_dir, nan_policy="stop", max_nan_skips=20, max_bad_fraction=0.01,
-                 signals=(signal.SIGTERM, signal.SIGUSR1)):
+                 signals=(signal.SIGTERM, signal.SIGUSR1), precision="fp32"):
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"--nan-policy must be 'stop' or 'skip', got {nan_policy!r}.")
         self.output_dir, self.nan_policy, self.max_nan_skips = Path(output_dir), nan_policy, max_nan_skips
         self.max_bad_fraction = max_bad_fraction
+        self.precision = precision  # "fp32", "bf16" or "fp16": what the advice on a non-finite step says
         self.skipped, self.bad_images, self.seen_images = 0, 0, 0
         self.signal_received, self.signal_time = None, None
         for sig in signals:
@@ -124,7 +125,8 @@ class StepGuard:
             return False
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         raise NonFiniteError(f"the {what} became non-finite at step {step} (details in "
-                             f"{self.output_dir / 'nonfinite.jsonl'}); {where}; lower --lr or use --precision fp32"
+                             f"{self.output_dir / 'nonfinite.jsonl'}); {where}; lower --lr"
+                             + (" or use --precision fp32" if self.precision in ("bf16", "fp16") else "")
                              + (f" ({self.skipped} batches were skipped already)." if self.skipped else "."))
 
 

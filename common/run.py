@@ -102,7 +102,8 @@ class Run:
         self.last_path, self.saved_step = None, 0  # the latest checkpoint, and the step it holds
         self.save_extra, self.logger, self.preempted, self.make_views = None, None, False, None
         self.monitor, self.eval_steps = None, 0
-        self.guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction)
+        self.guard = StepGuard(args.output_dir, args.nan_policy, args.max_nan_skips, args.max_bad_fraction,
+                               precision=self.precision)
 
     # ------------------------------------------------------------------ data
     def dataset(self):

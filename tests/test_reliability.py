@@ -98,8 +98,11 @@ def test_non_finite_gradient_with_a_finite_loss_is_caught_before_the_step(tmp_pa
         [(7, "gradient", 0.5, "inf"), (8, "gradient", 0.5, "inf")]
     assert records[0]["inputs"][0]["shape"] == [4, 3] and records[0]["lr"] == 0.1
     model.bias.grad = torch.tensor([float("nan"), 0.0])
-    with pytest.raises(NonFiniteError, match="gradient became non-finite at step 9"):
+    with pytest.raises(NonFiniteError, match="gradient became non-finite at step 9") as fp32:
         StepGuard(tmp_path / "stop", signals=()).finite_grads(model, 9, 0.1, loss)
+    assert "lower --lr" in str(fp32.value) and "--precision" not in str(fp32.value)  # already fp32
+    with pytest.raises(NonFiniteError, match="lower --lr or use --precision fp32"):
+        StepGuard(tmp_path / "bf16", signals=(), precision="bf16").finite_grads(model, 9, 0.1, loss)
     model.bias.grad = torch.ones(2)
     assert StepGuard(tmp_path / "ok", signals=()).finite_grads(model, 10, 0.1, loss) is True
 
