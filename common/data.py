@@ -29,6 +29,7 @@ import gzip
 import io
 import os
 import random
+import signal
 import struct
 from pathlib import Path
 
@@ -482,8 +483,17 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_samples - self.start
 
 
+def _ignore_preemption(_worker_id):
+    """A loader worker leaves SIGTERM / SIGUSR1 to the training process: a scheduler that signals every process of
+    the job (SLURM does) would otherwise kill the workers, and the training process would fail on a dead worker
+    instead of finishing its step and writing a checkpoint (common/guard.py). A worker still ends with its parent."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loader(dataset, sampler, batch_size, workers, device, collate_fn=collate):
-    """A DataLoader for training: drop_last, pinned memory on GPU, persistent workers.
+    """A DataLoader for training: drop_last, pinned memory on GPU, persistent workers that ignore the
+    preemption signals (the training process handles them).
 
     Its own generator: each new iterator (every epoch, and once more on resume) draws its
     workers' base seed from it, not from the training loop's global RNG, which therefore
@@ -492,4 +502,5 @@ def build_loader(dataset, sampler, batch_size, workers, device, collate_fn=colla
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=torch.device(device).type == "cuda", drop_last=True, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+        worker_init_fn=_ignore_preemption if workers > 0 else None)

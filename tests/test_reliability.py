@@ -64,6 +64,22 @@ def test_preemption_checkpoints_exits_75_and_resumes_exactly(tmp_path, signum):
     assert full == after  # every step's loss is bit-identical to the uninterrupted run
 
 
+def test_preemption_of_the_whole_job_with_loader_workers(tmp_path):
+    """SLURM signals every process of a job, the loader's workers too: they ignore SIGTERM, so the main
+    process still finishes its step, writes its checkpoint and exits 75 instead of failing on a dead worker."""
+    data = ["--data", "cifar10-mini", "--data-fraction", "0.1", "--batch-size", "16", *SMALL, "--workers", "2",
+            "--max-steps", "14"]
+    proc = subprocess.Popen([sys.executable, "simclr.py", *map(str, data), "--output-dir", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(None),
+                            start_new_session=True)
+    _wait_for_steps(tmp_path, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers alike
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preempted by SIGTERM" in out
+    assert checkpoint.checkpoints(tmp_path)[-1][0] == [r["step"] for r in metrics(tmp_path)][-1]
+
+
 def test_nan_loss_stops_with_pointer_to_last_checkpoint(tmp_path):
     data = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--batch-size", "16", *SMALL]
     proc = run_script("simclr.py", *data, "--lr", "1e30", "--output-dir", tmp_path, check=False)
