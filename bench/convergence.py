@@ -73,15 +73,24 @@ METHODS = [
     # clusters the features of a SimCLR --preset cpu run (trained first), then trains a fresh trunk: 34.96 / 34.36
     # when its test was written; now 34.75 / 34.31 (seeds 0 / 1), two threads 34.17 / 34.45
     "clusterfit",
+    # the mocov3 recipe of tests/test_convergence_*.py, scored with precise BN (EVAL_FLAGS) against 27.79 for random
+    # init: 30.86 / 29.64 (seeds 0 / 1, one thread); two threads 30.48 / 29.41. With the checkpoint's statistics
+    # 31.21 (seed 0) against 31.77, whose initial statistics (mean 0, variance 1) flatter the random trunk
+    "mocov3",
+    # the barlow_twins recipe of tests/test_convergence_*.py (SimCLR's LARS at lr 2.0), precise BN against 27.79:
+    # 33.90 / 36.22 (seeds 0 / 1, one thread); two threads 34.26 / 35.61; with solo-learn's LARS (eta 0.02, clipped, lr 0.3) 19.01 (seed 0, one thread)
+    "barlow_twins",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
 # not fit 32-px images, and its last block is specific to the pretext task (Goyal et al. 2019 probe Jigsaw at res4).
 # RotNet's likewise: its trunk saw rotated images and its last block predicts rotations (its pooled margin did not
 # hold with two threads). PIRL's trunk sees nine 14-px patches for every 32-px image, so its statistics are
-# re-estimated too.
+# re-estimated too; so are MoCo v3's and Barlow Twins', whose checkpoints hold those of their last strongly
+# augmented views.
 EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"),
-              "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000")}
+              "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000"),
+              "mocov3": ("--precise-bn", "4000"), "barlow_twins": ("--precise-bn", "4000")}
 
 
 def run(argv):

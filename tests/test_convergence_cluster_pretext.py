@@ -10,7 +10,7 @@ was found and the accuracies measured when it was written; the margins sit below
 
 SwAV, DeepCluster-v2, RotNet and Jigsaw (RotNet and Jigsaw scored at res4, both trunks with precise BN); SimCLR,
 MoCo v2, NPID, PIRL and ClusterFit are in tests/test_convergence_instance.py (two files of similar length
-for the two xdist workers of `make test-convergence`).
+for the two xdist workers of `make test-convergence`), MoCo v3 and Barlow Twins in tests/test_convergence_recent.py.
 """
 import pytest
 

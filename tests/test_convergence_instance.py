@@ -12,7 +12,7 @@ was found and the accuracies measured when it was written; the margins sit below
 SimCLR, MoCo v2, NPID and PIRL (instance discrimination) and ClusterFit, which clusters the session's
 trained SimCLR. `make test-convergence` runs pytest-xdist with `--dist loadfile`: the convergence runs are split over
 two files of similar length (tests/test_convergence_cluster_pretext.py has SwAV, DeepCluster-v2, RotNet
-and Jigsaw).
+and Jigsaw) and a shorter third (tests/test_convergence_recent.py: MoCo v3 and Barlow Twins).
 """
 import pytest
 
@@ -174,3 +174,4 @@ def test_pirl_beats_random_init(tmp_path):
     top1 = pretrain_knn_top1(tmp_path, "pirl.py", "--preset", "cpu", "--print-every", "50", eval_flags=PRECISE_BN)
     random_top1 = knn_top1("random", *PRECISE_BN)
     assert_beats_random_init("pirl", top1, random_top1, PIRL_MARGIN)
+
