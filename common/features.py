@@ -375,8 +375,8 @@ def decode(dataset, image_size, batch_size=256, workers=4):
     `normalised(images)` gives back exactly eval_transform's tensors (ToTensor is uint8 / 255)."""
     resize_crop = eval_transform(image_size).transforms[:2]
     loader = _loader(dataset, T.Compose(resize_crop + [T.PILToTensor()]), batch_size, workers, "cpu")
-    images, labels, indices = zip(*loader) if len(loader) else ((), (), ())
-    return torch.cat(images), torch.cat(labels), torch.cat(indices)
+    images, labels, indices = map(torch.cat, zip(*loader))
+    return images, labels, indices
 
 
 def normalised(images):
@@ -384,6 +384,7 @@ def normalised(images):
     return T.Normalize(MEAN, STD)(images.float().div(255))
 
 
+@torch.no_grad()
 def extract_batches(trunk, batches, n, layers, device="cpu", precision="auto"):
     """extract() over given batches of (float images, labels, indices of an `n`-image dataset): this rank's
     shard; the shards are gathered in dataset order on every rank."""

@@ -26,6 +26,7 @@ from common import data, dist, features
 
 CACHE_BYTES = 2 ** 30  # per process: decoded bank and held-out images are kept up to this size
 
+
 @torch.no_grad()
 def weighted_knn(train_features, train_labels, test_features, test_labels, ks, temperature,
                  test_chunk=1024, train_chunk=65536):

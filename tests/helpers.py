@@ -79,6 +79,10 @@ def knn_top1(weights, *extra):
     return last_json(proc.stdout)["top1"]
 
 
+# eval_knn.py flags that score a trunk with BatchNorm statistics re-estimated on the 4,000 bank images
+PRECISE_BN = ("--precise-bn", "4000")
+
+
 def pretrain_knn_top1(output_dir, script, *flags, eval_flags=()):
     """Pretrain with `script flags... --output-dir output_dir`, then `knn_top1` of its last checkpoint."""
     run_script(script, *flags, "--output-dir", output_dir, timeout=CONVERGENCE_TIMEOUT)

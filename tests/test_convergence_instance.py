@@ -16,7 +16,7 @@ and Jigsaw) and a shorter third (tests/test_convergence_recent.py: MoCo v3 and B
 """
 import pytest
 
-from tests.helpers import assert_beats_random_init, knn_top1, pretrain_knn_top1
+from tests.helpers import PRECISE_BN, assert_beats_random_init, knn_top1, pretrain_knn_top1
 
 
 SIMCLR_MARGIN = 3.0
@@ -133,7 +133,6 @@ def test_clusterfit_beats_random_init(tmp_path, simclr_checkpoint, random_knn_to
 
 
 PIRL_MARGIN = 3.0
-PRECISE_BN = ("--precise-bn", "4000")
 
 
 @pytest.mark.convergence

@@ -14,9 +14,7 @@ random-init trunk in their 8 epochs (README, "Results").
 """
 import pytest
 
-from tests.helpers import assert_beats_random_init, knn_top1, pretrain_knn_top1
-
-PRECISE_BN = ("--precise-bn", "4000")
+from tests.helpers import PRECISE_BN, assert_beats_random_init, knn_top1, pretrain_knn_top1
 
 
 MOCOV3_MARGIN = 1.0
