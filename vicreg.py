@@ -99,10 +99,13 @@ PRESETS = {
                   solarize_p=(0.1, 0.1), workers=4, output_dir="runs/vicreg-cifar"),
 }
 PRESETS["cpu"] = dict(PRESETS["cifar"],
-                      _doc=("a 2-core CPU recipe: --preset cifar with the ImageNet stem at 32 px on the embedded "
-                            "cifar10-mini, 8 epochs with 1 of warmup, batch 256"),
+                      _doc=("the 2-core CPU recipe of the convergence test: --preset cifar with the ImageNet stem "
+                            "at 32 px on the embedded cifar10-mini, 8 epochs with 1 of warmup, batch 256, and "
+                            "SimCLR's LARS (trust coefficient 0.001, unclipped) at lr 2.0: the cifar recipe's eta "
+                            "0.02 clipped at lr 0.3 moves each layer by up to 2 % of its norm per step, and its "
+                            "120 steps diverged"),
                       data="cifar10-mini", cifar_stem=False, workers=2, epochs=8, warmup_epochs=1.0,
-                      output_dir="runs/vicreg-cpu")
+                      trust_coefficient=0.001, lars_clip=False, lr=2.0, output_dir="runs/vicreg-cpu")
 
 
 # ----------------------------------------------------------------------------- augmentations

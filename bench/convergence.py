@@ -80,6 +80,10 @@ METHODS = [
     # the barlow_twins recipe of tests/test_convergence_*.py (SimCLR's LARS at lr 2.0), precise BN against 27.79:
     # 33.90 / 36.22 (seeds 0 / 1, one thread); two threads 34.26 / 35.61; with solo-learn's LARS (eta 0.02, clipped, lr 0.3) 19.01 (seed 0, one thread)
     "barlow_twins",
+    # the vicreg recipe of tests/test_convergence_*.py (SimCLR's LARS at lr 2.0), precise BN against 27.79:
+    # 42.42 / 43.51 (seeds 0 / 1, one thread); two threads 43.34 / 42.48; solo-learn's LARS (eta 0.02, clipped,
+    # lr 0.3) diverged
+    "vicreg",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
@@ -90,7 +94,8 @@ METHODS = [
 # augmented views.
 EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"),
               "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000"),
-              "mocov3": ("--precise-bn", "4000"), "barlow_twins": ("--precise-bn", "4000")}
+              "mocov3": ("--precise-bn", "4000"), "barlow_twins": ("--precise-bn", "4000"),
+              "vicreg": ("--precise-bn", "4000")}
 
 
 def run(argv):
