@@ -19,6 +19,9 @@ or, for classification, an ImageFolder `<split>/<class>/<image>`:
     segmentation    path mask           8-bit PNG of class indices, 255 = ignore
     depth           path depth          .npy float array in metres, or 16-bit PNG / depth_scale; 0 = none
 
+Options: `group=` (the summary's group means, as VTAB's natural / specialized / structured),
+`image_size=`, `resize=crop` (eval_linear.py's resize of the short side and centre crop) or
+`resize=squash` (the whole image to image_size x image_size, as VTAB does), `depth_scale=`.
 A new task is a folder and a line. scripts/vtab_from_tfds.py writes VTAB-1k's folders from
 TensorFlow Datasets' files.
 
@@ -58,6 +61,8 @@ import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +109,11 @@ class Args:
     batch_size: int = 256  # linear heads, and encoding
     lrs: tuple[float, ...] = eval_linear.DINOV2_LRS  # linear heads, for a batch of 256
     weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1)  # linear heads
-    ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-6, 2, 17))  # per training row
+    ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-6, 2, 17))  # ridge penalties (on mean squared error)
     decoder_width: int = 64  # channels of the dense decoder
     dense_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # AdamW learning rates swept for dense tasks
-    dense_epochs: int = 40
-    dense_batch_size: int = 32
+    dense_epochs: int = 40  # epochs of every decoder (sweep and fits)
+    dense_batch_size: int = 32  # maps per decoder step
     save_predictions: bool = False  # keep every fit's test predictions in <work-dir>/predictions/
     workers: int = 4  # data loading, per runner
     device: str = "auto"  # per runner: cpu, cuda, cuda:N
@@ -753,6 +758,7 @@ def main(argv=None):
             raise ValueError(f"--device {args.device} was requested but no CUDA GPU is available.")
         torch.cuda.set_device(device)
     area.sync(items)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a preempted runner puts its item back
     started = time.time()
     states = area.loop(items, needs.__getitem__, Runner(plan, area, device, args.workers), args.poll,
                        log=lambda line: print(line, flush=True))

@@ -17,7 +17,8 @@ An item's state is queued, waiting (queued, but an item it needs is not finished
 finished or crashed. A claim whose heartbeat is older than `stale_after` seconds (by the file
 system's clock, so machines' clocks need not agree), or whose runner is a dead process on this
 machine, is stale: the first runner to rename it back to queued/ wins, and the item is done
-again (a runner killed by SIGKILL loses its item, never the work area). A result is published
+again (a runner killed by SIGKILL loses its item, never the work area; one stopped by Ctrl-C or
+SIGTERM puts it back in the queue). A result is published
 with link(2), which fails if the name exists, so an item finishes once even if a runner that
 was thought dead comes back. A crashed item stays crashed for the runners that saw it crash;
 starting the command again (`sync`) queues every item that is neither finished nor held, so
@@ -140,6 +141,14 @@ class WorkArea:
         beat.start()
         try:
             result = work()
+        except (KeyboardInterrupt, SystemExit):  # stopped (Ctrl-C, SIGTERM): the item goes back to the queue
+            stop.set()
+            beat.join()
+            try:
+                os.rename(claim, self.root / "queued" / item)
+            except FileNotFoundError:
+                pass
+            raise
         except Exception as e:  # the item crashed: record why, release the claim, go on with others
             stop.set()
             beat.join()

@@ -273,7 +273,7 @@ def test_parse_args_presets_and_overrides():
 @pytest.mark.parametrize("script", ["simclr", "moco", "swav", "deepcluster_v2", "npid", "pirl", "rotnet", "jigsaw",
                                     "clusterfit", "barlow_twins", "vicreg", "byol", "simsiam", "mocov3", "dino", "virtex",
                                     "eval_knn",
-                                    "eval_linear", "eval_svm"])
+                                    "eval_linear", "eval_svm", "eval_suite"])
 def test_help_shows_every_flag_with_its_text_and_default(script):
     import importlib
 
