@@ -235,6 +235,18 @@ def read_split(task, split):
     return rows
 
 
+def check_files(task, split, examples):
+    """One sentence if a file a split lists does not exist."""
+    if isinstance(examples, list):
+        paths = [p for paths, target in examples for p in paths + ([target] if isinstance(target, str) else [])]
+    else:
+        paths = getattr(examples, "paths", [])
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"task {task['name']}: {len(missing)} of the {len(paths)} files its {task[split]} split "
+                         f"lists do not exist, e.g. {missing[0]}.")
+
+
 def _target_name(kind):
     return {"pairs": "label", "regression": "value", "counting": "count", "segmentation": "mask",
             "depth": "depth"}.get(kind, "label")
@@ -644,9 +656,9 @@ def make_plan(args):
     plan.pop("preset", None)
     plan["weights"] = args.weights if args.weights == "random" else str(Path(args.weights).resolve())
     plan["tasks"] = read_suite(args.suite, args.data_root)
-    for task in plan["tasks"]:  # every split's list is read now: a bad line stops the start, not a runner
+    for task in plan["tasks"]:  # every split is read now: a bad line or a missing file stops the start, not a runner
         for split in ("train", "val", "test"):
-            read_split(task, split)
+            check_files(task, split, read_split(task, split))
     plan["suite"] = str(args.suite)
     return plan
 

@@ -237,11 +237,12 @@ def test_a_crashed_item_is_reported_and_run_again_by_rerunning(tmp_path):
     ("t classification t train=none", "task t has no train split: neither"),
     ("t counting t", "t/train800.txt:2: the count must be an integer in [0, 10^6), got '2.5'."),
     ("t pairs t", "a pairs line is path_a path_b label"),
+    ("t classification t", "task t: 2 of the 2 files its train800 split lists do not exist, e.g. "),
 ])
 def test_bad_suites_are_one_sentence(tmp_path, line, message):
     task = tmp_path / "t"
     task.mkdir()
-    (task / "train800.txt").write_text("a.png 1\nb.png 2.5\n")
+    (task / "train800.txt").write_text("a.png 1\nb.png 2.5\n" if "counting" in line else "a.png 1\nb.png 2\n")
     for split in ("val200", "test"):
         (task / f"{split}.txt").write_text("a.png 1\n")
     (tmp_path / "s.txt").write_text(f"# a suite\n{line}\n")
