@@ -300,14 +300,15 @@ class _DenseExamples(torch.utils.data.Dataset):
     """(image resized to size x size and normalised, target resized by nearest neighbour) of a dense task."""
 
     def __init__(self, rows, task, size):
-        self.rows, self.task, self.size = rows, task, size
+        self.images = data.ImageFiles([paths[0] for paths, _ in rows], [0] * len(rows), ["0"])
+        self.targets, self.task, self.size = [target for _, target in rows], task, size
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.targets)
 
     def __getitem__(self, index):
-        (path,), target_path = self.rows[index]
-        image = data._open_rgb(path, path).resize((self.size, self.size), Image.BILINEAR)
+        image = self.images[index][0].resize((self.size, self.size), Image.BILINEAR)
+        target_path = self.targets[index]
         image = features.normalised(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None])[0]
         target = read_target(target_path, self.task)
         target = F.interpolate(target[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0]

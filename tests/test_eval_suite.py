@@ -48,7 +48,7 @@ def test_every_kind_against_float64_references(suite, tmp_path):
     assert all(line["state"] == "finished" for line in log_lines(proc.stdout)[:-1])
     suite_run(work, "--summary", "--output", tmp_path / "s.json")
     summary = json.loads((work / "summary.json").read_text())
-    assert summary["complete"] and summary["states"]["finished"] == 2 * 3 + 4 * 1  # 4 kinds x 2 seeds, 2 ridge x 1
+    assert summary["complete"] and summary["states"]["finished"] == 6 * 2 + 4 * 2 + 2  # encode + sweep each; 4 kinds x 2 seeds, ridge 1
     assert json.loads((tmp_path / "s.json").read_text()) == summary
     rows = {r["task"]: r for r in summary["tasks"]}
     for name, task in truth.items():
