@@ -48,7 +48,8 @@ def test_every_kind_against_float64_references(suite, tmp_path):
     assert all(line["state"] == "finished" for line in log_lines(proc.stdout)[:-1])
     suite_run(work, "--summary", "--output", tmp_path / "s.json")
     summary = json.loads((work / "summary.json").read_text())
-    assert summary["complete"] and summary["states"]["finished"] == 6 * 2 + 4 * 2 + 2  # encode + sweep each; 4 kinds x 2 seeds, ridge 1
+    # every task's encode and sweep; two seeds of 4 kinds' fits, one of the two exact ridge fits
+    assert summary["complete"] and summary["states"]["finished"] == 6 * 2 + 4 * 2 + 2
     assert json.loads((tmp_path / "s.json").read_text()) == summary
     rows = {r["task"]: r for r in summary["tasks"]}
     for name, task in truth.items():
@@ -259,7 +260,8 @@ def test_bad_work_dirs_are_one_sentence(suite, tmp_path):
                           (("--summary",), "holds no evaluation"),
                           (("--weights", "random", "--suite", "vtab1k"), "--suite vtab1k lists task folders by name"),
                           (("--weights", "random", "--suite", "nosuch"), "suite nosuch does not exist"),
-                          (("--weights", "/no/ckpt.pth", "--suite", root / "suite.txt"), "/no/ckpt.pth does not exist")]:
+                          (("--weights", "/no/ckpt.pth", "--suite", root / "suite.txt"),
+                           "/no/ckpt.pth does not exist")]:
         proc = suite_run(tmp_path / "work", *argv, check=False)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert not (tmp_path / "work").exists()
