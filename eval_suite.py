@@ -109,7 +109,7 @@ class Args:
     batch_size: int = 256  # linear heads, and encoding
     lrs: tuple[float, ...] = eval_linear.DINOV2_LRS  # linear heads, for a batch of 256
     weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1)  # linear heads
-    ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-6, 2, 17))  # ridge penalties
+    ridge_lambdas: tuple[float, ...] = tuple(float(f"{x:.3g}") for x in np.logspace(-6, 2, 17))  # ridge penalties
     decoder_width: int = 64  # channels of the dense decoder
     dense_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # AdamW learning rates swept for dense tasks
     dense_epochs: int = 40  # epochs of every decoder (sweep and fits)
