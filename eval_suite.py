@@ -366,13 +366,15 @@ def dense_maps(trunk, rows, task, size, device, precision, batch_size):
 
 
 # ---------------------------------------------------------------- classification and pairs: linear heads
-def linear_setup(feats, plan, layers):
-    """train + val rows (train first), class indices, the val mask, and the BatchNorm statistics of all rows."""
-    x = {k: torch.cat([feats["train"]["features"][k], feats["val"]["features"][k]]).float() for k in layers}
+def linear_setup(feats, plan, layers, device):
+    """train + val rows (train first) on `device`, class indices, the val mask, and the BatchNorm statistics of
+    all rows."""
+    x = {k: torch.cat([feats["train"]["features"][k], feats["val"]["features"][k]]).float().to(device)
+         for k in layers}
     raw = torch.cat([feats["train"]["targets"], feats["val"]["targets"]])
     classes = torch.unique(raw)
-    y = torch.searchsorted(classes, raw)
-    held_out = (torch.arange(len(y)) >= len(feats["train"]["targets"]))[:, None]
+    y = torch.searchsorted(classes, raw).to(device)
+    held_out = (torch.arange(len(y)) >= len(feats["train"]["targets"]))[:, None].to(device)
     stats = {k: (v.mean(0), v.var(0, unbiased=False)) for k, v in x.items()}
     hp = SimpleNamespace(epochs=plan["epochs"], batch_size=plan["batch_size"], batch_norm=True, momentum=0.9)
     return x, y, classes, held_out, stats, hp
@@ -381,7 +383,7 @@ def linear_setup(feats, plan, layers):
 def linear_sweep(feats, plan, device):
     """Every head of lrs x weight decays x layers trained on train (seed 0), chosen on val: eval_linear's choice."""
     layers = plan["layers"]
-    x, y, classes, held_out, stats, hp = linear_setup(feats, plan, layers)
+    x, y, classes, held_out, stats, hp = linear_setup(feats, plan, layers, device)
     rows, steps = torch.arange(len(y)), max(math.ceil(len(y) / hp.batch_size), 1)
     heads = eval_linear.train_heads(eval_linear.cached_batches(x, y, rows, held_out, hp.batch_size, 0, device),
                                     {k: v.shape[1] for k, v in x.items()}, len(classes), hp, plan["lrs"],
@@ -396,7 +398,7 @@ def linear_sweep(feats, plan, device):
 def linear_fit(feats, plan, chosen, seed, device):
     """The chosen head trained on train + val with `seed` (eval_linear's refit), scored on test."""
     layer = chosen["layer"]
-    x, y, classes, _, stats, hp = linear_setup(feats, plan, [layer])
+    x, y, classes, _, stats, hp = linear_setup(feats, plan, [layer], device)
     everything = torch.zeros(len(y), 1, dtype=torch.bool)
     steps = max(math.ceil(len(y) / hp.batch_size), 1)
     head = eval_linear.train_heads(eval_linear.cached_batches(x, y, torch.arange(len(y)), everything,

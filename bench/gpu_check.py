@@ -3,7 +3,8 @@
 On a machine with one GPU and no network, from the repository root (`make gpu-check`):
 
   1. builds common._C for the GPU present (setup.py build_ext --inplace, all cores);
-  2. runs the CUDA tests (tests/test_ops.py and tests/test_gpu_aug.py; their CUDA cases skip without a GPU);
+  2. runs the CUDA tests (tests/test_ops.py, tests/test_gpu_aug.py, and eval_suite.py on CUDA in
+     tests/test_eval_suite.py; their CUDA cases skip without a GPU);
   3. bench/ops.py --device cuda: the kernels at their target shapes next to the PyTorch references and peers,
      with bench/perf_model.py's lower bounds for that device beside the measured times;
   4. bench/throughput.py --device cuda (simclr.py's step vs lightly's, ResNet-18 at 32 px);
@@ -89,7 +90,8 @@ def main():
     if not args.skip_build:
         steps.append(run_step("build", [py, "setup.py", "-q", "build_ext", "--inplace"], limits["build"], env_build,
                               parse_json=False))
-    test_files = ["tests/test_ops.py", "tests/test_gpu_aug.py"] if cuda else ["tests/test_ops.py"]
+    test_files = ["tests/test_ops.py", "tests/test_gpu_aug.py", "tests/test_eval_suite.py"] if cuda else \
+        ["tests/test_ops.py"]
     steps.append(run_step("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test_files,
                                     *(["-k", "cuda"] if cuda else ["-k", "sinkhorn"])], limits["tests"],
                           parse_json=False))

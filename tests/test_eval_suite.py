@@ -40,11 +40,13 @@ def suite(tmp_path_factory):
     return root, suite_data.write_suite(root, sizes=(64, 32, 64), image_size=32, seed=0)
 
 
-def test_every_kind_against_float64_references(suite, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_every_kind_against_float64_references(suite, tmp_path, device):
     root, truth = suite
     work = tmp_path / "work"
     proc = suite_run(work, "--weights", "random", "--arch", "resnet18", "--cifar-stem", "--suite", root / "suite.txt",
-                     "--save-predictions", *FAST)
+                     "--save-predictions", "--device", device, *FAST)
     assert all(line["state"] == "finished" for line in log_lines(proc.stdout)[:-1])
     suite_run(work, "--summary", "--output", tmp_path / "s.json")
     summary = json.loads((work / "summary.json").read_text())
