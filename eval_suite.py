@@ -37,11 +37,13 @@ Per kind:
   minimiser for each of --ridge-lambdas (chosen on val: MAE, or the rounded count's accuracy);
   it has no randomness, so one fit. Metrics: MAE, and for counting the accuracy (%) of
   floor(prediction + 0.5).
-- segmentation and depth (pyVTAB's pixelwise tasks): a small convolutional decoder on the
-  res3, res4 and res5 maps of a ResNet trunk (1x1 projections to --decoder-width channels,
-  upsampled to res3's grid and summed, 3x3 conv-BN-ReLU, 1x1 to the outputs, bilinear to the
-  image), AdamW over --dense-lrs for --dense-epochs with a cosine schedule; images and targets
-  resized to image_size x image_size (bilinear / nearest). Segmentation: cross-entropy, mIoU
+- segmentation and depth (pyVTAB's pixelwise tasks): a small convolutional decoder on three
+  feature maps of the trunk, the res3, res4 and res5 maps of a ResNet (RegNet and ConvNeXt:
+  stage2-stage4; a ViT: its patch tokens after a third, two thirds and all of its blocks):
+  1x1 projections to --decoder-width channels, upsampled to the finest grid and summed, 3x3
+  conv-BN-ReLU, 1x1 to the outputs, bilinear to the image; AdamW over --dense-lrs for
+  --dense-epochs with a cosine schedule; images and targets resized to image_size x image_size
+  (bilinear / nearest). Segmentation: cross-entropy, mIoU
   (%, IoU of each class summed over the split, mean over classes that occur) and pixel accuracy;
   depth: the decoder predicts log depth (squared error over measured pixels), metrics RMSE,
   abs rel and delta1 (%, max(p/g, g/p) < 1.25) over every measured pixel of the split.
@@ -82,7 +84,7 @@ ROOT = Path(__file__).resolve().parent
 KINDS = ("classification", "pairs", "regression", "counting", "segmentation", "depth")
 IMAGE_LEVEL = ("classification", "pairs", "regression", "counting")
 OPTIONS = ("train", "val", "test", "group", "image_size", "resize", "depth_scale")
-DENSE_STAGES = ("res3", "res4", "res5")
+DENSE_MAPS = ("fine", "middle", "coarse")
 IGNORE = 255
 
 
@@ -343,24 +345,19 @@ def read_target(path, task):
 
 @torch.no_grad()
 def dense_maps(trunk, rows, task, size, device, precision, batch_size):
-    """{"features": {res3/res4/res5: fp16 [N, C, h, w]}, "targets": [N, size, size]} of a dense task's split."""
-    if models.family_of(trunk) != "resnet":
-        raise ValueError(f"dense tasks ({task['name']}) decode res3-res5 feature maps, which need a ResNet trunk; "
-                         f"{trunk.arch} is a {models.family_of(trunk)}.")
+    """{"features": {fine/middle/coarse: fp16 [N, C, h, w]}, "targets": [N, size, size]} of a dense task's split:
+    common/models.py's feature_maps (ResNet res3-res5, RegNet and ConvNeXt stage2-stage4, a ViT's patch tokens
+    after a third, two thirds and all of its blocks)."""
     loader = torch.utils.data.DataLoader(_DenseExamples(rows, task, size), batch_size=batch_size)
     trunk = trunk.to(device).eval()
     device = torch.device(device)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    maps, targets = {s: [] for s in DENSE_STAGES}, []
+    maps, targets = {s: [] for s in DENSE_MAPS}, []
     for images, target in loader:
         with dist.autocast(device, precision):
-            x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(images.to(device)))))
-            for name, stage in zip(("res2",) + DENSE_STAGES, (trunk.layer1, trunk.layer2, trunk.layer3,
-                                                              trunk.layer4)):
-                x = stage(x)
-                if name in maps:
-                    maps[name].append(x.half().cpu())
+            for name, fmap in zip(DENSE_MAPS, models.feature_maps(trunk, images.to(device))):
+                maps[name].append(fmap.half().cpu())
         targets.append(target)
     return {"features": {k: torch.cat(v) for k, v in maps.items()}, "targets": torch.cat(targets)}
 
@@ -471,7 +468,7 @@ def ridge_fit(feats, chosen, kind):
 
 # ---------------------------------------------------------------- segmentation and depth: a small decoder
 class Decoder(nn.Module):
-    """res3-res5 maps -> 1x1 projections, upsampled to res3's grid and summed -> 3x3 conv-BN-ReLU -> 1x1 ->
+    """Three maps -> 1x1 projections, upsampled to the finest grid and summed -> 3x3 conv-BN-ReLU -> 1x1 ->
     bilinear to the image size."""
 
     def __init__(self, channels, outputs, width):
@@ -498,7 +495,7 @@ def n_seg_classes(feats):
 def train_decoder(maps, targets, kind, n_out, lr, plan, seed, device):
     """AdamW (wd 1e-4) with a per-step cosine schedule over plan['dense_epochs'] on cached maps."""
     torch.manual_seed(seed)
-    decoder = Decoder([maps[s].shape[1] for s in DENSE_STAGES], n_out, plan["decoder_width"]).to(device)
+    decoder = Decoder([maps[s].shape[1] for s in DENSE_MAPS], n_out, plan["decoder_width"]).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=1e-4)
     n, bs = len(targets), plan["dense_batch_size"]
     steps_per_epoch = max(math.ceil(n / bs), 1)
@@ -507,7 +504,7 @@ def train_decoder(maps, targets, kind, n_out, lr, plan, seed, device):
         for chunk in eval_linear.epoch_batches(n, bs, seed, epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            out = decoder([maps[s][chunk].to(device) for s in DENSE_STAGES], targets.shape[-2:])
+            out = decoder([maps[s][chunk].to(device) for s in DENSE_MAPS], targets.shape[-2:])
             loss = dense_loss(out, targets[chunk].to(device), kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -528,8 +525,8 @@ def dense_loss(out, target, kind):
 @torch.no_grad()
 def dense_predict(decoder, maps, size, kind, device, batch_size=64):
     preds = []
-    for i in range(0, len(maps[DENSE_STAGES[0]]), batch_size):
-        out = decoder([maps[s][i:i + batch_size].to(device) for s in DENSE_STAGES], size)
+    for i in range(0, len(maps[DENSE_MAPS[0]]), batch_size):
+        out = decoder([maps[s][i:i + batch_size].to(device) for s in DENSE_MAPS], size)
         preds.append((out.argmax(1).to(torch.uint8) if kind == "segmentation" else out[:, 0].exp()).cpu())
     return torch.cat(preds)
 
@@ -555,7 +552,7 @@ def dense_metrics(pred, target, kind, n_classes=0):
 
 
 def dense_split(feats, names):
-    maps = {s: torch.cat([feats[n]["features"][s] for n in names]) for s in DENSE_STAGES}
+    maps = {s: torch.cat([feats[n]["features"][s] for n in names]) for s in DENSE_MAPS}
     return maps, torch.cat([feats[n]["targets"] for n in names])
 
 

@@ -275,28 +275,57 @@ def features(trunk, images, layers=("pooled",)):
                          f"{', '.join(valid)}.")
     if family == "vit":
         return _vit_features(trunk, images, layers)
-    if family == "resnet":
-        order = ("conv1", "res2", "res3", "res4", "res5")
-        stem, stages = (lambda x: trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))), \
-            (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
-    elif family == "regnet":
-        order = FAMILY_TAPS["regnet"][:5]
-        stem, stages = trunk.stem, tuple(trunk.trunk_output)
-    else:  # convnext: features = [stem, stage 1, downsample, stage 2, downsample, stage 3, downsample, stage 4]
-        order = FAMILY_TAPS["convnext"][:5]
-        blocks = list(trunk.features)
-        stem, stages = blocks[0], (blocks[1], nn.Sequential(*blocks[2:4]), nn.Sequential(*blocks[4:6]),
-                                   nn.Sequential(*blocks[6:8]))
-    deepest = max(order.index(order[-1] if name == "pooled" else name) for name in layers)
-    x = stem(images)
-    maps = {order[0]: x}
-    for name, stage in zip(order[1:deepest + 1], stages):
-        x = maps[name] = stage(x)
+    order = _STAGE_NAMES[family]
+    maps = _stage_maps(trunk, images, max(order.index(order[-1] if name == "pooled" else name) for name in layers))
     out = {name: _pool(maps[name]) for name in layers if name != "pooled"}
     if "pooled" in layers:
         last = maps[order[-1]]
         out["pooled"] = trunk.classifier(trunk.avgpool(last)) if family == "convnext" else _pool(last)
     return {name: out[name] for name in layers}
+
+
+_STAGE_NAMES = {"resnet": ("conv1", "res2", "res3", "res4", "res5"), "regnet": FAMILY_TAPS["regnet"][:5],
+                "convnext": FAMILY_TAPS["convnext"][:5]}
+
+
+def _stage_maps(trunk, images, deepest):
+    """{stage name: [B, C, h, w]} of a ConvNet trunk's stem and stages, up to the stage numbered `deepest`."""
+    family = family_of(trunk)
+    if family == "resnet":
+        stem, stages = (lambda x: trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))), \
+            (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+    elif family == "regnet":
+        stem, stages = trunk.stem, tuple(trunk.trunk_output)
+    else:  # convnext: features = [stem, stage 1, downsample, stage 2, downsample, stage 3, downsample, stage 4]
+        blocks = list(trunk.features)
+        stem, stages = blocks[0], (blocks[1], nn.Sequential(*blocks[2:4]), nn.Sequential(*blocks[4:6]),
+                                   nn.Sequential(*blocks[6:8]))
+    order = _STAGE_NAMES[family]
+    x = stem(images)
+    maps = {order[0]: x}
+    for name, stage in zip(order[1:deepest + 1], stages):
+        x = maps[name] = stage(x)
+    return maps
+
+
+def feature_maps(trunk, images):
+    """Three feature maps [B, C, h, w] for dense heads, finest first: a ConvNet's last three stages (ResNet
+    res3-res5, RegNet and ConvNeXt stage2-stage4); a ViT's patch tokens on the patch grid after a third, two
+    thirds and all of its blocks, each through the final LayerNorm."""
+    trunk = getattr(trunk, "module", trunk)
+    if family_of(trunk) != "vit":
+        maps = _stage_maps(trunk, images, 4)
+        return [maps[name] for name in _STAGE_NAMES[family_of(trunk)][2:]]
+    rows, cols = images.shape[-2] // trunk.patch_size, images.shape[-1] // trunk.patch_size
+    x, out = trunk.tokens(images), []
+    layers = list(trunk.encoder.layers)
+    picks = {len(layers) // 3 - 1, 2 * len(layers) // 3 - 1, len(layers) - 1}
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i in picks:
+            patches = trunk.encoder.ln(x)[:, 1:]
+            out.append(patches.transpose(1, 2).reshape(len(x), -1, rows, cols))
+    return out
 
 
 def _vit_features(trunk, images, layers):

@@ -301,3 +301,39 @@ def test_a_converted_tfds_dataset_runs_as_a_vtab_task(tmp_path):
     suite_run(work, "--summary")
     summary = json.loads((work / "summary.json").read_text())
     assert summary["complete"] and summary["tasks"][0]["mean"] == 0.0  # TFDS test labels 50-54: never in train
+
+
+# ---------------------------------------------------------------- dense tasks on every family of trunk
+@pytest.mark.parametrize("arch,size,shapes", [
+    ("resnet18", 64, [(128, 8, 8), (256, 4, 4), (512, 2, 2)]),
+    ("regnet_x_400mf", 64, [(64, 8, 8), (160, 4, 4), (400, 2, 2)]),
+    ("convnext_tiny", 64, [(192, 8, 8), (384, 4, 4), (768, 2, 2)]),
+    ("vit_ti_16", 48, [(192, 3, 3)] * 3),
+])
+def test_feature_maps_of_every_family(arch, size, shapes):
+    from common import models
+
+    torch.manual_seed(0)
+    trunk = models.build_trunk(arch).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        maps = models.feature_maps(trunk, images)
+        assert [tuple(m.shape[1:]) for m in maps] == shapes and all(len(m) == 2 for m in maps)
+        if arch == "vit_ti_16":  # the last map is the last block's patch tokens, as the ViT's taps see them
+            last = trunk.last_blocks(images, 1)[0][:, 1:]
+            torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), last, rtol=0, atol=0)
+        else:  # the deepest map pooled is the trunk's pooled feature
+            pooled = models.features(trunk, images, ("pooled",))["pooled"]
+            if arch != "convnext_tiny":  # ConvNeXt's pooled feature has its LayerNorm after the pooling
+                torch.testing.assert_close(maps[-1].mean((2, 3)), pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_a_vit_trunk_runs_the_dense_tasks(tmp_path):
+    root = tmp_path / "suite"
+    suite_data.write_suite(root, sizes=(16, 8, 8), tasks=["shape_segmentation", "gradient_depth"])
+    work = tmp_path / "work"
+    suite_run(work, "--weights", "random", "--arch", "vit_ti_16", "--suite", root / "suite.txt", *FAST[:-2],
+              "--seeds", "1", "--dense-epochs", "2")
+    suite_run(work, "--summary")
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["complete"] and all(r["mean"] is not None for r in summary["tasks"])
