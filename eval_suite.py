@@ -405,10 +405,10 @@ def linear_fit(feats, plan, chosen, seed, device):
     test_x, raw = feats["test"]["features"][layer].float(), feats["test"]["targets"]
     test_y = torch.searchsorted(classes, raw).clamp_max(len(classes) - 1)
     test_y[~torch.isin(raw, classes)] = -1  # classes never seen in train + val are never right
-    top1 = eval_linear.head_top1(head, test_x, test_y)
-    xn = (test_x - head["mean"]) / torch.sqrt(head["var"] + 1e-5)
-    predicted = classes[(xn @ head["weight"] + head["bias"]).argmax(1)]
-    return {"top1": round(top1, 4)}, predicted
+    xn = (test_x - head["mean"]) / torch.sqrt(head["var"] + 1e-5)  # eval_linear.head_top1's prediction
+    predicted = (xn @ head["weight"] + head["bias"]).argmax(1)
+    top1 = 100 * (predicted == test_y).float().mean().item() if len(test_y) else 0.0
+    return {"top1": round(top1, 4)}, classes[predicted]
 
 
 # ---------------------------------------------------------------- regression and counting: ridge
@@ -668,10 +668,10 @@ def open_plan(args, work_dir):
     """The plan of `work_dir`: written by the first command (exclusively), read and checked by the others."""
     path = work_dir / "plan.json"
     given = bool(args.weights or args.suite)
+    plan = make_plan(args) if given else None  # the suite and every file it lists are read once
     if not path.exists():
         if not given:
             raise ValueError(f"{work_dir} holds no evaluation: start one with --weights and --suite.")
-        plan = make_plan(args)
         work_dir.mkdir(parents=True, exist_ok=True)
         tmp = work_dir / f".plan.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(plan, indent=1) + "\n")
@@ -686,7 +686,7 @@ def open_plan(args, work_dir):
         assert isinstance(stored, dict) and isinstance(stored.get("tasks"), list)
     except (ValueError, AssertionError):
         raise ValueError(f"{path} is not a plan written by eval_suite.py.") from None
-    if given and make_plan(args) != stored:
+    if given and plan != stored:
         raise ValueError(f"{work_dir} holds another evaluation (other weights, suite or settings, see its "
                          f"plan.json): use a new --work-dir, or only --work-dir to join it.")
     return stored

@@ -63,9 +63,10 @@ class WorkArea:
     def crashed(self):
         """{item: the last error message} of attempts that failed."""
         out = {}
-        for p in sorted((self.root / "crashed").glob("*.txt"), key=lambda p: p.stat().st_mtime):
-            out[p.name.rsplit("@", 1)[0]] = p.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        return {k: v[0] for k, v in out.items()}
+        for p in sorted((self.root / "crashed").glob("*.txt"), key=lambda p: p.stat().st_mtime):  # newest last
+            lines = p.read_text(errors="replace").strip().splitlines()
+            out[p.name.rsplit("@", 1)[0]] = lines[-1] if lines else ""
+        return out
 
     def states(self, items, needs):
         """{item: state} for `items`; `needs(item)` lists the items it waits for."""
