@@ -84,18 +84,28 @@ METHODS = [
     # 42.42 / 43.51 (seeds 0 / 1, one thread); two threads 43.34 / 42.48; solo-learn's LARS (eta 0.02, clipped,
     # lr 0.3) diverged
     "vicreg",
+    # the byol recipe of tests/test_convergence_*.py (batch 64, SimCLR's LARS at lr 1.0, the predictor at 30x), precise
+    # BN against 27.79: 31.38 / 32.47 (seeds 0 / 1, one thread). Seed 0, one thread: the predictor at 10x the rate
+    # 30.03 (lr 1.0), 30.10 (lr 0.5), 29.57 (lr 2.0); one rate, lr 2.0 28.67; at batch 256 (120 steps) it stayed
+    # below random init. Two threads: 32.72 / 31.38
+    "byol",
+    # the dino recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, teacher momentum 0.99, BN head to 1024
+    # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 31.69 / 32.17 (seeds 0 / 1, one
+    # thread); without BatchNorm in the head 30.58 (seed 0). With 4096 prototypes and 0.04 -> 0.07 the loss stayed at
+    # ln 4096. Two threads: 30.31 / 28.66
+    "dino",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
 # not fit 32-px images, and its last block is specific to the pretext task (Goyal et al. 2019 probe Jigsaw at res4).
 # RotNet's likewise: its trunk saw rotated images and its last block predicts rotations (its pooled margin did not
 # hold with two threads). PIRL's trunk sees nine 14-px patches for every 32-px image, so its statistics are
-# re-estimated too; so are MoCo v3's and Barlow Twins', whose checkpoints hold those of their last strongly
-# augmented views.
+# re-estimated too; so are MoCo v3's, Barlow Twins', VICReg's, BYOL's and DINO's, whose checkpoints hold those of
+# their last strongly augmented views.
 EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"),
               "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000"),
               "mocov3": ("--precise-bn", "4000"), "barlow_twins": ("--precise-bn", "4000"),
-              "vicreg": ("--precise-bn", "4000")}
+              "vicreg": ("--precise-bn", "4000"), "byol": ("--precise-bn", "4000"), "dino": ("--precise-bn", "4000")}
 
 
 def run(argv):

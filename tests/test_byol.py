@@ -65,6 +65,27 @@ def test_target_is_the_moving_average_with_the_cosine_rate():
         torch.testing.assert_close(xi, 0.9 * old + 0.1 * theta, rtol=1e-14, atol=1e-14)
 
 
+def test_predictor_runs_at_its_own_rate():
+    """--predictor-lr-scale multiplies the predictor's rate only; every trainable parameter is in exactly one group,
+    weights decayed and adapted, biases and BatchNorm parameters neither; the default is the paper's single rate."""
+    for scale in (1.0, 30.0):
+        args = cli.parse_args(byol.Args, None, ["--arch", "resnet18", "--hidden-dim", "16", "--embedding-dim", "8",
+                                                "--predictor-lr-scale", str(scale)])
+        model = byol.BYOL(args)
+        optimizer = byol.build_optimizer(model, args)
+        optim.set_lr(optimizer, 0.1)
+        predictor = {id(p) for p in model.predictor.parameters()}
+        seen = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                seen.append(id(p))
+                assert group["lr"] == pytest.approx(0.1 * scale if id(p) in predictor else 0.1, rel=1e-15)
+                assert group["lars"] == (p.ndim > 1)
+                assert group["weight_decay"] == (args.weight_decay if p.ndim > 1 else 0.0)
+        assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+        assert predictor <= set(seen) and not {id(p) for p in model.target.parameters()} & set(seen)
+
+
 def test_asymmetric_views():
     args = cli.parse_args(byol.Args, None, [])
     (n1, v1), (n2, v2) = byol.view_recipe(args)
