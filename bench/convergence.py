@@ -90,9 +90,9 @@ METHODS = [
     # below random init. Two threads: 32.72 / 31.38
     "byol",
     # the dino recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, teacher momentum 0.99, BN head to 1024
-    # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 31.69 / 32.17 (seeds 0 / 1, one
-    # thread); without BatchNorm in the head 30.58 (seed 0). With 4096 prototypes and 0.04 -> 0.07 the loss stayed at
-    # ln 4096. Two threads: 30.31 / 28.66
+    # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 29.57 / 32.17 (seeds 0 / 1, one
+    # thread; seed 0 gave 31.69 with --eval-every 1, and 30.58 so without BatchNorm in the head). With 4096
+    # prototypes and 0.04 -> 0.07 the loss stayed at ln 4096. Two threads: 30.31 / 28.66
     "dino",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
