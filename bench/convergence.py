@@ -85,13 +85,14 @@ METHODS = [
     # lr 0.3) diverged
     "vicreg",
     # the byol recipe of tests/test_convergence_*.py (batch 64, SimCLR's LARS at lr 1.0, the predictor at 30x), precise
-    # BN against 27.79: 31.38 / 32.47 (seeds 0 / 1, one thread). Seed 0, one thread: the predictor at 10x the rate
+    # BN against 27.79: 31.38 / 32.47 (seeds 0 / 1, one thread). Seed 0, one thread, late checkpoints (step 434 or
+    # 496): the predictor at 10x the rate
     # 30.03 (lr 1.0), 30.10 (lr 0.5), 29.57 (lr 2.0); one rate, lr 2.0 28.67; at batch 256 (120 steps) it stayed
     # below random init. Two threads: 32.72 / 31.38
     "byol",
     # the dino recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, teacher momentum 0.99, BN head to 1024
-    # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 29.57 / 32.17 (seeds 0 / 1, one
-    # thread; seed 0 gave 31.69 with --eval-every 1, and 30.58 so without BatchNorm in the head). With 4096
+    # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 29.57 / 30.03 (seeds 0 / 1, one
+    # thread; a late checkpoint, step 434 or 496, of seed 0 without BatchNorm in the head: 30.58). With 4096
     # prototypes and 0.04 -> 0.07 the loss stayed at ln 4096. Two threads: 30.31 / 28.66
     "dino",
 ]
