@@ -2,7 +2,7 @@
 #   make demo   - install, pretrain SimCLR briefly on the embedded cifar10-mini, kNN-evaluate it vs random init
 #   make test   - install, run the test suite (what CI runs)
 # and:
-#   make test-convergence - the nine methods' short CPU pretraining runs, each scored by kNN against random init
+#   make test-convergence - the fifteen methods' short CPU pretraining runs, each scored by kNN against random init
 #   make test-fast        - make test without the multi-process (torchrun) tests, while editing
 #   make gpu-check        - on a GPU machine: build, CUDA tests, ops/throughput benchmarks, a short SimCLR run (JSON)
 #   make fashion-mnist   - install Debian's dataset-fashion-mnist (as root), for the tests that use it

@@ -95,18 +95,25 @@ METHODS = [
     # thread; a late checkpoint, step 434 or 496, of seed 0 without BatchNorm in the head: 30.58). With 4096
     # prototypes and 0.04 -> 0.07 the loss stayed at ln 4096. Two threads: 30.31 / 28.66
     "dino",
+    # the simsiam recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, the predictor at 30x its fixed
+    # rate), precise BN against 27.79: 32.25 / 31.35 (seeds 0 / 1, one thread). Seed 0, one thread: the cifar
+    # recipe's SGD 25.72 (batch 256), 26.65 (batch 64), with lr 0.025 and wd 5e-4 24.75; LARS at one rate 28.77 (lr
+    # 1.0), 29.22 (lr 2.0), 25.30 (lr 4.0); the predictor at 10x 31.79 (lr 1.0), 31.35 (lr 2.0); at 30x and lr 1.0
+    # 31.73. Two threads: 31.88 / 31.43
+    "simsiam",
 ]
 # method -> eval_knn.py flags other than the default (pooled features, the checkpoint's BatchNorm statistics), for
 # this method and its random-init baseline alike. Jigsaw's trunk saw only 16-px tiles, whose BatchNorm statistics do
 # not fit 32-px images, and its last block is specific to the pretext task (Goyal et al. 2019 probe Jigsaw at res4).
 # RotNet's likewise: its trunk saw rotated images and its last block predicts rotations (its pooled margin did not
 # hold with two threads). PIRL's trunk sees nine 14-px patches for every 32-px image, so its statistics are
-# re-estimated too; so are MoCo v3's, Barlow Twins', VICReg's, BYOL's and DINO's, whose checkpoints hold those of
-# their last strongly augmented views.
+# re-estimated too; so are MoCo v3's, Barlow Twins', VICReg's, BYOL's, DINO's and SimSiam's, whose checkpoints hold
+# those of their last strongly augmented views.
 EVAL_FLAGS = {"jigsaw": ("--layers", "res4", "--precise-bn", "4000"),
               "rotnet": ("--layers", "res4", "--precise-bn", "4000"), "pirl": ("--precise-bn", "4000"),
               "mocov3": ("--precise-bn", "4000"), "barlow_twins": ("--precise-bn", "4000"),
-              "vicreg": ("--precise-bn", "4000"), "byol": ("--precise-bn", "4000"), "dino": ("--precise-bn", "4000")}
+              "vicreg": ("--precise-bn", "4000"), "byol": ("--precise-bn", "4000"), "dino": ("--precise-bn", "4000"),
+              "simsiam": ("--precise-bn", "4000")}
 
 
 def run(argv):

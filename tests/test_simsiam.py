@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import simsiam
-from common import augment, cli, data
+from common import augment, cli, data, optim
 from tests.helpers import metrics, run_script, run_torchrun
 
 SMALL = ["--data", "cifar10-mini", "--data-fraction", "0.03", "--arch", "resnet18", "--image-size", "32",
@@ -62,6 +62,37 @@ def test_model_and_optimizer_follow_the_original():
     assert math.isclose(lr(999), 0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_predictor_rate_fixed_and_scaled_in_groups_of_its_own(optimizer):
+    """Every trainable parameter in exactly one group; the predictor's groups keep the fixed rate (--fix-pred-lr)
+    times --predictor-lr-scale, the encoder's follow the schedule. SGD decays everything; LARS decays and adapts
+    weights only (biases and BatchNorm parameters neither), with SimCLR's unclipped trust ratio."""
+    for fix, scale in ((True, 1.0), (False, 10.0)):
+        args = cli.parse_args(simsiam.Args, None, ["--arch", "resnet18", "--embedding-dim", "64", "--optimizer",
+                                                   optimizer, "--predictor-hidden-dim", "16", "--weight-decay", "3e-4",
+                                                   "--predictor-lr-scale", str(scale)]
+                              + ([] if fix else ["--no-fix-pred-lr"]))
+        model = simsiam.SimSiam(args)
+        optimizer_ = simsiam.build_optimizer(model, args)
+        assert isinstance(optimizer_, optim.LARS if optimizer == "lars" else torch.optim.SGD)
+        predictor = {id(p) for p in model.predictor.parameters()}
+        seen = []
+        for group in optimizer_.param_groups:
+            ids = [id(p) for p in group["params"]]
+            seen += ids
+            in_predictor = ids[0] in predictor
+            assert all((i in predictor) == in_predictor for i in ids)
+            assert group["fixed_lr"] == (fix and in_predictor) and group["lr_scale"] == (scale if in_predictor else 1)
+            assert group["momentum"] == 0.9
+            if optimizer == "sgd":
+                assert group["weight_decay"] == 3e-4
+                continue
+            for p in group["params"]:
+                assert group["lars"] == (p.ndim > 1) and group["weight_decay"] == (3e-4 if p.ndim > 1 else 0.0)
+            assert group["trust_coefficient"] == 0.001 and not group["clip"]
+        assert sorted(seen) == sorted(id(p) for p in model.parameters())
+
+
 def test_two_processes_equal_one_on_the_global_batch(tmp_path):
     out = tmp_path / "simsiam.pt"
     run_torchrun(2, "tests/workers/dist_siamese_worker.py", "simsiam", out)
@@ -87,9 +118,12 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
             torch.testing.assert_close(rank["after"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_loss_falls_on_a_fixed_batch():
+# SGD at one rate; LARS at the cpu preset's peak for batch 64 with its predictor at 30x
+@pytest.mark.parametrize("optimizer,lr,predictor_scale", [("sgd", 0.1, 1), ("lars", 0.5, 30)])
+def test_loss_falls_on_a_fixed_batch(optimizer, lr, predictor_scale):
     torch.manual_seed(0)
-    args = cli.parse_args(simsiam.Args, simsiam.PRESETS, ["--preset", "cpu", "--hidden-dim", "128",
+    args = cli.parse_args(simsiam.Args, simsiam.PRESETS, ["--preset", "cpu", "--hidden-dim", "128", "--optimizer",
+                                                          optimizer, "--predictor-lr-scale", str(predictor_scale),
                                                           "--embedding-dim", "64", "--predictor-hidden-dim", "16"])
     model = simsiam.SimSiam(args)
     base = data.build_dataset("cifar10-mini", "train")
@@ -97,7 +131,7 @@ def test_loss_falls_on_a_fixed_batch():
     batch = data.collate([views[(0, i)] for i in range(0, 4000, 125)])[0]  # 32 images, 2 views
     optimizer = simsiam.build_optimizer(model, args)
     for group in optimizer.param_groups:
-        group["lr"] = 0.1
+        group["lr"] = lr * group["lr_scale"]
     losses = []
     model.train()
     for _ in range(40):
