@@ -201,7 +201,7 @@ def train(args, runtime):
         for views, indices in run.batches(loader):
             lr = learning_rate(run.step, run.steps_per_epoch, run.total_steps, warmup_steps, peak_lr, args)
             for group in optimizer.param_groups:
-                group["lr"] = (peak_lr if group["fixed_lr"] else lr) * group["lr_scale"]
+                group["lr"] = (peak_lr if group["fixed_lr"] else lr) * group.get("lr_scale", 1.0)
             with run.autocast():
                 predictions, projections = model(views)
             loss = simsiam_loss(predictions, projections)
