@@ -93,7 +93,8 @@ METHODS = [
     # the dino recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, teacher momentum 0.99, BN head to 1024
     # prototypes, teacher temperature 0.02 -> 0.04), precise BN against 27.79: 29.57 / 30.03 (seeds 0 / 1, one
     # thread; a late checkpoint, step 434 or 496, of seed 0 without BatchNorm in the head: 30.58). With 4096
-    # prototypes and 0.04 -> 0.07 the loss stayed at ln 4096. Two threads: 30.31 / 28.66
+    # prototypes and 0.04 -> 0.07 the loss stayed at ln 4096. Two threads: 30.31 / 28.66. Seeds 2 / 3, one thread:
+    # 28.91 / 30.71
     "dino",
     # the simsiam recipe of tests/test_convergence_*.py (batch 64, LARS at lr 2.0, the predictor at 30x its fixed
     # rate), precise BN against 27.79: 32.25 / 31.35 (seeds 0 / 1, one thread). Seed 0, one thread: the cifar
