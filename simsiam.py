@@ -152,20 +152,18 @@ def simsiam_loss(predictions, projections):
 # ----------------------------------------------------------------------------- training
 
 def build_optimizer(model, args):
-    """SGD with weight decay on every parameter; the predictor in a group of its own (its lr may stay fixed).
-    With --optimizer lars: LARS, each part's weights adapted and decayed, its biases and norm parameters not."""
+    """The encoder (trunk + projector) and the predictor in groups of their own: the predictor's lr may stay fixed
+    and runs at --predictor-lr-scale times the encoder's. SGD decays every parameter; LARS adapts and decays each
+    part's weights, not its biases and norm parameters."""
+    parts = ((nn.ModuleList([model.trunk, model.projector]), False, 1.0),
+             (model.predictor, args.fix_pred_lr, args.predictor_lr_scale))
     if args.optimizer == "lars":
-        parts = ((nn.ModuleList([model.trunk, model.projector]), False, 1.0),
-                 (model.predictor, args.fix_pred_lr, args.predictor_lr_scale))
         groups = [dict(group, fixed_lr=fixed, lr_scale=scale) for part, fixed, scale in parts
                   for group in optim.param_groups(part, args.weight_decay, exclude_bias_and_norm=True)]
         return optim.LARS([g for g in groups if g["params"]], lr=0.0, momentum=args.momentum,
                           trust_coefficient=args.trust_coefficient)
-    predictor = {id(p) for p in model.predictor.parameters()}
-    encoder = [p for p in model.parameters() if id(p) not in predictor]
-    return torch.optim.SGD([dict(params=encoder, fixed_lr=False, lr_scale=1.0),
-                            dict(params=list(model.predictor.parameters()), fixed_lr=args.fix_pred_lr,
-                                 lr_scale=args.predictor_lr_scale)],
+    return torch.optim.SGD([dict(params=list(part.parameters()), fixed_lr=fixed, lr_scale=scale)
+                            for part, fixed, scale in parts],
                            lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
