@@ -242,7 +242,8 @@ def ratio(results, a, b, key="time_ms"):
 
 # op -> (perf_model, its device entry, the shape) -> the lower bound in ms of the whole call bench/ops.py times
 MODELLED = {
-    "contrastive": lambda pm, dev, s: pm.contrastive_model(dev, s["n"], s["n"], s["d"])["lower_bound_ms"],
+    "contrastive": lambda pm, dev, s: pm.contrastive_model(dev, s["n"], s["n"], s["d"],
+                                                           symmetric=True)["lower_bound_ms"],  # fn(z, z, ...)
     "sinkhorn": lambda pm, dev, s: pm.sinkhorn_model(dev, s["b"], s["k"], s["iters"])["lower_bound_ms"],
     "kmeans": lambda pm, dev, s: pm.kmeans_model(dev, s["n"], s["k"], s["d"])["lower_bound_ms"] * s["iters"],
 }

@@ -72,20 +72,30 @@ def sinkhorn_model(dev, b=7936, k=3000, iters=3, score_bytes=4):
     return out
 
 
-def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2):
+def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, symmetric=False):
     """Forward + backward of the fused loss (csrc/kernels/contrastive.cuh): forward, then the dq kernel and (when
-    the keys need a gradient) the dk kernel, each recomputing the logits tile by tile from the saved lse."""
+    the keys need a gradient) the dk kernel, each recomputing the logits tile by tile from the saved lse.
+    symmetric: keys is queries (contrastive_loss(z, z, ...)): forward, then the one dz kernel (a logits GEMM and a
+    product GEMM per tile pair, two exps per logit)."""
     bq, bk, dk = (constexpr("contrastive.cuh", name) for name in ("kBQ", "kBK", "kDK"))
+    if symmetric and (m != n or not need_dk):
+        raise ValueError("the symmetric path has keys = queries: m == n and a gradient for both")
     gemm = 2 * n * m * d  # one N x M x D product
-    kernels = 2 + (1 if need_dk else 0)  # forward, dq, dk
-    flops = gemm * (1 + 2 + (2 if need_dk else 0))  # forward S; dq: S and dS K; dk: S and dS^T Q
-    exps = n * m * kernels  # one exp per logit per kernel
+    if symmetric:
+        kernels, flops, exps = 2, gemm * (1 + 2), n * m * (1 + 2)  # forward S; dz: S and H Z (H = dS + dS^T)
+        dram = 2 * n * d * in_bytes * kernels + n * d * 4 + 3 * n * 4
+    else:
+        kernels = 2 + (1 if need_dk else 0)  # forward, dq, dk
+        flops = gemm * (1 + 2 + (2 if need_dk else 0))  # forward S; dq: S and dS K; dk: S and dS^T Q
+        exps = n * m * kernels  # one exp per logit per kernel
+        dram = (n + m) * d * in_bytes * kernels + n * d * 4 + (m * d * 4 if need_dk else 0) + 3 * n * 4
     sfu_rate = dev["sms"] * 16 * 1.83e9  # MUFU.EX2: 16 per clock per SM at ~1.83 GHz boost
-    dram = (n + m) * d * in_bytes * kernels + n * d * 4 + (m * d * 4 if need_dk else 0) + 3 * n * 4
-    # every block streams both operands' D-chunks through shared memory for each tile pair it visits
+    # every block streams both operands' D-chunks through shared memory for each tile pair it visits (the logits
+    # GEMM), and the backward kernels stream the other side's chunks once more for their product GEMM
     tiles = math.ceil(n / bq) * math.ceil(m / bk)
-    l2 = tiles * (bq + bk) * d * in_bytes * kernels
-    out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes), "tiles": dict(bq=bq, bk=bk, dk=dk),
+    l2 = tiles * d * in_bytes * ((bq + bk) + (kernels - 1) * (bq + 2 * bk))
+    out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes, symmetric=symmetric),
+           "tiles": dict(bq=bq, bk=bk, dk=dk),
            "flops": flops, "exp_count": exps, "exp_ms_at_mufu_rate": round(exps / sfu_rate * 1e3, 4),
            "dram_bytes": dram, "l2_to_shared_bytes": l2, "l2_to_shared_ms": round(l2 / dev["l2"] * 1e3, 4),
            "arithmetic_intensity_vs_l2": round(flops / l2, 1), "launches": kernels,
@@ -164,12 +174,14 @@ def ptxas_usage(arch="90"):
 
 def model(device="h100"):
     dev = DEVICES[device]
-    simclr = contrastive_model(dev, 65536, 65536, 128, need_dk=True)
+    simclr = contrastive_model(dev, 65536, 65536, 128, symmetric=True)  # keys is queries (one process)
     simclr["target"] = TARGETS["contrastive_simclr"]
+    simclr_two = contrastive_model(dev, 65536, 65536, 128, need_dk=True)  # keys a tensor of their own
+    simclr_two["target"] = TARGETS["contrastive_simclr"]
     moco = contrastive_model(dev, 4096, 65536, 128, need_dk=False)  # the queue gets no gradient
     moco["target"] = TARGETS["contrastive_moco"]
     return {"device": dev["name"], "peaks": {k: v for k, v in dev.items() if k != "name"},
-            "contrastive_simclr": simclr, "contrastive_moco": moco,
+            "contrastive_simclr": simclr, "contrastive_simclr_two_tensors": simclr_two, "contrastive_moco": moco,
             "sinkhorn": sinkhorn_model(dev), "kmeans_iteration": kmeans_model(dev),
             "kmeans_iteration_fp32": kmeans_model(dev, tf32=False)}
 

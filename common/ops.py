@@ -196,8 +196,9 @@ def contrastive_loss(queries, keys, pos_index, temperature, self_index=None, red
         raise ValueError(f"temperature must be positive, got {temperature}.")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
-    if _use_compiled(queries) and keys is queries and not queries.is_cuda:
-        # SimCLR on one process: the logits are symmetric, half the GEMM work (csrc/contrastive.cpp)
+    if _use_compiled(queries) and keys is queries:
+        # SimCLR on one process: the logits are symmetric; the CPU kernel computes half the tiles, the CUDA
+        # kernels half the backward's (csrc/contrastive.cpp, csrc/kernels/contrastive.cuh)
         per_row = _SymmetricContrastiveLoss.apply(_kernel_dtype(queries), pos_index.long().contiguous(),
                                                   None if self_index is None else self_index.long().contiguous(),
                                                   temperature, _TILES[0])
@@ -239,7 +240,8 @@ class _ContrastiveLoss(torch.autograd.Function):
 
 
 class _SymmetricContrastiveLoss(torch.autograd.Function):
-    """contrastive_loss(z, z, ...): the kernel computes each pair of tiles of Z Z^T once."""
+    """contrastive_loss(z, z, ...): on CPU each pair of tiles of Z Z^T is computed once; on CUDA the
+    backward is one kernel for dz = dq + dk."""
 
     @staticmethod
     def forward(ctx, z, pos_index, self_index, temperature, tile):
@@ -257,7 +259,7 @@ class _SymmetricContrastiveLoss(torch.autograd.Function):
             return None, None, None, None, None
         dz = _C.contrastive_backward_sym(z, pos_index, ctx.self_index, ctx.temperature, lse,
                                          grad_rows.contiguous(), ctx.tile)
-        return dz, None, None, None, None
+        return dz.to(z.dtype), None, None, None, None
 
 
 def _reduce(per_row, reduction):

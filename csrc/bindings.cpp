@@ -41,6 +41,17 @@ std::vector<at::Tensor> contrastive_backward(const at::Tensor& q, const at::Tens
   return SSL_DISPATCH(q, contrastive_backward, q, k, pos, self, temperature, lse, g, need_dq, need_dk, tile_q, tile_k);
 }
 
+// keys is queries (contrastive_loss(z, z, ...))
+std::vector<at::Tensor> contrastive_forward_sym(const at::Tensor& z, const at::Tensor& pos,
+                                                const c10::optional<at::Tensor>& self, double temperature,
+                                                int64_t tile) {
+  return SSL_DISPATCH(z, contrastive_forward_sym, z, pos, self, temperature, tile);
+}
+at::Tensor contrastive_backward_sym(const at::Tensor& z, const at::Tensor& pos, const c10::optional<at::Tensor>& self,
+                                    double temperature, const at::Tensor& lse, const at::Tensor& g, int64_t tile) {
+  return SSL_DISPATCH(z, contrastive_backward_sym, z, pos, self, temperature, lse, g, tile);
+}
+
 // tf32: CUDA only (TF32 tensor cores for the scores, the winner rescored in fp32); the CPU kernels are exact
 std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk,
                                       bool tf32) {
@@ -79,11 +90,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("contrastive_backward", &contrastive_backward, py::arg("queries"), py::arg("keys"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"),
         py::arg("need_dk"), py::arg("tile_q") = 0, py::arg("tile_k") = 0, py::arg("need_dq") = true);
-  m.def("contrastive_forward_sym", &contrastive_forward_sym_cpu, py::arg("z"), py::arg("pos_index"),
+  m.def("contrastive_forward_sym", &contrastive_forward_sym, py::arg("z"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("temperature"), py::arg("tile") = 0,
-        "CPU only: keys is queries; only the tiles on and above the diagonal");
-  m.def("contrastive_backward_sym", &contrastive_backward_sym_cpu, py::arg("z"), py::arg("pos_index"),
-        py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"), py::arg("tile") = 0);
+        "keys is queries (CPU: only the tiles on and above the diagonal)");
+  m.def("contrastive_backward_sym", &contrastive_backward_sym, py::arg("z"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("temperature"), py::arg("lse"), py::arg("grad_rows"), py::arg("tile") = 0,
+        "keys is queries: dz = dq + dk (CUDA: one kernel, fp32)");
   m.def("kmeans_assign", &kmeans_assign, py::arg("x"), py::arg("centroids"), py::arg("spherical"),
         py::arg("chunk") = 0, py::arg("tf32") = false);
   m.def("kmeans_update", &kmeans_update, py::arg("x"), py::arg("assign"), py::arg("k"));

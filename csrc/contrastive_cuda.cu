@@ -1,7 +1,8 @@
 // Fused contrastive loss on CUDA: the ATen side of csrc/kernels/contrastive.cuh (the kernels and
 // their launch plan, also built against the CPU emulator by the tests). One flash-attention-style
 // kernel per pass: the logits tiles never leave the chip, no cuBLAS, no workspace; backward is a
-// dq kernel and a dk kernel (each launched only when its gradient is needed), deterministic.
+// dq kernel and a dk kernel (each launched only when its gradient is needed), or one dz kernel when
+// the keys are the queries, deterministic.
 //
 // tile_q / tile_k size the CPU kernel's GEMM tiles; the CUDA tiles are fixed (64 x 64, see the
 // header) and these arguments are ignored here.
@@ -82,6 +83,35 @@ std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at:
   });
   cuda::check_launch();
   return {dq, dk};
+}
+
+// keys is queries: the forward is the general one on (z, z); the backward is the dz kernel (dq + dk in one pass,
+// half the work of the dq and dk kernels). tile is the CPU kernel's and is ignored here.
+std::vector<at::Tensor> contrastive_forward_sym_cuda(const at::Tensor& z, const at::Tensor& pos,
+                                                     const c10::optional<at::Tensor>& self, double temperature,
+                                                     int64_t /*tile*/) {
+  return contrastive_forward_cuda(z, z, pos, self, temperature, 0, 0);
+}
+
+at::Tensor contrastive_backward_sym_cuda(const at::Tensor& z, const at::Tensor& pos,
+                                         const c10::optional<at::Tensor>& self, double temperature,
+                                         const at::Tensor& lse, const at::Tensor& grad_rows, int64_t /*tile*/) {
+  check_inputs(z, z, pos, self);
+  c10::cuda::CUDAGuard guard(z.device());
+  const int64_t N = z.size(0), D = z.size(1);
+  auto dz = at::empty({N, D}, z.options().dtype(at::kFloat));  // the kernel writes every element
+  auto lse_c = lse.to(at::kFloat).contiguous();
+  auto g_c = grad_rows.to(at::kFloat).contiguous();
+  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const size_t max_shared = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  by_dtype(z, z, [&](auto zp, auto) {
+    contrastive::backward_sym(zp, pos.data_ptr<int64_t>(), sp, lse_c.data_ptr<float>(), g_c.data_ptr<float>(), N, D,
+                              inv_t, dz.data_ptr<float>(), max_shared, stream);
+  });
+  cuda::check_launch();
+  return dz;
 }
 
 }  // namespace sslops

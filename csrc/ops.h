@@ -30,7 +30,8 @@ std::vector<at::Tensor> contrastive_backward_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq,
                                                  bool need_dk, int64_t tile_q, int64_t tile_k);
 
-// symmetric case (keys is queries, CPU): only the tiles on and above the diagonal; returns (loss, lse) / dz
+// symmetric case (keys is queries): returns (loss, lse) / dz. CPU: only the tiles on and above the diagonal;
+// CUDA: the general forward, and one dz kernel in place of dq + dk (fp32 dz)
 std::vector<at::Tensor> contrastive_forward_sym_cpu(const at::Tensor& z, const at::Tensor& pos,
                                                     const c10::optional<at::Tensor>& self, double temperature,
                                                     int64_t tile);
@@ -61,6 +62,12 @@ std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at:
                                                   const c10::optional<at::Tensor>& self, double temperature,
                                                   const at::Tensor& lse, const at::Tensor& grad_rows, bool need_dq,
                                                   bool need_dk, int64_t tile_q, int64_t tile_k);
+std::vector<at::Tensor> contrastive_forward_sym_cuda(const at::Tensor& z, const at::Tensor& pos,
+                                                     const c10::optional<at::Tensor>& self, double temperature,
+                                                     int64_t tile);
+at::Tensor contrastive_backward_sym_cuda(const at::Tensor& z, const at::Tensor& pos,
+                                         const c10::optional<at::Tensor>& self, double temperature,
+                                         const at::Tensor& lse, const at::Tensor& grad_rows, int64_t tile);
 std::vector<at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const at::Tensor& c, bool spherical, int64_t chunk,
                                            bool tf32);
 std::vector<at::Tensor> kmeans_update_cuda(const at::Tensor& x, const at::Tensor& assign, int64_t k);

@@ -45,7 +45,8 @@ def contrastive_library(emu):
     emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, *err]
     emu.lib.emu_contrastive_backward.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, i32, ptr,
                                                  ptr, i64, *err]
-    emu.lib.emu_contrastive_acc_in_shared.argtypes = [i32, i64, i64]
+    emu.lib.emu_contrastive_backward_sym.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ptr, i64, *err]
+    emu.lib.emu_contrastive_acc_in_shared.argtypes = [i32, i64, i64, i32]
     emu.lib.emu_contrastive_acc_in_shared.restype = i32
     return emu
 
@@ -211,8 +212,8 @@ def test_float32_does_not_depend_on_scheduling_or_placement(emu):
     in the output rows, give the same bits."""
     q, k, pos, self_index = inputs("random+self", 75, 130, 70, 3, torch.float32)
     g = row_weights(75)
-    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, H100_SHARED) == 1
-    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, 40_000) == 0
+    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, H100_SHARED, 0) == 1
+    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, 40_000, 0) == 0
     runs = []
     for order in ORDERS:
         emu.order(order)
@@ -265,7 +266,9 @@ def test_launches_for_any_size(emu):
                     emu.call("emu_contrastive_forward", code, None, None, None, None, n, m, d, 5.0, None, None)
                     emu.call("emu_contrastive_backward", code, None, None, None, None, None, None, n, m, d, 5.0, 1, 1,
                              None, None, max_shared)
-            assert emu.lib.emu_contrastive_acc_in_shared(code, 200, H100_SHARED) == 1  # > 48 KiB: opted in
+                    emu.call("emu_contrastive_backward_sym", code, None, None, None, None, None, n, d, 5.0, None,
+                             max_shared)
+            assert emu.lib.emu_contrastive_acc_in_shared(code, 200, H100_SHARED, 0) == 1  # > 48 KiB: opted in
     finally:
         emu.lib.emu_set_dry_run(0)
 
@@ -297,8 +300,8 @@ def test_half_does_not_depend_on_scheduling(emu, dtype):
     for order, max_shared in zip(ORDERS, (H100_SHARED, 40_000)):  # accumulators in shared memory, then in the output
         emu.order(order)
         runs.append(emulated(emu, q, k, pos, self_index, 0.2, g, max_shared=max_shared))
-    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, H100_SHARED) == 1
-    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, 40_000) == 0
+    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, H100_SHARED, 0) == 1
+    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, 40_000, 0) == 0
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -341,6 +344,118 @@ def test_fp16_backward_keeps_the_negatives_gradient(emu):
     assert share_error(dq) <= u * bound.norm().item() / share.norm().item(), share_error(dq)
 
 
+# ----------------------------------------------------------------------------- keys is queries (the dz kernel)
+
+def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H100_SHARED):
+    """The loss with keys = queries = z: forward(z, z), then the dz kernel; float64 (loss, lse, dz)."""
+    n, d = z.shape
+    code, inv_t = CODES[z.dtype], 1.0 / temperature
+    gz, gpos = Guarded(raw(z)), Guarded(pos.numpy().astype(np.int64))
+    gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
+    self_ptr = None if gself is None else gself.ptr
+    loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
+    emu.call("emu_contrastive_forward", code, gz.ptr, gz.ptr, gpos.ptr, self_ptr, n, n, d, inv_t, loss.ptr, lse.ptr)
+    glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
+    dz = Guarded.poisoned((n, d), np.float32)
+    emu.call("emu_contrastive_backward_sym", code, gz.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, d, inv_t, dz.ptr,
+             max_shared)
+    buffers = [("z", gz), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse), ("grad_rows", gg),
+               ("dz", dz)] + ([] if gself is None else [("self_index", gself)])
+    for name, g in buffers:
+        assert g.intact(), f"a kernel wrote outside {name}"
+    return tuple(torch.from_numpy(g.value()).double() for g in (loss, lse, dz))
+
+
+def reference_sym(z, pos, self_index, temperature, grad_rows, dtype=torch.float64):
+    """(loss, lse, dz) by the plain formula in `dtype` with one tensor as queries and keys."""
+    zz = z.detach().to(dtype).requires_grad_()
+    loss = ops.contrastive_loss_reference(zz, zz, pos, temperature, self_index, "none")
+    (loss * grad_rows.to(dtype)).sum().backward()
+    with torch.no_grad():
+        lse = torch.logsumexp(masked_logits(zz, zz, self_index, temperature), dim=1)
+    return loss.detach().double(), lse.double(), zz.grad.double()
+
+
+def check_sym(emu, layout, n, d, temperature, dtype, g_scale=1.0, max_shared=H100_SHARED):
+    """The dz kernel against float64, with the rules of check(); for 16-bit inputs the cast of
+    H = dS + dS^T bounds dz's entry (a, e) by u * sum_j (|dS_aj| + |dS_ja|) |z_je| / T."""
+    z, _, pos, self_index = inputs(layout, n, n, d, n * 7 + d, dtype)
+    g = row_weights(n) * g_scale
+    ours = emulated_sym(emu, z, pos, self_index, temperature, g, max_shared)
+    truth = reference_sym(z.float(), pos, self_index, temperature, g)
+    naive = reference_sym(z.float(), pos, self_index, temperature, g, torch.float32)
+    for name, o, nv, t in zip(("loss", "lse"), ours, naive, truth):
+        assert_f32_rule(name, o, nv, t)
+    if dtype == torch.float32:
+        assert_f32_rule("dz", ours[2], naive[2], truth[2])
+    else:
+        ds = grad_logits(z, z, pos, self_index, temperature, g).abs()
+        bound = (ds + ds.t()) @ z.double().abs() / temperature
+        assert_half_rule("dz", ours[2], naive[2], truth[2], bound, UNIT_ROUNDOFF[dtype])
+    return ours
+
+
+SYM_CASES = [  # (layout, N, D, temperature): N = M, keys is queries
+    ("simclr", 2, 1, 0.5),
+    ("random", 1, 5, 0.1),
+    ("simclr", 74, 33, 0.07),
+    ("simclr", 130, 17, 1.0),
+    ("random", 37, 70, 0.2),
+    ("random+self", 75, 33, 0.07),
+    ("random+self", 131, 65, 0.2),
+]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", SYM_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sym_float32_matches_float64(emu, order, case):
+    emu.order(order)
+    check_sym(emu, *case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [SYM_CASES[2], SYM_CASES[5]], ids=lambda c: "-".join(map(str, c)))
+def test_sym_half_matches_float64(emu, dtype, case):
+    emu.order(list(ORDERS)[SYM_CASES.index(case) % 2])
+    check_sym(emu, *case, dtype)
+
+
+def test_sym_fp16_keeps_tiny_gradients(emu):
+    """g = 2^-20 x the usual weights: H would mostly flush to zero in a plain fp16 cast; the
+    power-of-two scaling over the tile's rows and columns keeps dz within the fp16 rule."""
+    emu.order("high-first")
+    check_sym(emu, "simclr", 130, 33, 0.07, torch.float16, g_scale=2.0 ** -20)
+
+
+def test_sym_equals_dq_plus_dk(emu):
+    """dz and the dq and dk kernels' sum (keys a separate copy of z) agree to float32 rounding."""
+    emu.order("low-first")
+    z, _, pos, self_index = inputs("simclr", 74, 74, 33, 4, torch.float32)
+    g = row_weights(74)
+    loss, lse, dz = emulated_sym(emu, z, pos, self_index, 0.1, g)
+    loss2, lse2, dq, dk = emulated(emu, z, z.clone(), pos, self_index, 0.1, g)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
+    assert torch.allclose(dz, dq + dk, rtol=0, atol=1e-5 * (dq + dk).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+def test_sym_does_not_depend_on_scheduling_or_placement(emu, dtype):
+    """The same bits under both orders, accumulating in shared memory or in the output rows."""
+    z, _, pos, self_index = inputs("random+self", 75, 75, 33, 6, dtype)
+    g = row_weights(75)
+    code = CODES[dtype]
+    assert emu.lib.emu_contrastive_acc_in_shared(code, 33, H100_SHARED, 1) == 1
+    assert emu.lib.emu_contrastive_acc_in_shared(code, 33, 40_000, 1) == 0
+    runs = []
+    for order in ORDERS:
+        emu.order(order)
+        for max_shared in (H100_SHARED, 40_000):
+            runs.append(emulated_sym(emu, z, pos, self_index, 0.2, g, max_shared))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- planted faults
 
 # (the exact text in kernels/contrastive.cuh, what replaces it, the check that must then fail)
@@ -357,6 +472,16 @@ FAULTS = {
         "  constexpr int ld = Cfg<T>::kLdIn;\n  __syncthreads();\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
         "  constexpr int ld = Cfg<T>::kLdIn;\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
         ("random+self", 75, 130, 70, 0.2, torch.float32)),
+    "dz stages a tile's columns after the barriers that publish them": (
+        "      stage_columns(sm, k0, cols, pos, self, lse, g);\n"
+        "      scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;\n"
+        "    }\n"
+        "    logits_tile(sm, q, i0, N, k, k0, M, D);\n",
+        "      scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;\n"
+        "    }\n"
+        "    logits_tile(sm, q, i0, N, k, k0, M, D);\n"
+        "    if constexpr (kSym) stage_columns(sm, k0, cols, pos, self, lse, g);\n",
+        ("sym", "simclr", 74, 33, 0.07, torch.float32)),
 }
 
 
@@ -375,7 +500,7 @@ def test_planted_faults_are_caught(fault, tmp_path):
     for order in ORDERS:
         faulty.order(order)
         try:
-            check(faulty, *case)
+            check_sym(faulty, *case[1:]) if case[0] == "sym" else check(faulty, *case)
         except (EmulatorFault, AssertionError) as e:
             caught.append(f"{order}: {type(e).__name__}: {str(e)[:200]}")
     assert caught, f"the planted fault ({fault}) went unnoticed under both scheduling orders"

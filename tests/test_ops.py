@@ -234,30 +234,33 @@ def test_contrastive_gradcheck_float64_kernel():
     assert torch.allclose(out, ops.contrastive_loss_reference(q, k, pos, 0.3, self_index, "none"), atol=1e-12)
 
 
-def symmetric_inputs(n, d, seed, simclr):
+def symmetric_inputs(n, d, seed, simclr, device="cpu"):
     """contrastive_loss(z, z, ...) as SimCLR calls it on one process, or with arbitrary indices."""
     g = torch.Generator().manual_seed(seed)
     z = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     if simclr:
-        return z, (torch.arange(n) + n // 2) % n, torch.arange(n)
-    pos = torch.randint(0, n, (n,), generator=g)
-    return z, pos, (pos + 1 + torch.randint(0, n - 1, (n,), generator=g)) % n
+        pos, self_index = (torch.arange(n) + n // 2) % n, torch.arange(n)
+    else:
+        pos = torch.randint(0, n, (n,), generator=g)
+        self_index = (pos + 1 + torch.randint(0, n - 1, (n,), generator=g)) % n
+    return z.to(device), pos.to(device), self_index.to(device)
 
 
 def symmetric_loss_and_grad(fn, z, pos, temperature, self_index, dtype):
     zz = z.detach().to(dtype).requires_grad_()
     per_row = fn(zz, zz, pos, temperature, self_index=self_index, reduction="none")
-    (per_row * torch.linspace(0.5, 1.5, len(zz), dtype=dtype)).sum().backward()  # uneven row weights
+    (per_row * torch.linspace(0.5, 1.5, len(zz), dtype=dtype, device=zz.device)).sum().backward()  # uneven weights
     return per_row.detach().double(), zz.grad.double()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,d,simclr", [(2, 3, True), (7, 5, False), (38, 16, True), (1037, 19, False),
                                         (1102, 13, True)])
 @pytest.mark.parametrize("temperature", [0.5, 0.1, 0.01])
 @pytest.mark.parametrize("with_self", [True, False])
-def test_contrastive_symmetric_matches_float64(n, d, simclr, temperature, with_self):
-    """keys is queries (SimCLR on one process) takes the CPU kernel's symmetric path."""
-    z, pos, self_index = symmetric_inputs(n, d, n + d, simclr)
+def test_contrastive_symmetric_matches_float64(device, n, d, simclr, temperature, with_self):
+    """keys is queries (SimCLR on one process) takes the symmetric path (CPU: half the tiles; CUDA: the dz kernel)."""
+    z, pos, self_index = symmetric_inputs(n, d, n + d, simclr, device)
     self_index = self_index if with_self else None
     truth = symmetric_loss_and_grad(ops.contrastive_loss_reference, z, pos, temperature, self_index, torch.float64)
     naive = symmetric_loss_and_grad(ops.contrastive_loss_reference, z, pos, temperature, self_index, torch.float32)
@@ -298,6 +301,20 @@ def test_contrastive_half_cuda(dtype):
                            self_index, torch.float64)
     naive = loss_and_grads(ops.contrastive_loss_reference, q, k, pos, 0.1, self_index, dtype)
     ours = loss_and_grads(ops.contrastive_loss, q, k, pos, 0.1, self_index, dtype)
+    for o, nv, t in zip(ours, naive, truth):
+        assert (o - t).abs().max().item() <= 2 * (nv - t).abs().max().item() + 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contrastive_symmetric_half_cuda(dtype):
+    """keys is queries in 16 bits: the dz kernel against float64 on the rounded inputs, within twice the
+    plain formula's error in that dtype."""
+    z, pos, self_index = symmetric_inputs(1102, 64, 17, True, "cuda")
+    truth = symmetric_loss_and_grad(ops.contrastive_loss_reference, z.to(dtype).double(), pos, 0.1, self_index,
+                                    torch.float64)
+    naive = symmetric_loss_and_grad(ops.contrastive_loss_reference, z, pos, 0.1, self_index, dtype)
+    ours = symmetric_loss_and_grad(ops.contrastive_loss, z, pos, 0.1, self_index, dtype)
     for o, nv, t in zip(ours, naive, truth):
         assert (o - t).abs().max().item() <= 2 * (nv - t).abs().max().item() + 1e-2
 

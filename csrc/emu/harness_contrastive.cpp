@@ -48,11 +48,25 @@ int emu_contrastive_backward(int dtype, const void* q, const void* k, const int6
   });
 }
 
-// whether the backward kernels keep their accumulators in shared memory at this D
-int emu_contrastive_acc_in_shared(int dtype, int64_t D, int64_t max_shared) {
+// dz [N, D] of the loss with keys = queries = z (the dz kernel); lse from emu_contrastive_forward(z, z, ...)
+int emu_contrastive_backward_sym(int dtype, const void* z, const int64_t* pos, const int64_t* self, const float* lse,
+                                 const float* g, int64_t N, int64_t D, float inv_t, float* dz, int64_t max_shared,
+                                 char* err, int err_len) {
+  return guarded(err, err_len, [&] {
+    by_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      sslops::contrastive::backward_sym(static_cast<const T*>(z), pos, self, lse, g, N, D, inv_t, dz,
+                                        static_cast<size_t>(max_shared), nullptr);
+    });
+  });
+}
+
+// whether the backward kernels (sym: the dz kernel) keep their accumulators in shared memory at this D
+int emu_contrastive_acc_in_shared(int dtype, int64_t D, int64_t max_shared, int sym) {
   int out = 0;
   by_dtype(dtype, [&](auto zero) {
-    out = sslops::contrastive::backward_plan<decltype(zero)>(D, static_cast<size_t>(max_shared)).acc_in_shared;
+    out = sslops::contrastive::backward_plan<decltype(zero)>(D, static_cast<size_t>(max_shared), sym != 0)
+              .acc_in_shared;
   });
   return out;
 }

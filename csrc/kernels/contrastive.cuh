@@ -15,6 +15,15 @@
 //   dq:      per query tile, over the key tiles: recompute S, dS = g (exp(S/T - lse) - [j = pos])
 //            (0 at self), dq += dS K.
 //   dk:      per key tile, over the query tiles: recompute S and dS, dk += dS^T Q.
+//   dz:      keys is queries (SimCLR on one process, contrastive_loss(z, z, ...)): the dq kernel
+//            with H = dS + dS^T in place of dS, so dz = dq + dk = H Z / T in one pass. The tile of
+//            keys [k0, k0 + 64) are queries too; their g, lse, positive and self column are staged
+//            in shared memory, and H_ij = g_i (p_ij - [j = pos_i]) + g_j (p_ji - [i = pos_j]) (each
+//            term 0 at its self column) comes from the one logits tile, since S_ji = S_ij. Half the
+//            backward work of dq + dk (two GEMMs per tile pair, not four), one launch, no atomics.
+//            The forward gains nothing from symmetry here: using S_ij for row j's log-sum-exp too
+//            would need a reduction across blocks (atomics, or per-tile partials: O(N^2 / 64)
+//            memory), so it stays one pass over every tile pair.
 // Every output row belongs to one block and is summed in a fixed order: no atomics, and the
 // result does not depend on scheduling. dq and dk accumulate in fp32, in shared memory when the
 // block's 64 x D floats fit (backward_plan), else in place in the output rows. Extra global
@@ -23,7 +32,8 @@
 // dS for the tensor cores: cast to T. Its entries are at most |g_i| and mostly far smaller (MoCo:
 // mean over 4096 rows and 65536 keys, g = 2.4e-4, dS_ij = g p_ij averages g / 65536 = 4e-9, below
 // fp16's smallest subnormal 6e-8), so each query tile's dS is multiplied by a power of two chosen from the tile's max |g|
-// (max |g| * scale in [2^13, 2^14), so |dS| * scale <= 2^14 fits fp16) and the products are
+// (max |g| * scale in [2^13, 2^14), so |dS| * scale <= 2^14 fits fp16; dz's H = dS + dS^T, with
+// the max over the tile's rows and columns, stays under 2^15) and the products are
 // multiplied by 1/scale in fp32, which is exact. bf16 has fp32's range and takes the same path;
 // fp32 inputs use scale 1.
 #pragma once
@@ -61,7 +71,13 @@ struct Cfg {
 
 __host__ __device__ constexpr size_t round_up(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Dynamic shared memory: [Q chunk][K chunk][S fp32][dS as T (backward, wmma)][accumulator 64 x D]
+// What the dz kernel needs about the keys of its current tile, as queries of their own
+struct Col {
+  float g, lse;
+  int64_t pos, self;  // self = -1 when there is none
+};
+
+// Dynamic shared memory: [Q chunk][K chunk][S fp32][dS as T (backward, wmma)][Col x 64 (dz)][accumulator 64 x D]
 template <typename T>
 __host__ __device__ constexpr size_t in_bytes() {
   return round_up(sizeof(T) * 64 * Cfg<T>::kLdIn);
@@ -74,9 +90,11 @@ template <typename T>
 __host__ __device__ constexpr size_t g_bytes(bool backward) {
   return backward && Cfg<T>::kWmma ? round_up(sizeof(T) * 64 * Cfg<T>::kLdG) : 0;
 }
+__host__ __device__ constexpr size_t col_bytes(bool sym) { return sym ? round_up(sizeof(Col) * kBK) : 0; }
 template <typename T>
-__host__ __device__ inline size_t shared_bytes(bool backward, int64_t acc_cols) {
-  return 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward) + round_up(sizeof(float) * 64 * acc_cols);
+__host__ __device__ inline size_t shared_bytes(bool backward, int64_t acc_cols, bool sym = false) {
+  return 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward) + col_bytes(sym) +
+         round_up(sizeof(float) * 64 * acc_cols);
 }
 
 template <typename T>
@@ -85,17 +103,20 @@ struct Layout {
   T* ks;       // key rows x kDK columns of D
   float* s;    // the logits tile (fp32: then dS in place; wmma: then the products' scratch)
   T* g;        // dS * scale as T (wmma)
+  Col* cols;   // the current key tile's rows as queries (dz)
   float* acc;  // the dq / dk accumulator [64][D], when in shared memory
 };
 
 template <typename T>
-__device__ __forceinline__ Layout<T> layout(unsigned char* smem, bool backward) {
+__device__ __forceinline__ Layout<T> layout(unsigned char* smem, bool backward, bool sym = false) {
   Layout<T> l;
+  const size_t g_at = 2 * in_bytes<T>() + s_bytes<T>(), cols_at = g_at + g_bytes<T>(backward);
   l.qs = reinterpret_cast<T*>(smem);
   l.ks = reinterpret_cast<T*>(smem + in_bytes<T>());
   l.s = reinterpret_cast<float*>(smem + 2 * in_bytes<T>());
-  l.g = reinterpret_cast<T*>(smem + 2 * in_bytes<T>() + s_bytes<T>());
-  l.acc = reinterpret_cast<float*>(smem + 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward));
+  l.g = reinterpret_cast<T*>(smem + g_at);
+  l.cols = reinterpret_cast<Col*>(smem + cols_at);
+  l.acc = reinterpret_cast<float*>(smem + cols_at + col_bytes(sym));
   return l;
 }
 
@@ -203,14 +224,16 @@ __device__ __forceinline__ int tile_column(int64_t j, int64_t k0, int cols) {
 }
 
 // The power of two that dS of query rows [i0, i0 + rows) is multiplied by before the cast to T
-// (see the top of the file); 1 for float. Warp collective: every lane of every warp calls it.
+// (see the top of the file), from the max |g| over those rows and, for dz, over the tile's keys
+// [j0, j0 + cols) as queries; 1 for float. Warp collective: every lane of every warp calls it.
 template <typename T>
-__device__ float grad_scale(const float* __restrict__ g, int64_t i0, int rows) {
+__device__ float grad_scale(const float* __restrict__ g, int64_t i0, int rows, int64_t j0 = 0, int cols = 0) {
   if constexpr (!Cfg<T>::kWmma) {
     return 1.f;
   } else {
     float mx = 0.f;
     for (int r = threadIdx.x & 31; r < rows; r += 32) mx = fmaxf(mx, fabsf(g[i0 + r]));
+    for (int c = threadIdx.x & 31; c < cols; c += 32) mx = fmaxf(mx, fabsf(g[j0 + c]));
     mx = dev::warp_max(mx);
     if (!(mx > 0.f) || !isfinite(mx)) return 1.f;
     int e;
@@ -235,6 +258,44 @@ __device__ __forceinline__ void grad_tile(const Layout<T>& sm, const Row& row, i
       float p = c == sc ? 0.f : expf(srow[c] * inv_t - row.lse);
       if (c == pc) p -= 1.f;
       v = gs * p;
+    }
+    if constexpr (Cfg<T>::kWmma)
+      sm.g[r * Cfg<T>::kLdG + c] = dev::from_float<T>(v);
+    else
+      srow[c] = v;
+  }
+}
+
+// The keys [k0, k0 + cols) of the dz kernel's tile as queries, into sm.cols. Written at the top of
+// a tile's iteration: every thread is past the previous tile's sym_grad_tile (add_products starts
+// with a block barrier), and logits_tile's first barrier (D > 0 in backward) publishes them.
+template <typename T>
+__device__ __forceinline__ void stage_columns(const Layout<T>& sm, int64_t k0, int cols,
+                                              const int64_t* __restrict__ pos, const int64_t* __restrict__ self,
+                                              const float* __restrict__ lse, const float* __restrict__ g) {
+  for (int c = threadIdx.x; c < cols; c += kThreads) {
+    const int64_t j = k0 + c;
+    sm.cols[c] = Col{g[j], lse[j], pos[j], self != nullptr ? self[j] : -1};
+  }
+}
+
+// H * scale for this thread's half of tile row r (query i; columns h, h + 2, ...): dS_ij from
+// row i's softmax plus dS_ji from row j's (the same logit, S_ji = S_ij), stored as grad_tile does
+template <typename T>
+__device__ __forceinline__ void sym_grad_tile(const Layout<T>& sm, const Row& row, int64_t i, int r, int h, int64_t k0,
+                                              int cols, float inv_t, float scale) {
+  float* srow = sm.s + r * Cfg<T>::kLdS;
+  const int sc = tile_column(row.self, k0, cols), pc = tile_column(row.pos, k0, cols);
+  for (int c = h; c < kBK; c += 2) {
+    float v = 0.f;
+    if (row.valid && c < cols) {
+      const float x = srow[c] * inv_t;
+      const Col col = sm.cols[c];
+      float p = c == sc ? 0.f : expf(x - row.lse);
+      if (c == pc) p -= 1.f;
+      float pt = col.self == i ? 0.f : expf(x - col.lse);
+      if (col.pos == i) pt -= 1.f;
+      v = (row.g * p + col.g * pt) * scale;
     }
     if constexpr (Cfg<T>::kWmma)
       sm.g[r * Cfg<T>::kLdG + c] = dev::from_float<T>(v);
@@ -392,25 +453,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-template <typename T>
+// kSym: the dz kernel (k is q, M == N; dq is dz)
+template <typename T, bool kSym>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
               const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
               int64_t M, int64_t D, float inv_t, bool acc_in_shared, float* __restrict__ dq) {
   SSL_DYN_SHARED(smem);
-  const Layout<T> sm = layout<T>(smem, true);
+  const Layout<T> sm = layout<T>(smem, true, kSym);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
   const int rows = N - i0 < kBQ ? static_cast<int>(N - i0) : kBQ;
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   const Row row = load_row(i0 + r, N, pos, self, lse, g);
-  const float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
+  float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
   float* acc = acc_in_shared ? sm.acc : dq + i0 * D;  // the block's rows of dq are its own
   zero_rows(acc, rows, D);
   __syncwarp();  // zeroed before the product passes (another lane mapping, same warp rows)
   for (int64_t k0 = 0; k0 < M; k0 += kBK) {
     const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
+    if constexpr (kSym) {
+      stage_columns(sm, k0, cols, pos, self, lse, g);
+      scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;
+    }
     logits_tile(sm, q, i0, N, k, k0, M, D);
-    grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
+    if constexpr (kSym)
+      sym_grad_tile(sm, row, i0 + r, r, h, k0, cols, inv_t, scale);
+    else
+      grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
     add_products<T, false>(sm, sm.ks, k, k0, M, D, acc, rows, inv_scale);
   }
   __syncwarp();
@@ -459,13 +528,13 @@ struct Plan {
   bool acc_in_shared;  // the accumulator in shared memory (else in the output rows)
 };
 
-// max_shared: the device's shared memory per block with opt-in
+// max_shared: the device's shared memory per block with opt-in; sym: the dz kernel
 template <typename T>
-inline Plan backward_plan(int64_t D, size_t max_shared) {
+inline Plan backward_plan(int64_t D, size_t max_shared, bool sym = false) {
   const size_t cap = max_shared < kSharedCap ? max_shared : kSharedCap;
   Plan p;
-  p.acc_in_shared = shared_bytes<T>(true, D) <= cap;
-  p.shared = shared_bytes<T>(true, p.acc_in_shared ? D : 0);
+  p.acc_in_shared = shared_bytes<T>(true, D, sym) <= cap;
+  p.shared = shared_bytes<T>(true, p.acc_in_shared ? D : 0, sym);
   return p;
 }
 
@@ -477,8 +546,9 @@ void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, c
   if (D == 0) return;  // nothing to write
   const Plan p = backward_plan<T>(D, max_shared);
   if (dq != nullptr && N > 0) {
-    ssl_allow_shared(dq_kernel<T>, p.shared);
-    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream, dq_kernel<T>)(
+    ssl_allow_shared(dq_kernel<T, false>, p.shared);
+    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
+               dq_kernel<T, false>)(
         q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dq);
   }
   if (dk != nullptr && M > 0) {
@@ -486,6 +556,18 @@ void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, c
     SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(M, kBK))), dim3(kThreads), p.shared, stream, dk_kernel<T>)(
         q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dk);
   }
+}
+
+// dz [N, D] (fp32, every element written) = dq + dk of the loss with keys = queries = z, one kernel;
+// lse from forward(z, z, ...), g = dL/dloss [N]
+template <typename T>
+void backward_sym(const T* z, const int64_t* pos, const int64_t* self, const float* lse, const float* g, int64_t N,
+                  int64_t D, float inv_t, float* dz, size_t max_shared, cudaStream_t stream) {
+  if (D == 0 || N == 0) return;  // nothing to write
+  const Plan p = backward_plan<T>(D, max_shared, true);
+  ssl_allow_shared(dq_kernel<T, true>, p.shared);
+  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
+             dq_kernel<T, true>)(z, z, pos, self, lse, g, N, N, D, inv_t, p.acc_in_shared, dz);
 }
 
 }  // namespace contrastive
