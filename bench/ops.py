@@ -4,13 +4,14 @@ For each op: wall time (median of --repeat runs after a warm-up) and peak extra 
 of the compiled kernels, the pure-PyTorch reference, and the peers, all measured in
 the same run, each in a fresh subprocess (CPU peak = high-water mark of the resident
 set after /proc/self/clear_refs; CUDA peak = torch.cuda.max_memory_allocated), at the
-SimCLR / SwAV / DeepCluster-v2 shapes, on CPU and (when present) CUDA.
+SimCLR / MoCo / SwAV / DeepCluster-v2 shapes, on CPU and (when present) CUDA.
 
     python bench/ops.py [--device cpu|cuda|all] [--quick] [--out bench.json]
 
-Peers: lightly's NTXentLoss and sinkhorn, SwAV's published Sinkhorn formula, faiss-cpu
-Kmeans and fast-pytorch-kmeans (skipped with a note when not installed). Prints one
-JSON object: results per op and device, and the ratios each op's bar is stated in (csrc/README.md).
+Peers: lightly's NTXentLoss and sinkhorn, the loss as MoCo's builder computes it, SwAV's
+published Sinkhorn formula, faiss-cpu Kmeans and fast-pytorch-kmeans (skipped with a note
+when not installed). Prints one JSON object: results per op and device, and the ratios each
+op's bar is stated in (csrc/README.md).
 """
 import argparse
 import json
@@ -25,15 +26,19 @@ sys.path.insert(0, ROOT)
 
 SHAPES = {  # op -> device -> shape
     "contrastive": {"cpu": dict(n=8192, d=128, t=0.1), "cuda": dict(n=65536, d=128, t=0.1, dtype="bfloat16")},
+    "moco": {"cpu": dict(n=1024, m=16384, d=128, t=0.2),
+             "cuda": dict(n=4096, m=65536, d=128, t=0.2, dtype="bfloat16")},
     "sinkhorn": {"cpu": dict(b=4096, k=3000, eps=0.05, iters=3), "cuda": dict(b=7936, k=3000, eps=0.05, iters=3)},
     "kmeans": {"cpu": dict(n=100_000, d=128, k=1000, iters=10), "cuda": dict(n=1_280_000, d=128, k=3000, iters=10)},
 }
 QUICK = {
-    "contrastive": dict(n=1024, d=64, t=0.1), "sinkhorn": dict(b=512, k=300, eps=0.05, iters=3),
+    "contrastive": dict(n=1024, d=64, t=0.1), "moco": dict(n=128, m=1024, d=64, t=0.2),
+    "sinkhorn": dict(b=512, k=300, eps=0.05, iters=3),
     "kmeans": dict(n=5000, d=32, k=50, iters=5),
 }
 IMPLS = {
     "contrastive": ["compiled", "reference", "lightly_ntxent"],
+    "moco": ["compiled", "reference", "moco_original"],
     "sinkhorn": ["compiled", "reference", "swav_formula", "lightly_sinkhorn"],
     "kmeans": ["compiled", "reference", "faiss", "fast_pytorch_kmeans"],
 }
@@ -101,6 +106,40 @@ def _contrastive(impl, device, shape):
     def run():
         zz = z.detach().requires_grad_()
         loss = fn(zz, zz, pos, t, self_index=self_index)
+        loss.backward()
+        return loss
+    return run
+
+
+def _moco(impl, device, shape):
+    """MoCo's loss: n queries against [their n keys; a queue], m keys in all, positive i; the keys get no
+    gradient. moco_original: the formula of MoCo's builder (positive and negative logits by einsum,
+    concatenated, cross-entropy against class 0)."""
+    import torch
+    import torch.nn.functional as F
+    from common import ops
+    n, m, d, t = shape["n"], shape["m"], shape["d"], shape["t"]
+    dtype = getattr(torch, shape.get("dtype", "float32")) if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=1).to(device=device, dtype=dtype)
+    pos = torch.arange(n, device=device)
+    if impl == "moco_original":
+        k, queue = keys[:n], keys[n:].t().contiguous()  # the builder keeps the queue as [D, K]
+        labels = torch.zeros(n, dtype=torch.long, device=device)
+
+        def run():
+            qq = q.detach().requires_grad_()
+            logits = torch.cat([torch.einsum("nc,nc->n", qq, k)[:, None], torch.einsum("nc,ck->nk", qq, queue)], 1)
+            loss = F.cross_entropy(logits / t, labels)
+            loss.backward()
+            return loss
+        return run
+    fn = ops.contrastive_loss if impl == "compiled" else ops.contrastive_loss_reference
+
+    def run():
+        qq = q.detach().requires_grad_()
+        loss = fn(qq, keys, pos, t)
         loss.backward()
         return loss
     return run
@@ -193,7 +232,8 @@ def child(op, impl, device, shape, repeat, threads):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = op == "kmeans"  # the k-means GPU target is stated with TF32 (peers)
         torch.backends.cudnn.allow_tf32 = op == "kmeans"
-    made = {"contrastive": _contrastive, "sinkhorn": _sinkhorn, "kmeans": _kmeans}[op](impl, device, shape)
+    made = {"contrastive": _contrastive, "moco": _moco, "sinkhorn": _sinkhorn, "kmeans": _kmeans}[op](impl, device,
+                                                                                                      shape)
     if made is None:
         return {"skipped": "not available on this device"}
     run, x, state = made if isinstance(made, tuple) else (made, None, None)
@@ -244,6 +284,7 @@ def ratio(results, a, b, key="time_ms"):
 MODELLED = {
     "contrastive": lambda pm, dev, s: pm.contrastive_model(dev, s["n"], s["n"], s["d"],
                                                            symmetric=True)["lower_bound_ms"],  # fn(z, z, ...)
+    "moco": lambda pm, dev, s: pm.contrastive_model(dev, s["n"], s["m"], s["d"], need_dk=False)["lower_bound_ms"],
     "sinkhorn": lambda pm, dev, s: pm.sinkhorn_model(dev, s["b"], s["k"], s["iters"])["lower_bound_ms"],
     "kmeans": lambda pm, dev, s: pm.kmeans_model(dev, s["n"], s["k"], s["d"])["lower_bound_ms"] * s["iters"],
 }
@@ -252,7 +293,7 @@ MODELLED = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    parser.add_argument("--ops", default="contrastive,sinkhorn,kmeans")
+    parser.add_argument("--ops", default="contrastive,moco,sinkhorn,kmeans")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: default)")
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
@@ -284,6 +325,11 @@ def main():
                 r["peak_memory_vs_reference"] = ratio(res, "compiled", "reference", "peak_extra_mb")
                 r["time_vs_lightly_ntxent"] = ratio(res, "compiled", "lightly_ntxent")
                 r["target"] = "time <= 0.5, memory <= 0.0625 (CPU); GPU: <= 12 ms, < 128 MB"
+            elif op == "moco":
+                r["time_vs_reference"] = ratio(res, "compiled", "reference")
+                r["peak_memory_vs_reference"] = ratio(res, "compiled", "reference", "peak_extra_mb")
+                r["time_vs_moco_original"] = ratio(res, "compiled", "moco_original")
+                r["target"] = "GPU: <= 0.5 ms (4096 queries, 65536 keys, bf16)"
             elif op == "sinkhorn":
                 r["time_vs_swav_formula"] = ratio(res, "compiled", "swav_formula")
                 r["time_vs_reference"] = ratio(res, "compiled", "reference")

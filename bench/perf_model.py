@@ -72,11 +72,14 @@ def sinkhorn_model(dev, b=7936, k=3000, iters=3, score_bytes=4):
     return out
 
 
-def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, symmetric=False):
+def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, symmetric=False, whole=True):
     """Forward + backward of the fused loss (csrc/kernels/contrastive.cuh): forward, then the dq kernel and (when
     the keys need a gradient) the dk kernel, each recomputing the logits tile by tile from the saved lse.
     symmetric: keys is queries (contrastive_loss(z, z, ...)): forward, then the one dz kernel (a logits GEMM and a
-    product GEMM per tile pair, two exps per logit)."""
+    product GEMM per tile pair, two exps per logit). whole: the kernels' plan keeps whole tiles (each block loads
+    its own tile once and each tile of the other side once per visit, for both GEMMs), as it does at D = 128 in 16
+    bits on an H100 / H200 (tests/test_cuda_emulated_contrastive.py checks that plan); else every tile pair streams
+    both sides' 32-column panels for the logits and the other side's once more for the backward's products."""
     bq, bk, dk = (constexpr("contrastive.cuh", name) for name in ("kBQ", "kBK", "kDK"))
     if symmetric and (m != n or not need_dk):
         raise ValueError("the symmetric path has keys = queries: m == n and a gradient for both")
@@ -90,18 +93,19 @@ def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, sy
         exps = n * m * kernels  # one exp per logit per kernel
         dram = (n + m) * d * in_bytes * kernels + n * d * 4 + (m * d * 4 if need_dk else 0) + 3 * n * 4
     sfu_rate = dev["sms"] * 16 * 1.83e9  # MUFU.EX2: 16 per clock per SM at ~1.83 GHz boost
-    # every block streams both operands' D-chunks through shared memory for each tile pair it visits (the logits
-    # GEMM), and the backward kernels stream the other side's chunks once more for their product GEMM
     tiles = math.ceil(n / bq) * math.ceil(m / bk)
-    l2 = tiles * d * in_bytes * ((bq + bk) + (kernels - 1) * (bq + 2 * bk))
-    out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes, symmetric=symmetric),
+    if whole:  # per tile pair the other side's tile; per block its own tile, once
+        l2 = tiles * bk * d * in_bytes * kernels + (n + m) * d * in_bytes * kernels
+    else:  # per tile pair both sides' panels for the logits, in backward the other side's again for the products
+        l2 = tiles * d * in_bytes * ((bq + bk) + (kernels - 1) * (bq + 2 * bk))
+    out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes, symmetric=symmetric, whole=whole),
            "tiles": dict(bq=bq, bk=bk, dk=dk),
            "flops": flops, "exp_count": exps, "exp_ms_at_mufu_rate": round(exps / sfu_rate * 1e3, 4),
            "dram_bytes": dram, "l2_to_shared_bytes": l2, "l2_to_shared_ms": round(l2 / dev["l2"] * 1e3, 4),
            "arithmetic_intensity_vs_l2": round(flops / l2, 1), "launches": kernels,
            "extra_global_memory_bytes": 2 * n * 4}
     out.update(bound(flops, "bf16" if in_bytes == 2 else "fp32", dram, dev))
-    # the tiles re-read from L2 are the nearer limit with these tile sizes: say which bound binds
+    # the tiles re-read from L2 can be the nearer limit with these tile sizes: say which bound binds
     out["lower_bound_with_l2_ms"] = round(max(out["lower_bound_ms"], out["l2_to_shared_ms"],
                                               out["exp_ms_at_mufu_rate"]), 4)
     return out

@@ -50,10 +50,11 @@ std::vector<at::Tensor> contrastive_forward_cuda(const at::Tensor& q, const at::
   auto loss = at::empty({N}, fopt), lse = at::empty({N}, fopt);
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
+  const size_t max_shared = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   by_dtype(q, k, [&](auto qp, auto kp) {
     contrastive::forward(qp, kp, pos.data_ptr<int64_t>(), sp, N, M, D, inv_t, loss.data_ptr<float>(),
-                         lse.data_ptr<float>(), stream);
+                         lse.data_ptr<float>(), max_shared, stream);
   });
   cuda::check_launch();
   return {loss, lse};

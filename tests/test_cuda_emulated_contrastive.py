@@ -5,8 +5,11 @@ csrc/emu/cuda_emu.h as in tests/test_cuda_emulated.py (whose harness and helpers
 reuses), checked against float64 on the inputs' exact values at sizes that are not multiples
 of the 64 x 64 tiles or of the 32 columns of D per pass, with NaN guard bands around every
 buffer. The float32 cases run under both scheduling orders; the 16-bit cases alternate between
-them, and for each path one case is shown to give the same bits under both (no atomics). The
-last tests plant faults (missing barriers) into a copy of the kernels and show each one fails.
+them, and for each path one case is shown to give the same bits under both orders and under each
+of the kernels' three plans (whole tiles in shared memory, or streamed 32-column panels with the
+accumulators in shared memory or in the output rows), so each plan is as exact as the one
+checked against float64. keys is queries (the dz kernel) is checked the same way. The last tests
+plant faults (missing or misplaced barriers) into a copy of the kernels and show each one fails.
 
 Tolerances. float32 inputs: as tests/test_ops.py, the error is at most the naive float32
 formula's (PyTorch, same inputs) plus F32_TOL times the largest entry (at least 1). 16-bit
@@ -42,13 +45,30 @@ def contrastive_library(emu):
     """Registers the contrastive entry points of csrc/emu/harness_contrastive.cpp on the library."""
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     err = [ctypes.c_char_p, i32]
-    emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, *err]
+    emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, i64, *err]
     emu.lib.emu_contrastive_backward.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, i32, ptr,
                                                  ptr, i64, *err]
     emu.lib.emu_contrastive_backward_sym.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ptr, i64, *err]
-    emu.lib.emu_contrastive_acc_in_shared.argtypes = [i32, i64, i64, i32]
-    emu.lib.emu_contrastive_acc_in_shared.restype = i32
+    emu.lib.emu_contrastive_plan.argtypes = [i32, i64, i64, i32, i32]
+    emu.lib.emu_contrastive_plan.restype = i64
     return emu
+
+
+def plan(emu, dtype, d, max_shared, backward=True, sym=False):
+    """The kernels' plan at feature size d: (columns of D per panel, accumulators in shared memory).
+    A panel of at least d columns means whole tiles: each loaded once and kept for both GEMMs."""
+    v = emu.lib.emu_contrastive_plan(CODES[dtype], d, max_shared, int(backward), int(sym))
+    return v // 2, bool(v % 2)
+
+
+def whole(d):
+    """The panel width of whole tiles: d rounded up to the 32-column chunks."""
+    return max(32, -(-d // 32) * 32)
+
+
+# max_shared values that give the three plans at D = 33 (every dtype; backward and dz): whole tiles,
+# streamed panels with the accumulators in shared memory, streamed panels accumulating in the output
+PLANS_33 = {H100_SHARED: (64, True), 50_000: (32, True), 40_000: (32, False)}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +125,8 @@ def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, n
     gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
     self_ptr = None if gself is None else gself.ptr
     loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
-    emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d, inv_t, loss.ptr, lse.ptr)
+    emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d, inv_t, loss.ptr, lse.ptr,
+             max_shared)
     glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
     dq, dk = Guarded.poisoned((n, d), np.float32), Guarded.poisoned((m, d), np.float32)
     emu.call("emu_contrastive_backward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, m, d, inv_t,
@@ -208,16 +229,20 @@ def test_float32_matches_float64(emu, order, case):
 
 
 def test_float32_does_not_depend_on_scheduling_or_placement(emu):
-    """No atomics, fixed summation order: both orders, and the accumulators in shared memory or
-    in the output rows, give the same bits."""
+    """No atomics, fixed summation order: both orders, under each of the three plans (whole tiles,
+    or streamed panels with the accumulators in shared memory or in the output rows), give the
+    same bits."""
     q, k, pos, self_index = inputs("random+self", 75, 130, 70, 3, torch.float32)
     g = row_weights(75)
-    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, H100_SHARED, 0) == 1
-    assert emu.lib.emu_contrastive_acc_in_shared(0, 70, 40_000, 0) == 0
+    placements = {H100_SHARED: (96, True), 60_000: (32, True), 40_000: (32, False)}
+    for max_shared, expected in placements.items():
+        assert plan(emu, torch.float32, 70, max_shared) == expected
+    assert plan(emu, torch.float32, 70, H100_SHARED, backward=False)[0] == 96
+    assert plan(emu, torch.float32, 70, 40_000, backward=False)[0] == 32
     runs = []
     for order in ORDERS:
         emu.order(order)
-        for max_shared in (H100_SHARED, 40_000):
+        for max_shared in placements:
             runs.append(emulated(emu, q, k, pos, self_index, 0.1, g, max_shared=max_shared))
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
@@ -263,12 +288,14 @@ def test_launches_for_any_size(emu):
         for dtype, code in CODES.items():
             for n, m, d in [(2 ** 31 - 1, 65536, 128), (4096, 2 ** 31 - 1, 200), (5, 7, 4096)]:
                 for max_shared in (H100_SHARED, 48 * 1024):
-                    emu.call("emu_contrastive_forward", code, None, None, None, None, n, m, d, 5.0, None, None)
+                    emu.call("emu_contrastive_forward", code, None, None, None, None, n, m, d, 5.0, None, None,
+                             max_shared)
                     emu.call("emu_contrastive_backward", code, None, None, None, None, None, None, n, m, d, 5.0, 1, 1,
                              None, None, max_shared)
                     emu.call("emu_contrastive_backward_sym", code, None, None, None, None, None, n, d, 5.0, None,
                              max_shared)
-            assert emu.lib.emu_contrastive_acc_in_shared(code, 200, H100_SHARED, 0) == 1  # > 48 KiB: opted in
+            assert plan(emu, dtype, 200, H100_SHARED) == (32, True)  # > 48 KiB: opted in
+            assert plan(emu, dtype, 4096, H100_SHARED) == (32, False)
     finally:
         emu.lib.emu_set_dry_run(0)
 
@@ -293,17 +320,25 @@ def test_half_matches_float64(emu, dtype, case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_does_not_depend_on_scheduling(emu, dtype):
-    """As for float32: the same bits under both orders, accumulating in shared memory or in the output rows."""
+    """As for float32: the same bits under both orders and the three plans."""
     q, k, pos, self_index = inputs("random+self", 75, 130, 33, 9, dtype)
     g = row_weights(75)
     runs = []
-    for order, max_shared in zip(ORDERS, (H100_SHARED, 40_000)):  # accumulators in shared memory, then in the output
-        emu.order(order)
+    for i, (max_shared, expected) in enumerate(PLANS_33.items()):
+        assert plan(emu, dtype, 33, max_shared) == expected
+        emu.order(list(ORDERS)[i % 2])
         runs.append(emulated(emu, q, k, pos, self_index, 0.2, g, max_shared=max_shared))
-    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, H100_SHARED, 0) == 1
-    assert emu.lib.emu_contrastive_acc_in_shared(CODES[dtype], 33, 40_000, 0) == 0
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_target_shapes_keep_whole_tiles(emu, dtype):
+    """bench/perf_model.py assumes that at D = 128 in 16 bits every kernel keeps whole tiles, with its
+    accumulators in shared memory, on an H100 / H200 (227 KiB per block with opt-in)."""
+    for backward, sym in [(False, False), (True, False), (True, True)]:
+        assert plan(emu, dtype, 128, H100_SHARED, backward, sym) == (128, backward), (backward, sym)
 
 
 def test_fp16_backward_keeps_the_negatives_gradient(emu):
@@ -354,7 +389,8 @@ def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H10
     gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
     self_ptr = None if gself is None else gself.ptr
     loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
-    emu.call("emu_contrastive_forward", code, gz.ptr, gz.ptr, gpos.ptr, self_ptr, n, n, d, inv_t, loss.ptr, lse.ptr)
+    emu.call("emu_contrastive_forward", code, gz.ptr, gz.ptr, gpos.ptr, self_ptr, n, n, d, inv_t, loss.ptr, lse.ptr,
+             max_shared)
     glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
     dz = Guarded.poisoned((n, d), np.float32)
     emu.call("emu_contrastive_backward_sym", code, gz.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, d, inv_t, dz.ptr,
@@ -443,13 +479,11 @@ def test_sym_does_not_depend_on_scheduling_or_placement(emu, dtype):
     """The same bits under both orders, accumulating in shared memory or in the output rows."""
     z, _, pos, self_index = inputs("random+self", 75, 75, 33, 6, dtype)
     g = row_weights(75)
-    code = CODES[dtype]
-    assert emu.lib.emu_contrastive_acc_in_shared(code, 33, H100_SHARED, 1) == 1
-    assert emu.lib.emu_contrastive_acc_in_shared(code, 33, 40_000, 1) == 0
     runs = []
     for order in ORDERS:
         emu.order(order)
-        for max_shared in (H100_SHARED, 40_000):
+        for max_shared, expected in PLANS_33.items():
+            assert plan(emu, dtype, 33, max_shared, sym=True) == expected
             runs.append(emulated_sym(emu, z, pos, self_index, 0.2, g, max_shared))
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
@@ -460,26 +494,33 @@ def test_sym_does_not_depend_on_scheduling_or_placement(emu, dtype):
 
 # (the exact text in kernels/contrastive.cuh, what replaces it, the check that must then fail)
 FAULTS = {
-    "no barrier between loading a chunk and the SIMT GEMM": (
-        "      __syncthreads();\n#pragma unroll 4\n      for (int d = 0; d < kDK; ++d) {",
-        "#pragma unroll 4\n      for (int d = 0; d < kDK; ++d) {",
+    "no barrier between loading a panel and the SIMT GEMM": (
+        "      __syncthreads();\n      const int width = panel_width(sm, D, d0);\n#pragma unroll 4\n",
+        "      const int width = panel_width(sm, D, d0);\n#pragma unroll 4\n",
         ("random+self", 37, 75, 33, 1.0, torch.float32)),
-    "no barrier between loading a chunk and the wmma GEMM": (
-        "      __syncthreads();\n#pragma unroll\n      for (int kk = 0; kk < kDK; kk += 16) {",
-        "#pragma unroll\n      for (int kk = 0; kk < kDK; kk += 16) {",
+    "no barrier between loading a panel and the wmma GEMM": (
+        "      __syncthreads();\n      const int width = panel_width(sm, D, d0);\n      for (int kk = 0;",
+        "      const int width = panel_width(sm, D, d0);\n      for (int kk = 0;",
         ("random+self", 37, 75, 33, 1.0, torch.bfloat16)),
-    "product pass reloads a chunk before every warp's logits GEMM is done with it": (
-        "  constexpr int ld = Cfg<T>::kLdIn;\n  __syncthreads();\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
-        "  constexpr int ld = Cfg<T>::kLdIn;\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
+    "product pass starts before dS is complete and the logits GEMM is done with the panels": (
+        "  const int ld = sm.ld;\n  __syncthreads();\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
+        "  const int ld = sm.ld;\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",
         ("random+self", 75, 130, 70, 0.2, torch.float32)),
+    "streamed product pass reloads a panel before every warp is done with the previous one": (
+        "        if (d0 > 0) __syncthreads();  // every warp is done with the previous panel\n"
+        "        load_panel(sm, x, src, x0, x_rows, D, d0);\n        __syncthreads();\n      }\n"
+        "      const int width = panel_width(sm, D, d0);\n      for (int c0 = 0; c0 < width; c0 += kDK) {  //",
+        "        load_panel(sm, x, src, x0, x_rows, D, d0);\n        __syncthreads();\n      }\n"
+        "      const int width = panel_width(sm, D, d0);\n      for (int c0 = 0; c0 < width; c0 += kDK) {  //",
+        ("random+self", 75, 130, 70, 0.2, torch.bfloat16, 0, 40_000)),
     "dz stages a tile's columns after the barriers that publish them": (
         "      stage_columns(sm, k0, cols, pos, self, lse, g);\n"
         "      scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;\n"
         "    }\n"
-        "    logits_tile(sm, q, i0, N, k, k0, M, D);\n",
+        "    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);\n",
         "      scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;\n"
         "    }\n"
-        "    logits_tile(sm, q, i0, N, k, k0, M, D);\n"
+        "    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);\n"
         "    if constexpr (kSym) stage_columns(sm, k0, cols, pos, self, lse, g);\n",
         ("sym", "simclr", 74, 33, 0.07, torch.float32)),
 }
@@ -500,7 +541,11 @@ def test_planted_faults_are_caught(fault, tmp_path):
     for order in ORDERS:
         faulty.order(order)
         try:
-            check_sym(faulty, *case[1:]) if case[0] == "sym" else check(faulty, *case)
+            if case[0] == "sym":
+                check_sym(faulty, *case[1:])
+            else:
+                check(faulty, *case[:6], seed=case[6] if len(case) > 6 else 0,
+                      max_shared=case[7] if len(case) > 7 else H100_SHARED)
         except (EmulatorFault, AssertionError) as e:
             caught.append(f"{order}: {type(e).__name__}: {str(e)[:200]}")
     assert caught, f"the planted fault ({fault}) went unnoticed under both scheduling orders"

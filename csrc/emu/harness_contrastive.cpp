@@ -20,15 +20,15 @@ void by_dtype(int dtype, Fn fn) {
 
 extern "C" {
 
-// loss [N], lse [N]; self may be null
+// loss [N], lse [N]; self may be null; max_shared: shared memory per block with opt-in
 int emu_contrastive_forward(int dtype, const void* q, const void* k, const int64_t* pos, const int64_t* self,
-                            int64_t N, int64_t M, int64_t D, float inv_t, float* loss, float* lse, char* err,
-                            int err_len) {
+                            int64_t N, int64_t M, int64_t D, float inv_t, float* loss, float* lse, int64_t max_shared,
+                            char* err, int err_len) {
   return guarded(err, err_len, [&] {
     by_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
       sslops::contrastive::forward(static_cast<const T*>(q), static_cast<const T*>(k), pos, self, N, M, D, inv_t,
-                                   loss, lse, nullptr);
+                                   loss, lse, static_cast<size_t>(max_shared), nullptr);
     });
   });
 }
@@ -61,12 +61,14 @@ int emu_contrastive_backward_sym(int dtype, const void* z, const int64_t* pos, c
   });
 }
 
-// whether the backward kernels (sym: the dz kernel) keep their accumulators in shared memory at this D
-int emu_contrastive_acc_in_shared(int dtype, int64_t D, int64_t max_shared, int sym) {
-  int out = 0;
+// The kernels' plan at this D (backward: the dq / dk kernels, sym: the dz kernel): its panel width
+// (>= D: whole tiles) times 2, plus 1 when the accumulators are in shared memory
+int64_t emu_contrastive_plan(int dtype, int64_t D, int64_t max_shared, int backward, int sym) {
+  int64_t out = 0;
   by_dtype(dtype, [&](auto zero) {
-    out = sslops::contrastive::backward_plan<decltype(zero)>(D, static_cast<size_t>(max_shared), sym != 0)
-              .acc_in_shared;
+    const auto p = sslops::contrastive::make_plan<decltype(zero)>(D, static_cast<size_t>(max_shared), backward != 0,
+                                                                  sym != 0);
+    out = 2 * p.panel + (p.acc_in_shared ? 1 : 0);
   });
   return out;
 }

@@ -2,12 +2,17 @@
 // csrc/contrastive.cpp (see there), with every logits tile kept on chip.
 //
 // A block of 128 threads (4 warps) owns a tile of kBQ = 64 query rows (forward, dq) or kBK = 64
-// keys (dk) and loops over the other side's tiles. D is streamed through shared memory kDK = 32
-// columns at a time, zero-filled past D, so any D works. The logits tile S = Q K^T is computed
-// by a SIMT fp32 FMA GEMM for float inputs (exact fp32 products, no TF32) or by wmma 16x16x16
-// with fp32 accumulators for fp16 / bf16, and lands in shared memory as fp32; warp w owns rows
-// 16w..16w+15 there, two threads per row (even / odd columns), so the row pass needs no block
-// barrier.
+// keys (dk) and loops over the other side's tiles. D goes through shared memory in panels of
+// whole chunks of kDK = 32 columns, zero-filled past D, so any D works. When both tiles fit
+// whole (one panel holds all of D, the plan's first choice: at D = 128 in 16 bits every kernel's
+// does), the block's own tile is loaded once and stays, and each tile of the other side is
+// loaded once and serves both the logits GEMM and the backward's product GEMM: the blocks pull
+// 64 x D elements from L2 per tile pair. Otherwise both sides stream through 32-column panels,
+// for the logits and again for the products (3 x 64 x D per tile pair in backward). Both plans
+// sum in the same order and give the same bits. The logits tile S = Q K^T is computed by a SIMT
+// fp32 FMA GEMM for float inputs (exact fp32 products, no TF32) or by wmma 16x16x16 with fp32
+// accumulators for fp16 / bf16, and lands in shared memory as fp32; warp w owns rows 16w..16w+15
+// there, two threads per row (even / odd columns), so the row pass needs no block barrier.
 //
 //   forward: a running max m and sum l per row and thread (online log-sum-exp) over the key
 //            tiles, the self column left out and the positive logit picked in the same pass;
@@ -26,15 +31,15 @@
 //            memory), so it stays one pass over every tile pair.
 // Every output row belongs to one block and is summed in a fixed order: no atomics, and the
 // result does not depend on scheduling. dq and dk accumulate in fp32, in shared memory when the
-// block's 64 x D floats fit (backward_plan), else in place in the output rows. Extra global
+// block's 64 x D floats fit (make_plan), else in place in the output rows. Extra global
 // memory: none.
 //
 // dS for the tensor cores: cast to T. Its entries are at most |g_i| and mostly far smaller (MoCo:
 // mean over 4096 rows and 65536 keys, g = 2.4e-4, dS_ij = g p_ij averages g / 65536 = 4e-9, below
-// fp16's smallest subnormal 6e-8), so each query tile's dS is multiplied by a power of two chosen from the tile's max |g|
-// (max |g| * scale in [2^13, 2^14), so |dS| * scale <= 2^14 fits fp16; dz's H = dS + dS^T, with
-// the max over the tile's rows and columns, stays under 2^15) and the products are
-// multiplied by 1/scale in fp32, which is exact. bf16 has fp32's range and takes the same path;
+// fp16's smallest subnormal 6e-8), so each query tile's dS is multiplied by a power of two chosen
+// from the tile's max |g| (max |g| * scale in [2^13, 2^14), so |dS| * scale <= 2^14 fits fp16;
+// dz's H = dS + dS^T, with the max over the tile's rows and columns, stays under 2^15) and the
+// products are multiplied by 1/scale in fp32, which is exact. bf16 has fp32's range and takes the same path;
 // fp32 inputs use scale 1.
 #pragma once
 #include <type_traits>
@@ -51,12 +56,13 @@ constexpr int kThreads = 128;  // 4 warps of 16 tile rows; two threads per row i
 // __launch_bounds__'s blocks per SM: caps registers at 128, under which ptxas spills nothing (without
 // it ptxas gives the forward kernels 72-80 registers and spills 28 bytes; sm_90, CUDA 13.0)
 constexpr int kMinBlocks = 4;
-// dq / dk accumulators go to shared memory while the block needs at most this much: two blocks
-// (8 warps) per H100 SM, D <= 256 for 16-bit inputs. Larger D accumulates in the output rows.
+// A block uses at most this much shared memory (two blocks, 8 warps, per H100 SM); the plan picks
+// the first layout that fits: whole tiles with the dq / dk accumulators in shared memory, streamed
+// panels with them, streamed panels with the accumulators in the output rows.
 constexpr size_t kSharedCap = 100 * 1024;
 
 static_assert(kBQ == kBK && kBQ == kThreads / 2, "tile rows: 16 per warp, two threads per row");
-static_assert(kDK == 32, "the wmma product pass gives each lane one column of a chunk");
+static_assert(kDK == 32, "the product pass gives each lane one column of a chunk");
 
 template <typename T>
 struct Cfg {
@@ -64,7 +70,7 @@ struct Cfg {
   // leading dimensions (elements) of the shared tiles: wmma needs multiples of 16 bytes; the pads
   // spread a tile's rows over the banks (fp32: every access of the SIMT path is conflict-free;
   // 16-bit: the row pass reads S with 2-way conflicts)
-  static constexpr int kLdIn = kWmma ? kDK + 8 : kDK + 1;  // Q / K chunks [64][kDK], T
+  static constexpr int kPad = kWmma ? 8 : 1;              // Q / K panels [64][panel + kPad], T
   static constexpr int kLdS = kWmma ? kBK + 4 : kBK + 2;   // logits [64][kBK], fp32
   static constexpr int kLdG = kBK + 8;                      // dS [64][kBK] as T (wmma only)
 };
@@ -77,10 +83,10 @@ struct Col {
   int64_t pos, self;  // self = -1 when there is none
 };
 
-// Dynamic shared memory: [Q chunk][K chunk][S fp32][dS as T (backward, wmma)][Col x 64 (dz)][accumulator 64 x D]
+// Dynamic shared memory: [Q panel][K panel][S fp32][dS as T (backward, wmma)][Col x 64 (dz)][accumulator 64 x D]
 template <typename T>
-__host__ __device__ constexpr size_t in_bytes() {
-  return round_up(sizeof(T) * 64 * Cfg<T>::kLdIn);
+__host__ __device__ constexpr size_t in_bytes(int64_t panel) {
+  return round_up(sizeof(T) * 64 * static_cast<size_t>(panel + Cfg<T>::kPad));
 }
 template <typename T>
 __host__ __device__ constexpr size_t s_bytes() {
@@ -92,15 +98,17 @@ __host__ __device__ constexpr size_t g_bytes(bool backward) {
 }
 __host__ __device__ constexpr size_t col_bytes(bool sym) { return sym ? round_up(sizeof(Col) * kBK) : 0; }
 template <typename T>
-__host__ __device__ inline size_t shared_bytes(bool backward, int64_t acc_cols, bool sym = false) {
-  return 2 * in_bytes<T>() + s_bytes<T>() + g_bytes<T>(backward) + col_bytes(sym) +
-         round_up(sizeof(float) * 64 * acc_cols);
+__host__ __device__ inline size_t shared_bytes(int64_t panel, bool backward, int64_t acc_cols, bool sym = false) {
+  return 2 * in_bytes<T>(panel) + s_bytes<T>() + g_bytes<T>(backward) + col_bytes(sym) +
+         round_up(sizeof(float) * 64 * static_cast<size_t>(acc_cols));
 }
 
 template <typename T>
 struct Layout {
-  T* qs;       // query rows x kDK columns of D
-  T* ks;       // key rows x kDK columns of D
+  int64_t panel;  // columns of D per panel (a multiple of kDK)
+  int ld;         // the panels' leading dimension, panel + kPad
+  T* qs;       // query rows x panel columns of D
+  T* ks;       // key rows x panel columns of D
   float* s;    // the logits tile (fp32: then dS in place; wmma: then the products' scratch)
   T* g;        // dS * scale as T (wmma)
   Col* cols;   // the current key tile's rows as queries (dz)
@@ -108,49 +116,62 @@ struct Layout {
 };
 
 template <typename T>
-__device__ __forceinline__ Layout<T> layout(unsigned char* smem, bool backward, bool sym = false) {
+__device__ __forceinline__ Layout<T> layout(unsigned char* smem, int64_t panel, bool backward, bool sym = false) {
   Layout<T> l;
-  const size_t g_at = 2 * in_bytes<T>() + s_bytes<T>(), cols_at = g_at + g_bytes<T>(backward);
+  const size_t in = in_bytes<T>(panel), g_at = 2 * in + s_bytes<T>(), cols_at = g_at + g_bytes<T>(backward);
+  l.panel = panel;
+  l.ld = static_cast<int>(panel) + Cfg<T>::kPad;
   l.qs = reinterpret_cast<T*>(smem);
-  l.ks = reinterpret_cast<T*>(smem + in_bytes<T>());
-  l.s = reinterpret_cast<float*>(smem + 2 * in_bytes<T>());
+  l.ks = reinterpret_cast<T*>(smem + in);
+  l.s = reinterpret_cast<float*>(smem + 2 * in);
   l.g = reinterpret_cast<T*>(smem + g_at);
   l.cols = reinterpret_cast<Col*>(smem + cols_at);
   l.acc = reinterpret_cast<float*>(smem + cols_at + col_bytes(sym));
   return l;
 }
 
-// rows [row0, row0 + 64) x columns [d0, d0 + kDK) of src [rows, D] into dst [64][kLdIn]; zeros
-// outside src, so padding rows and columns add nothing to the GEMMs
+// The columns of the panel starting at d0 that the GEMMs visit: whole chunks up to D's last one
 template <typename T>
-__device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, int64_t row0, int64_t rows, int64_t D,
-                                           int64_t d0) {
-  for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
-    const int r = e / kDK, c = e % kDK;
+__device__ __forceinline__ int panel_width(const Layout<T>& sm, int64_t D, int64_t d0) {
+  const int64_t left = dev::ceil_div(D - d0, kDK) * kDK;
+  return static_cast<int>(left < sm.panel ? left : sm.panel);
+}
+
+// rows [row0, row0 + 64) x the panel's columns [d0, d0 + width) of src [rows, D] into dst [64][ld];
+// zeros outside src, so padding rows and columns add nothing to the GEMMs
+template <typename T>
+__device__ __forceinline__ void load_panel(const Layout<T>& sm, T* dst, const T* __restrict__ src, int64_t row0,
+                                           int64_t rows, int64_t D, int64_t d0) {
+  const int width = panel_width(sm, D, d0);
+  for (int e = threadIdx.x; e < 64 * width; e += kThreads) {
+    const int r = e / width, c = e % width;
     const int64_t row = row0 + r, col = d0 + c;
-    dst[r * Cfg<T>::kLdIn + c] = row < rows && col < D ? src[row * D + col] : dev::from_float<T>(0.f);
+    dst[r * sm.ld + c] = row < rows && col < D ? src[row * D + col] : dev::from_float<T>(0.f);
   }
 }
 
 // S (not yet divided by T) = rows q0.. of q times rows k0.. of k, transposed, into sm.s; warp w
-// writes rows 16w..16w+15. Starts with a block barrier whenever D > 0.
+// writes rows 16w..16w+15. D goes through the panels; a side whose whole tile the block loaded
+// once (load_q / load_k false: one panel holds all of D) is not reloaded. Starts with a block
+// barrier whenever D > 0.
 template <typename T>
-__device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_t q0, int64_t N,
-                            const T* __restrict__ k, int64_t k0, int64_t M, int64_t D) {
-  constexpr int ld = Cfg<T>::kLdIn, lds = Cfg<T>::kLdS;
+__device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_t q0, int64_t N, bool load_q,
+                            const T* __restrict__ k, int64_t k0, int64_t M, bool load_k, int64_t D) {
+  constexpr int lds = Cfg<T>::kLdS;
+  const int ld = sm.ld;
   if constexpr (Cfg<T>::kWmma) {
     using namespace nvcuda;
     const int w = threadIdx.x >> 5;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBK / 16];
 #pragma unroll
     for (int n = 0; n < kBK / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
-      __syncthreads();  // every warp is done with the previous chunks (and the previous tile's dS)
-      load_chunk(sm.qs, q, q0, N, D, d0);
-      load_chunk(sm.ks, k, k0, M, D, d0);
+    for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
+      __syncthreads();  // every warp is done with the previous panels (and the previous tile's dS and products)
+      if (load_q) load_panel(sm, sm.qs, q, q0, N, D, d0);
+      if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kDK; kk += 16) {
+      const int width = panel_width(sm, D, d0);
+      for (int kk = 0; kk < width; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::load_matrix_sync(a, sm.qs + 16 * w * ld + kk, ld);
 #pragma unroll
@@ -172,18 +193,19 @@ __device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
-      __syncthreads();  // every warp is done with the previous chunks (and the previous tile's dS)
-      load_chunk(sm.qs, q, q0, N, D, d0);
-      load_chunk(sm.ks, k, k0, M, D, d0);
+    for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
+      __syncthreads();  // every warp is done with the previous panels (and the previous tile's dS and products)
+      if (load_q) load_panel(sm, sm.qs, q, q0, N, D, d0);
+      if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);
       __syncthreads();
+      const int width = panel_width(sm, D, d0);
 #pragma unroll 4
-      for (int d = 0; d < kDK; ++d) {
+      for (int d = 0; d < width; ++d) {
         float a[4], b[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = sm.qs[(4 * ty + i) * ld + d];
+        for (int i = 0; i < 4; ++i) a[i] = dev::to_float(sm.qs[(4 * ty + i) * ld + d]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) b[j] = sm.ks[(tx + 8 * j) * ld + d];
+        for (int j = 0; j < 8; ++j) b[j] = dev::to_float(sm.ks[(tx + 8 * j) * ld + d]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -324,13 +346,14 @@ __device__ __forceinline__ void store_rows(const float* acc, float* out, int row
 }
 
 // acc[rows][D] += (1/scale) op(dS) X over every chunk of D, X = rows x0.. of src (keys for dq,
-// queries for dk) streamed through x; op(dS) = dS (dq) or dS^T (dk, kTransposed). Warp w updates
-// accumulator rows 16w..16w+15. Starts with a block barrier: dS is complete (dk reads every
-// warp's rows of it) and the logits GEMM is done with the chunk buffers.
+// queries for dk) in the panel x; op(dS) = dS (dq) or dS^T (dk, kTransposed). reload: stream X
+// through x panel by panel (else x already holds all of X: the tile the logits GEMM just used).
+// Warp w updates accumulator rows 16w..16w+15. Starts with a block barrier: dS is complete (dk
+// reads every warp's rows of it) and the logits GEMM is done with the panels.
 template <typename T, bool kTransposed>
 __device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ src, int64_t x0, int64_t x_rows,
-                             int64_t D, float* acc, int rows, float inv_scale) {
-  constexpr int ld = Cfg<T>::kLdIn;
+                             int64_t D, bool reload, float* acc, int rows, float inv_scale) {
+  const int ld = sm.ld;
   __syncthreads();
   if constexpr (Cfg<T>::kWmma) {
     using namespace nvcuda;
@@ -343,85 +366,99 @@ __device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ sr
     for (int s = 0; s < kBK / 16; ++s)
       wmma::load_matrix_sync(a[s], kTransposed ? sm.g + 16 * s * ldg + 16 * w : sm.g + 16 * w * ldg + 16 * s, ldg);
     float* scratch = sm.s + 16 * w * lds;  // S is dead: its rows 16w.. hold this warp's products
-    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
-      if (d0 > 0) __syncthreads();  // every warp is done with the previous chunk
-      load_chunk(x, src, x0, x_rows, D, d0);
-      __syncthreads();
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> p[kDK / 16];
+    for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
+      if (reload) {
+        if (d0 > 0) __syncthreads();  // every warp is done with the previous panel
+        load_panel(sm, x, src, x0, x_rows, D, d0);
+        __syncthreads();
+      }
+      const int width = panel_width(sm, D, d0);
+      for (int c0 = 0; c0 < width; c0 += kDK) {  // the panel's chunks: columns d0 + c0 + lane
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> p[kDK / 16];
 #pragma unroll
-      for (int n = 0; n < kDK / 16; ++n) wmma::fill_fragment(p[n], 0.f);
+        for (int n = 0; n < kDK / 16; ++n) wmma::fill_fragment(p[n], 0.f);
 #pragma unroll
-      for (int s = 0; s < kBK / 16; ++s)
+        for (int s = 0; s < kBK / 16; ++s)
 #pragma unroll
-        for (int n = 0; n < kDK / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, x + 16 * s * ld + 16 * n, ld);
-          wmma::mma_sync(p[n], a[s], b, p[n]);
-        }
+          for (int n = 0; n < kDK / 16; ++n) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            wmma::load_matrix_sync(b, x + 16 * s * ld + c0 + 16 * n, ld);
+            wmma::mma_sync(p[n], a[s], b, p[n]);
+          }
 #pragma unroll
-      for (int n = 0; n < kDK / 16; ++n) wmma::store_matrix_sync(scratch + 16 * n, p[n], lds, wmma::mem_row_major);
-      __syncwarp();  // the warp's products are in scratch
-      const int64_t d = d0 + lane;
-      if (d < D)
-        for (int rr = 0; rr < 16; ++rr) {
-          const int r = 16 * w + rr;
-          if (r < rows) acc[r * D + d] += inv_scale * scratch[rr * lds + lane];
-        }
-      __syncwarp();  // scratch read before the next chunk's products overwrite it
+        for (int n = 0; n < kDK / 16; ++n)
+          wmma::store_matrix_sync(scratch + 16 * n, p[n], lds, wmma::mem_row_major);
+        __syncwarp();  // the warp's products are in scratch
+        const int64_t d = d0 + c0 + lane;
+        if (d < D)
+          for (int rr = 0; rr < 16; ++rr) {
+            const int r = 16 * w + rr;
+            if (r < rows) acc[r * D + d] += inv_scale * scratch[rr * lds + lane];
+          }
+        __syncwarp();  // scratch read before the next chunk's products overwrite it
+      }
     }
   } else {
     constexpr int lds = Cfg<T>::kLdS;
     const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;  // rows 4ty..4ty+3, columns tx + 8j of a chunk
-    for (int64_t d0 = 0; d0 < D; d0 += kDK) {
-      if (d0 > 0) __syncthreads();  // every warp is done with the previous chunk
-      load_chunk(x, src, x0, x_rows, D, d0);
-      __syncthreads();
-      float p[4][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) p[i][j] = 0.f;
-#pragma unroll 4
-      for (int s = 0; s < kBK; ++s) {
-        float a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = kTransposed ? sm.s[s * lds + 4 * ty + i] : sm.s[(4 * ty + i) * lds + s];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = x[s * ld + tx + 8 * j];
+    for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
+      if (reload) {
+        if (d0 > 0) __syncthreads();  // every warp is done with the previous panel
+        load_panel(sm, x, src, x0, x_rows, D, d0);
+        __syncthreads();
+      }
+      const int width = panel_width(sm, D, d0);
+      for (int c0 = 0; c0 < width; c0 += kDK) {
+        float p[4][4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) p[i][j] = fmaf(a[i], b[j], p[i][j]);
-      }
+          for (int j = 0; j < 4; ++j) p[i][j] = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < kBK; ++s) {
+          float a[4], b[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = 4 * ty + i;
+          for (int i = 0; i < 4; ++i) a[i] = kTransposed ? sm.s[s * lds + 4 * ty + i] : sm.s[(4 * ty + i) * lds + s];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t d = d0 + tx + 8 * j;
-          if (r < rows && d < D) acc[r * D + d] += inv_scale * p[i][j];
+          for (int j = 0; j < 4; ++j) b[j] = x[s * ld + c0 + tx + 8 * j];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) p[i][j] = fmaf(a[i], b[j], p[i][j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = 4 * ty + i;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int64_t d = d0 + c0 + tx + 8 * j;
+            if (r < rows && d < D) acc[r * D + d] += inv_scale * p[i][j];
+          }
         }
       }
     }
   }
 }
 
-// ---- kernels: grid.x = query tiles (forward, dq) or key tiles (dk); kThreads threads
+// ---- kernels: grid.x = query tiles (forward, dq) or key tiles (dk); kThreads threads; panel: the plan's
+// (>= D: the block's own tile is loaded once, here, and published by logits_tile's first barrier)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
-                   const int64_t* __restrict__ self, int64_t N, int64_t M, int64_t D, float inv_t,
+                   const int64_t* __restrict__ self, int64_t N, int64_t M, int64_t D, float inv_t, int64_t panel,
                    float* __restrict__ loss, float* __restrict__ lse) {
   SSL_DYN_SHARED(smem);
-  const Layout<T> sm = layout<T>(smem, false);
+  const Layout<T> sm = layout<T>(smem, panel, false);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
+  const bool whole = D <= panel;
+  if (whole) load_panel(sm, sm.qs, q, i0, N, D, 0);
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;  // tile row, and its even (0) or odd (1) columns
   const Row row = load_row(i0 + r, N, pos, self, nullptr, nullptr);
   float m = -INFINITY, l = 0.f, pl = 0.f;  // running max and sum over this thread's columns; positive logit
   for (int64_t k0 = 0; k0 < M; k0 += kBK) {
     const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
-    logits_tile(sm, q, i0, N, k, k0, M, D);
+    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);
     if (row.valid) {
       const float* srow = sm.s + r * Cfg<T>::kLdS;
       const int sc = tile_column(row.self, k0, cols), pc = tile_column(row.pos, k0, cols);
@@ -458,10 +495,12 @@ template <typename T, bool kSym>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
               const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
-              int64_t M, int64_t D, float inv_t, bool acc_in_shared, float* __restrict__ dq) {
+              int64_t M, int64_t D, float inv_t, int64_t panel, bool acc_in_shared, float* __restrict__ dq) {
   SSL_DYN_SHARED(smem);
-  const Layout<T> sm = layout<T>(smem, true, kSym);
+  const Layout<T> sm = layout<T>(smem, panel, true, kSym);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
+  const bool whole = D <= panel;
+  if (whole) load_panel(sm, sm.qs, q, i0, N, D, 0);
   const int rows = N - i0 < kBQ ? static_cast<int>(N - i0) : kBQ;
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   const Row row = load_row(i0 + r, N, pos, self, lse, g);
@@ -475,12 +514,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       stage_columns(sm, k0, cols, pos, self, lse, g);
       scale = grad_scale<T>(g, i0, rows, k0, cols), inv_scale = 1.f / scale;
     }
-    logits_tile(sm, q, i0, N, k, k0, M, D);
+    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);
     if constexpr (kSym)
       sym_grad_tile(sm, row, i0 + r, r, h, k0, cols, inv_t, scale);
     else
       grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
-    add_products<T, false>(sm, sm.ks, k, k0, M, D, acc, rows, inv_scale);
+    add_products<T, false>(sm, sm.ks, k, k0, M, D, !whole, acc, rows, inv_scale);
   }
   __syncwarp();
   store_rows(acc, dq + i0 * D, rows, D, inv_t);
@@ -490,10 +529,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dk_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
               const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
-              int64_t M, int64_t D, float inv_t, bool acc_in_shared, float* __restrict__ dk) {
+              int64_t M, int64_t D, float inv_t, int64_t panel, bool acc_in_shared, float* __restrict__ dk) {
   SSL_DYN_SHARED(smem);
-  const Layout<T> sm = layout<T>(smem, true);
+  const Layout<T> sm = layout<T>(smem, panel, true);
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kBK;
+  const bool whole = D <= panel;
+  if (whole) load_panel(sm, sm.ks, k, k0, M, D, 0);
   const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   float* acc = acc_in_shared ? sm.acc : dk + k0 * D;  // the block's rows of dk are its own
@@ -503,9 +544,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int rows = N - i0 < kBQ ? static_cast<int>(N - i0) : kBQ;
     const Row row = load_row(i0 + r, N, pos, self, lse, g);
     const float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
-    logits_tile(sm, q, i0, N, k, k0, M, D);
+    logits_tile(sm, q, i0, N, true, k, k0, M, !whole, D);
     grad_tile(sm, row, r, h, k0, cols, inv_t, scale);
-    add_products<T, true>(sm, sm.qs, q, i0, N, D, acc, cols, inv_scale);
+    add_products<T, true>(sm, sm.qs, q, i0, N, D, !whole, acc, cols, inv_scale);
   }
   __syncwarp();
   store_rows(acc, dk + k0 * D, cols, D, inv_t);
@@ -513,29 +554,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // ---- launchers (raw pointers; inputs row-major and contiguous, self may be null)
 
+struct Plan {
+  int64_t panel;       // columns of D per panel: >= D (whole tiles) or kDK (streamed)
+  bool acc_in_shared;  // the dq / dk accumulator in shared memory (else in the output rows)
+  size_t shared;       // dynamic shared memory per block, bytes
+};
+
+// The first of: whole tiles (accumulator in shared memory), streamed panels (accumulator in shared
+// memory), streamed panels (accumulator in the output rows) that fits min(max_shared, kSharedCap);
+// forward needs no accumulator. max_shared: the device's shared memory per block with opt-in; sym:
+// the dz kernel.
+template <typename T>
+inline Plan make_plan(int64_t D, size_t max_shared, bool backward, bool sym = false) {
+  const size_t cap = max_shared < kSharedCap ? max_shared : kSharedCap;
+  const int64_t whole = D > kDK ? dev::ceil_div(D, kDK) * kDK : kDK;
+  const int64_t acc = backward ? D : 0;
+  const Plan tries[3] = {{whole, backward, shared_bytes<T>(whole, backward, acc, sym)},
+                         {kDK, backward, shared_bytes<T>(kDK, backward, acc, sym)},
+                         {kDK, false, shared_bytes<T>(kDK, backward, 0, sym)}};
+  for (const Plan& p : tries)
+    if (p.shared <= cap) return p;
+  return tries[2];  // the smallest (under 48 KiB for every dtype)
+}
+
 // loss [N], lse [N] (fp32)
 template <typename T>
 void forward(const T* q, const T* k, const int64_t* pos, const int64_t* self, int64_t N, int64_t M, int64_t D,
-             float inv_t, float* loss, float* lse, cudaStream_t stream) {
+             float inv_t, float* loss, float* lse, size_t max_shared, cudaStream_t stream) {
   if (N == 0) return;
-  const size_t shared = shared_bytes<T>(false, 0);  // under 48 KiB
-  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), shared, stream, forward_kernel<T>)(
-      q, k, pos, self, N, M, D, inv_t, loss, lse);
-}
-
-struct Plan {
-  size_t shared;       // dynamic shared memory per block, bytes
-  bool acc_in_shared;  // the accumulator in shared memory (else in the output rows)
-};
-
-// max_shared: the device's shared memory per block with opt-in; sym: the dz kernel
-template <typename T>
-inline Plan backward_plan(int64_t D, size_t max_shared, bool sym = false) {
-  const size_t cap = max_shared < kSharedCap ? max_shared : kSharedCap;
-  Plan p;
-  p.acc_in_shared = shared_bytes<T>(true, D, sym) <= cap;
-  p.shared = shared_bytes<T>(true, p.acc_in_shared ? D : 0, sym);
-  return p;
+  const Plan p = make_plan<T>(D, max_shared, false);
+  ssl_allow_shared(forward_kernel<T>, p.shared);
+  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream, forward_kernel<T>)(
+      q, k, pos, self, N, M, D, inv_t, p.panel, loss, lse);
 }
 
 // dq [N, D] and dk [M, D] (fp32, every element written), each skipped when null; g = dL/dloss [N]
@@ -544,17 +594,16 @@ void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, c
               int64_t N, int64_t M, int64_t D, float inv_t, float* dq, float* dk, size_t max_shared,
               cudaStream_t stream) {
   if (D == 0) return;  // nothing to write
-  const Plan p = backward_plan<T>(D, max_shared);
+  const Plan p = make_plan<T>(D, max_shared, true);
   if (dq != nullptr && N > 0) {
     ssl_allow_shared(dq_kernel<T, false>, p.shared);
     SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
-               dq_kernel<T, false>)(
-        q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dq);
+               dq_kernel<T, false>)(q, k, pos, self, lse, g, N, M, D, inv_t, p.panel, p.acc_in_shared, dq);
   }
   if (dk != nullptr && M > 0) {
     ssl_allow_shared(dk_kernel<T>, p.shared);
     SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(M, kBK))), dim3(kThreads), p.shared, stream, dk_kernel<T>)(
-        q, k, pos, self, lse, g, N, M, D, inv_t, p.acc_in_shared, dk);
+        q, k, pos, self, lse, g, N, M, D, inv_t, p.panel, p.acc_in_shared, dk);
   }
 }
 
@@ -564,10 +613,10 @@ template <typename T>
 void backward_sym(const T* z, const int64_t* pos, const int64_t* self, const float* lse, const float* g, int64_t N,
                   int64_t D, float inv_t, float* dz, size_t max_shared, cudaStream_t stream) {
   if (D == 0 || N == 0) return;  // nothing to write
-  const Plan p = backward_plan<T>(D, max_shared, true);
+  const Plan p = make_plan<T>(D, max_shared, true, true);
   ssl_allow_shared(dq_kernel<T, true>, p.shared);
   SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
-             dq_kernel<T, true>)(z, z, pos, self, lse, g, N, N, D, inv_t, p.acc_in_shared, dz);
+             dq_kernel<T, true>)(z, z, pos, self, lse, g, N, N, D, inv_t, p.panel, p.acc_in_shared, dz);
 }
 
 }  // namespace contrastive
