@@ -345,6 +345,19 @@ __device__ __forceinline__ void store_rows(const float* acc, float* out, int row
   }
 }
 
+// The panel of X = rows x0.. of src starting at column d0, in x: loaded there when streaming
+// (reload), else x holds it already. Returns its width. Called by every thread.
+template <typename T>
+__device__ __forceinline__ int product_panel(const Layout<T>& sm, T* x, const T* __restrict__ src, int64_t x0,
+                                             int64_t x_rows, int64_t D, int64_t d0, bool reload) {
+  if (reload) {
+    if (d0 > 0) __syncthreads();  // every warp is done with the previous panel
+    load_panel(sm, x, src, x0, x_rows, D, d0);
+    __syncthreads();
+  }
+  return panel_width(sm, D, d0);
+}
+
 // acc[rows][D] += (1/scale) op(dS) X over every chunk of D, X = rows x0.. of src (keys for dq,
 // queries for dk) in the panel x; op(dS) = dS (dq) or dS^T (dk, kTransposed). reload: stream X
 // through x panel by panel (else x already holds all of X: the tile the logits GEMM just used).
@@ -367,12 +380,7 @@ __device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ sr
       wmma::load_matrix_sync(a[s], kTransposed ? sm.g + 16 * s * ldg + 16 * w : sm.g + 16 * w * ldg + 16 * s, ldg);
     float* scratch = sm.s + 16 * w * lds;  // S is dead: its rows 16w.. hold this warp's products
     for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
-      if (reload) {
-        if (d0 > 0) __syncthreads();  // every warp is done with the previous panel
-        load_panel(sm, x, src, x0, x_rows, D, d0);
-        __syncthreads();
-      }
-      const int width = panel_width(sm, D, d0);
+      const int width = product_panel(sm, x, src, x0, x_rows, D, d0, reload);
       for (int c0 = 0; c0 < width; c0 += kDK) {  // the panel's chunks: columns d0 + c0 + lane
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> p[kDK / 16];
 #pragma unroll
@@ -402,12 +410,7 @@ __device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ sr
     constexpr int lds = Cfg<T>::kLdS;
     const int ty = threadIdx.x >> 3, tx = threadIdx.x & 7;  // rows 4ty..4ty+3, columns tx + 8j of a chunk
     for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
-      if (reload) {
-        if (d0 > 0) __syncthreads();  // every warp is done with the previous panel
-        load_panel(sm, x, src, x0, x_rows, D, d0);
-        __syncthreads();
-      }
-      const int width = panel_width(sm, D, d0);
+      const int width = product_panel(sm, x, src, x0, x_rows, D, d0, reload);
       for (int c0 = 0; c0 < width; c0 += kDK) {
         float p[4][4];
 #pragma unroll
