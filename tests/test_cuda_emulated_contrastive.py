@@ -112,15 +112,31 @@ def raw(t):
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
 
 
+class Shifted(Guarded):
+    """A Guarded copy whose values start one element past a 64-byte boundary (a tensor whose storage
+    offset is odd), so no row is 16-byte aligned."""
+
+    def __init__(self, values):
+        values = np.ascontiguousarray(values)
+        super().__init__(np.concatenate([np.zeros(1, values.dtype), values.ravel()]))
+        self.shape = values.shape
+
+    @property
+    def ptr(self):
+        return super().ptr + self.buf.itemsize
+
+
 def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, need_dk=True,
-             max_shared=H100_SHARED):
+             max_shared=H100_SHARED, unaligned=False):
     """Forward, then backward with grad_rows, on the emulated kernels: float64 (loss, lse, dq, dk).
 
-    dq / dk are None when not requested; their buffers must then come back untouched."""
+    dq / dk are None when not requested; their buffers must then come back untouched. unaligned:
+    the queries and keys start one element past an aligned address."""
     n, d = q.shape
     m = k.shape[0]
     code, inv_t = CODES[q.dtype], 1.0 / temperature
-    gq, gk = Guarded(raw(q)), Guarded(raw(k))
+    place = Shifted if unaligned else Guarded
+    gq, gk = place(raw(q)), place(raw(k))
     gpos = Guarded(pos.numpy().astype(np.int64))
     gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
     self_ptr = None if gself is None else gself.ptr
@@ -205,7 +221,7 @@ def check(emu, layout, n, m, d, temperature, dtype, seed=0, **kw):
 
 # ----------------------------------------------------------------------------- float32 (SIMT FMA path)
 
-F32_CASES = [  # (layout, N, M, D, temperature)
+F32_CASES = [  # (layout, N, M, D, temperature); D % 4 == 0: 16-byte loads
     ("random", 1, 7, 17, 0.07),
     ("random+self", 1, 7, 17, 0.07),
     ("random", 7, 37, 1, 0.2),
@@ -218,6 +234,8 @@ F32_CASES = [  # (layout, N, M, D, temperature)
     ("simclr", 130, 130, 17, 1.0),
     ("moco", 37, 130, 33, 0.2),
     ("moco", 75, 300, 70, 0.07),
+    ("random+self", 75, 130, 64, 0.2),
+    ("simclr", 74, 74, 40, 0.07),
 ]
 
 
@@ -300,12 +318,38 @@ def test_launches_for_any_size(emu):
         emu.lib.emu_set_dry_run(0)
 
 
+@pytest.mark.parametrize("dtype", list(CODES))
+def test_rows_not_16_byte_aligned_take_the_element_loads(emu, dtype):
+    """D a multiple of 16 bytes but the inputs one element off an aligned address (a tensor with an odd
+    storage offset): the kernels load element by element and give the bits of the aligned inputs,
+    which take the 16-byte loads."""
+    emu.order("low-first")
+    q, k, pos, self_index = inputs("random+self", 37, 75, 64, 8, dtype)
+    g = row_weights(37)
+    aligned = emulated(emu, q, k, pos, self_index, 0.2, g)
+    for a, b in zip(aligned, emulated(emu, q, k, pos, self_index, 0.2, g, unaligned=True)):
+        assert torch.equal(a, b)
+
+
+def test_emulator_refuses_unaligned_16_byte_loads(tmp_path):
+    """Without the alignment test, the 16-byte loads of unaligned rows fail under the emulator (on
+    a GPU: a misaligned-address fault)."""
+    faulty = planted_library("  if (D % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {\n",
+                             "  if (D % kVec == 0) {\n", tmp_path)
+    faulty.order("low-first")
+    q, k, pos, self_index = inputs("random+self", 37, 75, 64, 8, torch.bfloat16)
+    emulated(faulty, q, k, pos, self_index, 0.2, row_weights(37))  # aligned: fine
+    with pytest.raises(EmulatorFault, match="16-byte"):
+        emulated(faulty, q, k, pos, self_index, 0.2, row_weights(37), unaligned=True)
+
+
 # ----------------------------------------------------------------------------- fp16 / bf16 (wmma path)
 
-HALF_CASES = [  # (layout, N, M, D, temperature)
+HALF_CASES = [  # (layout, N, M, D, temperature); D % 8 == 0: 16-byte loads
     ("simclr", 74, 74, 33, 0.07),
     ("moco", 37, 130, 17, 0.2),
     ("random+self", 75, 37, 70, 1.0),
+    ("random+self", 75, 130, 72, 0.2),
 ]
 
 
@@ -439,6 +483,7 @@ SYM_CASES = [  # (layout, N, D, temperature): N = M, keys is queries
     ("random", 37, 70, 0.2),
     ("random+self", 75, 33, 0.07),
     ("random+self", 131, 65, 0.2),
+    ("simclr", 130, 48, 0.07),
 ]
 
 
@@ -450,7 +495,7 @@ def test_sym_float32_matches_float64(emu, order, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [SYM_CASES[2], SYM_CASES[5]], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", [SYM_CASES[2], SYM_CASES[5], SYM_CASES[7]], ids=lambda c: "-".join(map(str, c)))
 def test_sym_half_matches_float64(emu, dtype, case):
     emu.order(list(ORDERS)[SYM_CASES.index(case) % 2])
     check_sym(emu, *case, dtype)
@@ -523,17 +568,23 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_planted_faults_are_caught(fault, tmp_path):
-    """A copy of the kernels with one bug planted fails under at least one scheduling order."""
-    text, planted, case = FAULTS[fault]
+def planted_library(text, planted, tmp_path):
+    """The emulated kernels built from a copy of the sources with `text` in kernels/contrastive.cuh
+    replaced by `planted`."""
     for part in ("emu", "kernels"):
         shutil.copytree(CSRC / part, tmp_path / "src" / part)
     path = tmp_path / "src" / "kernels" / "contrastive.cuh"
     source = path.read_text()
     assert source.count(text) == 1, "kernels/contrastive.cuh no longer contains the text this fault plants into"
     path.write_text(source.replace(text, planted))
-    faulty = contrastive_library(Emulated(tmp_path / "src", tmp_path))
+    return contrastive_library(Emulated(tmp_path / "src", tmp_path))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_planted_faults_are_caught(fault, tmp_path):
+    """A copy of the kernels with one bug planted fails under at least one scheduling order."""
+    text, planted, case = FAULTS[fault]
+    faulty = planted_library(text, planted, tmp_path)
     caught = []
     for order in ORDERS:
         faulty.order(order)

@@ -5,12 +5,14 @@
 //   SSL_DYN_SHARED(name)                    the block's dynamic shared memory, as unsigned char*
 //   SSL_LAUNCH(grid, block, shared, stream, kernel)(args...)
 //   ssl_allow_shared(kernel, bytes)         opt in to more than 48 KiB of dynamic shared memory
+//   dev::load16(p) / dev::store16(p, v)     16 bytes as one access (the emulator checks the alignment)
 //
 // Files here hold device code and raw-pointer launchers only (no ATen, no cuBLAS).
 #pragma once
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -35,6 +37,29 @@ inline void ssl_allow_shared(Kernel, size_t bytes) {
 
 namespace sslops {
 namespace dev {
+
+// 16 bytes moved as one access (LDG.128 / STS.128); the address must be 16-byte aligned
+struct alignas(16) Bytes16 {
+  uint32_t w[4];
+};
+#if defined(__CUDACC__)
+__device__ __forceinline__ Bytes16 load16(const void* p) { return *static_cast<const Bytes16*>(p); }
+__device__ __forceinline__ void store16(void* p, const Bytes16& v) { *static_cast<Bytes16*>(p) = v; }
+#else
+inline void check16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::emu::detail::fail("a 16-byte access at an address not 16-byte aligned");
+}
+inline Bytes16 load16(const void* p) {
+  check16(p);
+  Bytes16 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+inline void store16(void* p, const Bytes16& v) {
+  check16(p);
+  std::memcpy(p, &v, 16);
+}
+#endif
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
