@@ -81,6 +81,11 @@ def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, sy
     bits on an H100 / H200 (tests/test_cuda_emulated_contrastive.py checks that plan); else every tile pair streams
     both sides' 32-column panels for the logits and the other side's once more for the backward's products."""
     bq, bk, dk = (constexpr("contrastive.cuh", name) for name in ("kBQ", "kBK", "kDK"))
+    # few query tiles: the forward and dq / dz kernels split the key tiles among blocks (split_count in the header)
+    max_splits, min_tiles = (constexpr("contrastive.cuh", name) for name in ("kMaxSplits", "kMinSplitTiles"))
+    row_tiles, want = math.ceil(n / bq), 2 * dev["sms"]
+    splits = 1 if row_tiles >= want else max(1, min(math.ceil(want / row_tiles), math.ceil(m / bk) // min_tiles,
+                                                    max_splits))
     if symmetric and (m != n or not need_dk):
         raise ValueError("the symmetric path has keys = queries: m == n and a gradient for both")
     gemm = 2 * n * m * d  # one N x M x D product
@@ -92,18 +97,20 @@ def contrastive_model(dev, n=65536, m=65536, d=128, need_dk=True, in_bytes=2, sy
         flops = gemm * (1 + 2 + (2 if need_dk else 0))  # forward S; dq: S and dS K; dk: S and dS^T Q
         exps = n * m * kernels  # one exp per logit per kernel
         dram = (n + m) * d * in_bytes * kernels + n * d * 4 + (m * d * 4 if need_dk else 0) + 3 * n * 4
+    workspace = 0 if splits == 1 else 4 * splits * n * (3 + d)  # the forward's and dq's partials (fp32)
+    dram += 2 * workspace  # written by the split blocks, read by the merge kernels
     sfu_rate = dev["sms"] * 16 * 1.83e9  # MUFU.EX2: 16 per clock per SM at ~1.83 GHz boost
     tiles = math.ceil(n / bq) * math.ceil(m / bk)
-    if whole:  # per tile pair the other side's tile; per block its own tile, once
-        l2 = tiles * bk * d * in_bytes * kernels + (n + m) * d * in_bytes * kernels
+    if whole:  # per tile pair the other side's tile; per block its own tile, once (each split's block: again)
+        l2 = tiles * bk * d * in_bytes * kernels + (n * splits + m) * d * in_bytes * kernels
     else:  # per tile pair both sides' panels for the logits, in backward the other side's again for the products
         l2 = tiles * d * in_bytes * ((bq + bk) + (kernels - 1) * (bq + 2 * bk))
     out = {"shape": dict(n=n, m=m, d=d, need_dk=need_dk, input_bytes=in_bytes, symmetric=symmetric, whole=whole),
-           "tiles": dict(bq=bq, bk=bk, dk=dk),
+           "tiles": dict(bq=bq, bk=bk, dk=dk), "splits": splits, "blocks": row_tiles * splits,
            "flops": flops, "exp_count": exps, "exp_ms_at_mufu_rate": round(exps / sfu_rate * 1e3, 4),
            "dram_bytes": dram, "l2_to_shared_bytes": l2, "l2_to_shared_ms": round(l2 / dev["l2"] * 1e3, 4),
-           "arithmetic_intensity_vs_l2": round(flops / l2, 1), "launches": kernels,
-           "extra_global_memory_bytes": 2 * n * 4}
+           "arithmetic_intensity_vs_l2": round(flops / l2, 1), "launches": kernels + (2 if splits > 1 else 0),
+           "extra_global_memory_bytes": 2 * n * 4 + workspace}
     out.update(bound(flops, "bf16" if in_bytes == 2 else "fp32", dram, dev))
     # the tiles re-read from L2 can be the nearer limit with these tile sizes: say which bound binds
     out["lower_bound_with_l2_ms"] = round(max(out["lower_bound_ms"], out["l2_to_shared_ms"],

@@ -50,11 +50,14 @@ std::vector<at::Tensor> contrastive_forward_cuda(const at::Tensor& q, const at::
   auto loss = at::empty({N}, fopt), lse = at::empty({N}, fopt);
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const size_t max_shared = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int sms = props->multiProcessorCount;
+  auto workspace = at::empty({contrastive::forward_workspace(N, M, sms)}, fopt);  // split partials, often none
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   by_dtype(q, k, [&](auto qp, auto kp) {
     contrastive::forward(qp, kp, pos.data_ptr<int64_t>(), sp, N, M, D, inv_t, loss.data_ptr<float>(),
-                         lse.data_ptr<float>(), max_shared, stream);
+                         lse.data_ptr<float>(), props->sharedMemPerBlockOptin, sms, workspace.data_ptr<float>(),
+                         stream);
   });
   cuda::check_launch();
   return {loss, lse};
@@ -75,12 +78,15 @@ std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at:
   auto g_c = grad_rows.to(at::kFloat).contiguous();
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const size_t max_shared = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int sms = props->multiProcessorCount;
+  auto workspace = at::empty({need_dq ? contrastive::backward_workspace(N, M, D, sms) : 0}, fopt);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   by_dtype(q, k, [&](auto qp, auto kp) {
     contrastive::backward(qp, kp, pos.data_ptr<int64_t>(), sp, lse_c.data_ptr<float>(), g_c.data_ptr<float>(), N, M,
                           D, inv_t, need_dq ? dq.data_ptr<float>() : nullptr,
-                          need_dk ? dk.data_ptr<float>() : nullptr, max_shared, stream);
+                          need_dk ? dk.data_ptr<float>() : nullptr, props->sharedMemPerBlockOptin, sms,
+                          workspace.data_ptr<float>(), stream);
   });
   cuda::check_launch();
   return {dq, dk};
@@ -105,11 +111,14 @@ at::Tensor contrastive_backward_sym_cuda(const at::Tensor& z, const at::Tensor& 
   auto g_c = grad_rows.to(at::kFloat).contiguous();
   const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const size_t max_shared = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int sms = props->multiProcessorCount;
+  auto workspace = at::empty({contrastive::backward_workspace(N, N, D, sms)}, z.options().dtype(at::kFloat));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   by_dtype(z, z, [&](auto zp, auto) {
     contrastive::backward_sym(zp, pos.data_ptr<int64_t>(), sp, lse_c.data_ptr<float>(), g_c.data_ptr<float>(), N, D,
-                              inv_t, dz.data_ptr<float>(), max_shared, stream);
+                              inv_t, dz.data_ptr<float>(), props->sharedMemPerBlockOptin, sms,
+                              workspace.data_ptr<float>(), stream);
   });
   cuda::check_launch();
   return dz;

@@ -36,6 +36,7 @@ from tests.test_cuda_emulated import CSRC, CXX, ORDERS, EmulatorFault, Emulated,
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (set CXX) to build the emulated kernels")
 
 H100_SHARED = 227 * 1024  # sharedMemPerBlockOptin
+H100_SMS = 132  # multiProcessorCount (H100 SXM5, H200)
 F32_TOL = 2e-5  # tests/test_ops.py's slack on top of the naive float32 formula's error
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -45,10 +46,14 @@ def contrastive_library(emu):
     """Registers the contrastive entry points of csrc/emu/harness_contrastive.cpp on the library."""
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     err = [ctypes.c_char_p, i32]
-    emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, i64, *err]
+    emu.lib.emu_contrastive_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, ptr, i64, i32, ptr,
+                                                *err]
     emu.lib.emu_contrastive_backward.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, i32, ptr,
-                                                 ptr, i64, *err]
-    emu.lib.emu_contrastive_backward_sym.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ptr, i64, *err]
+                                                 ptr, i64, i32, ptr, *err]
+    emu.lib.emu_contrastive_backward_sym.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ptr, i64, i32, ptr,
+                                                     *err]
+    emu.lib.emu_contrastive_workspace.argtypes = [i32, i64, i64, i64, i32]
+    emu.lib.emu_contrastive_workspace.restype = i64
     emu.lib.emu_contrastive_plan.argtypes = [i32, i64, i64, i32, i32]
     emu.lib.emu_contrastive_plan.restype = i64
     return emu
@@ -59,6 +64,16 @@ def plan(emu, dtype, d, max_shared, backward=True, sym=False):
     A panel of at least d columns means whole tiles: each loaded once and kept for both GEMMs."""
     v = emu.lib.emu_contrastive_plan(CODES[dtype], d, max_shared, int(backward), int(sym))
     return v // 2, bool(v % 2)
+
+
+def splits(emu, n, m, sm_count=H100_SMS):
+    """How many blocks per query tile share the key tiles (1: no split)."""
+    return emu.lib.emu_contrastive_workspace(2, n, m, 0, sm_count)
+
+
+def workspace(emu, which, n, m, d, sm_count):
+    """A poisoned workspace of the size the kernels ask for (which 0: forward, 1: dq / dz)."""
+    return Guarded.poisoned((max(1, emu.lib.emu_contrastive_workspace(which, n, m, d, sm_count)),), np.float32)
 
 
 def whole(d):
@@ -127,7 +142,7 @@ class Shifted(Guarded):
 
 
 def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, need_dk=True,
-             max_shared=H100_SHARED, unaligned=False):
+             max_shared=H100_SHARED, unaligned=False, sm_count=H100_SMS):
     """Forward, then backward with grad_rows, on the emulated kernels: float64 (loss, lse, dq, dk).
 
     dq / dk are None when not requested; their buffers must then come back untouched. unaligned:
@@ -141,14 +156,16 @@ def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, n
     gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
     self_ptr = None if gself is None else gself.ptr
     loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
+    ws_f, ws_b = workspace(emu, 0, n, m, d, sm_count), workspace(emu, 1, n, m, d, sm_count)
     emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d, inv_t, loss.ptr, lse.ptr,
-             max_shared)
+             max_shared, sm_count, ws_f.ptr)
     glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
     dq, dk = Guarded.poisoned((n, d), np.float32), Guarded.poisoned((m, d), np.float32)
     emu.call("emu_contrastive_backward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, m, d, inv_t,
-             int(need_dq), int(need_dk), dq.ptr, dk.ptr, max_shared)
+             int(need_dq), int(need_dk), dq.ptr, dk.ptr, max_shared, sm_count, ws_b.ptr)
     buffers = [("queries", gq), ("keys", gk), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse),
-               ("grad_rows", gg), ("dq", dq), ("dk", dk)] + ([] if gself is None else [("self_index", gself)])
+               ("grad_rows", gg), ("dq", dq), ("dk", dk), ("forward workspace", ws_f), ("backward workspace", ws_b)]
+    buffers += [] if gself is None else [("self_index", gself)]
     for name, g in buffers:
         assert g.intact(), f"a kernel wrote outside {name}"
     for name, g, needed in [("dq", dq, need_dq), ("dk", dk, need_dk)]:
@@ -307,11 +324,11 @@ def test_launches_for_any_size(emu):
             for n, m, d in [(2 ** 31 - 1, 65536, 128), (4096, 2 ** 31 - 1, 200), (5, 7, 4096)]:
                 for max_shared in (H100_SHARED, 48 * 1024):
                     emu.call("emu_contrastive_forward", code, None, None, None, None, n, m, d, 5.0, None, None,
-                             max_shared)
+                             max_shared, H100_SMS, None)
                     emu.call("emu_contrastive_backward", code, None, None, None, None, None, None, n, m, d, 5.0, 1, 1,
-                             None, None, max_shared)
+                             None, None, max_shared, H100_SMS, None)
                     emu.call("emu_contrastive_backward_sym", code, None, None, None, None, None, n, d, 5.0, None,
-                             max_shared)
+                             max_shared, H100_SMS, None)
             assert plan(emu, dtype, 200, H100_SHARED) == (32, True)  # > 48 KiB: opted in
             assert plan(emu, dtype, 4096, H100_SHARED) == (32, False)
     finally:
@@ -341,6 +358,67 @@ def test_emulator_refuses_unaligned_16_byte_loads(tmp_path):
     emulated(faulty, q, k, pos, self_index, 0.2, row_weights(37))  # aligned: fine
     with pytest.raises(EmulatorFault, match="16-byte"):
         emulated(faulty, q, k, pos, self_index, 0.2, row_weights(37), unaligned=True)
+
+
+# ----------------------------------------------------------------------------- key tiles split among blocks
+
+SPLIT_CASES = [  # (layout, N, M, D, temperature, dtype, splits on an H100)
+    ("moco", 37, 1000, 33, 0.2, torch.float32, 8),
+    ("random+self", 75, 700, 64, 0.07, torch.float32, 5),
+    ("random", 7, 300, 17, 1.0, torch.float32, 2),
+    ("moco", 37, 1000, 64, 0.2, torch.bfloat16, 8),
+    ("random+self", 75, 700, 33, 0.07, torch.float16, 5),
+]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_split_keys_match_float64(emu, order, case):
+    """Few query tiles: the key tiles are split among blocks (MoCo's 4096 queries make 64 query tiles
+    for 132 SMs), their partials merged in order; as exact as one block per query tile."""
+    *case, dtype, expected = case
+    assert splits(emu, case[1], case[2]) == expected
+    emu.order(order)
+    check(emu, *case, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+def test_split_keys_do_not_depend_on_scheduling_or_placement(emu, dtype):
+    """Split over 8 blocks per query tile: the same bits under both orders and the three plans; and the
+    same values as unsplit (sm_count 0) to float32 rounding (another summation order)."""
+    q, k, pos, self_index = inputs("random+self", 37, 1000, 33, 12, dtype)
+    g = row_weights(37)
+    assert splits(emu, 37, 1000) == 8 and splits(emu, 37, 1000, sm_count=0) == 1
+    runs = []
+    for i, max_shared in enumerate(PLANS_33):
+        emu.order(list(ORDERS)[i % 2])
+        runs.append(emulated(emu, q, k, pos, self_index, 0.2, g, max_shared=max_shared))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+    unsplit = emulated(emu, q, k, pos, self_index, 0.2, g, sm_count=0)
+    for a, b in zip(runs[0], unsplit):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_split_counts(emu):
+    """One block per query tile once the query tiles fill the GPU twice over; else enough splits for that,
+    each with at least two key tiles, at most 64; so the workspace's S x N stays under 256 x the SMs."""
+    assert splits(emu, 65536, 65536) == 1  # SimCLR at 2N = 65536: 1024 query tiles
+    assert splits(emu, 4096, 65536) == 5  # MoCo: 64 query tiles, 320 blocks
+    assert splits(emu, 64, 65536) == 64  # at most 64
+    assert splits(emu, 64, 256) == 2 and splits(emu, 64, 128) == 1  # two key tiles per block at least
+    for n in (1, 37, 64, 4096, 16000, 16895, 16896):
+        assert splits(emu, n, 2 ** 20) * n < 256 * H100_SMS, n
+    assert splits(emu, 16896, 2 ** 20) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sym_split_matches_float64(emu, dtype):
+    """The dz kernel split over its key tiles (260 rows: 5 query tiles, 2 splits each)."""
+    assert splits(emu, 260, 260) == 2
+    emu.order("high-first")
+    check_sym(emu, "simclr", 260, 17, 0.1, dtype)
 
 
 # ----------------------------------------------------------------------------- fp16 / bf16 (wmma path)
@@ -425,7 +503,7 @@ def test_fp16_backward_keeps_the_negatives_gradient(emu):
 
 # ----------------------------------------------------------------------------- keys is queries (the dz kernel)
 
-def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H100_SHARED):
+def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H100_SHARED, sm_count=H100_SMS):
     """The loss with keys = queries = z: forward(z, z), then the dz kernel; float64 (loss, lse, dz)."""
     n, d = z.shape
     code, inv_t = CODES[z.dtype], 1.0 / temperature
@@ -433,14 +511,16 @@ def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H10
     gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
     self_ptr = None if gself is None else gself.ptr
     loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
+    ws_f, ws_b = workspace(emu, 0, n, n, d, sm_count), workspace(emu, 1, n, n, d, sm_count)
     emu.call("emu_contrastive_forward", code, gz.ptr, gz.ptr, gpos.ptr, self_ptr, n, n, d, inv_t, loss.ptr, lse.ptr,
-             max_shared)
+             max_shared, sm_count, ws_f.ptr)
     glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
     dz = Guarded.poisoned((n, d), np.float32)
     emu.call("emu_contrastive_backward_sym", code, gz.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, d, inv_t, dz.ptr,
-             max_shared)
+             max_shared, sm_count, ws_b.ptr)
     buffers = [("z", gz), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse), ("grad_rows", gg),
-               ("dz", dz)] + ([] if gself is None else [("self_index", gself)])
+               ("dz", dz), ("forward workspace", ws_f), ("backward workspace", ws_b)]
+    buffers += [] if gself is None else [("self_index", gself)]
     for name, g in buffers:
         assert g.intact(), f"a kernel wrote outside {name}"
     return tuple(torch.from_numpy(g.value()).double() for g in (loss, lse, dz))
@@ -456,12 +536,12 @@ def reference_sym(z, pos, self_index, temperature, grad_rows, dtype=torch.float6
     return loss.detach().double(), lse.double(), zz.grad.double()
 
 
-def check_sym(emu, layout, n, d, temperature, dtype, g_scale=1.0, max_shared=H100_SHARED):
+def check_sym(emu, layout, n, d, temperature, dtype, g_scale=1.0, max_shared=H100_SHARED, sm_count=H100_SMS):
     """The dz kernel against float64, with the rules of check(); for 16-bit inputs the cast of
     H = dS + dS^T bounds dz's entry (a, e) by u * sum_j (|dS_aj| + |dS_ja|) |z_je| / T."""
     z, _, pos, self_index = inputs(layout, n, n, d, n * 7 + d, dtype)
     g = row_weights(n) * g_scale
-    ours = emulated_sym(emu, z, pos, self_index, temperature, g, max_shared)
+    ours = emulated_sym(emu, z, pos, self_index, temperature, g, max_shared, sm_count)
     truth = reference_sym(z.float(), pos, self_index, temperature, g)
     naive = reference_sym(z.float(), pos, self_index, temperature, g, torch.float32)
     for name, o, nv, t in zip(("loss", "lse"), ours, naive, truth):
@@ -565,6 +645,12 @@ FAULTS = {
         "    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);\n"
         "    if constexpr (kSym) stage_columns(sm, k0, cols, pos, self, lse, g);\n",
         ("sym", "simclr", 74, 33, 0.07, torch.float32)),
+    "a forward split also visits the next split's first key tile": (
+        "k0 < t1 * kBK; k0 += kBK) {\n    const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;\n"
+        "    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);\n    if (row.valid) {",
+        "k0 <= t1 * kBK; k0 += kBK) {\n    const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;\n"
+        "    logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);\n    if (row.valid) {",
+        ("moco", 37, 1000, 33, 0.2, torch.float32)),
 }
 
 

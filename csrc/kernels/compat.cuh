@@ -47,7 +47,8 @@ __device__ __forceinline__ Bytes16 load16(const void* p) { return *static_cast<c
 __device__ __forceinline__ void store16(void* p, const Bytes16& v) { *static_cast<Bytes16*>(p) = v; }
 #else
 inline void check16(const void* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::emu::detail::fail("a 16-byte access at an address not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    ::emu::detail::fail("a 16-byte access at an address not 16-byte aligned");
 }
 inline Bytes16 load16(const void* p) {
   check16(p);

@@ -29,6 +29,12 @@
 //            The forward gains nothing from symmetry here: using S_ij for row j's log-sum-exp too
 //            would need a reduction across blocks (atomics, or per-tile partials: O(N^2 / 64)
 //            memory), so it stays one pass over every tile pair.
+// Few query tiles (MoCo's 4096 queries are 64 tiles; a rank's share of a SimCLR batch fewer
+// still) would leave most SMs idle, so the forward and dq / dz kernels split the key tiles among
+// S blocks per query tile (grid.y, split_count: about two blocks per SM in all, at least two key
+// tiles per block). Each block writes its rows' partial (max, sum, positive logit) or partial dq
+// to a workspace, and a second kernel adds the S partials in order: S x N x 3 or S x N x D
+// floats, where S x N is under 256 x the SM count (33,792 rows on an H100), whatever N.
 // Every output row belongs to one block and is summed in a fixed order: no atomics, and the
 // result does not depend on scheduling. dq and dk accumulate in fp32, in shared memory when the
 // block's 64 x D floats fit (make_plan), else in place in the output rows. Extra global
@@ -60,6 +66,9 @@ constexpr int kMinBlocks = 4;
 // the first layout that fits: whole tiles with the dq / dk accumulators in shared memory, streamed
 // panels with them, streamed panels with the accumulators in the output rows.
 constexpr size_t kSharedCap = 100 * 1024;
+
+constexpr int kMaxSplits = 64;    // blocks per query tile over the key tiles (grid.y)
+constexpr int kMinSplitTiles = 2;  // key tiles per block at least, when split
 
 static_assert(kBQ == kBK && kBQ == kThreads / 2, "tile rows: 16 per warp, two threads per row");
 static_assert(kDK == 32, "the product pass gives each lane one column of a chunk");
@@ -464,23 +473,40 @@ __device__ void add_products(const Layout<T>& sm, T* x, const T* __restrict__ sr
   }
 }
 
-// ---- kernels: grid.x = query tiles (forward, dq) or key tiles (dk); kThreads threads; panel: the plan's
+// The key tiles [t0, t1) of split s of S (as even as integers allow; S <= tiles)
+__host__ __device__ __forceinline__ void split_tiles(int64_t tiles, int64_t S, int64_t s, int64_t* t0, int64_t* t1) {
+  *t0 = tiles * s / S;
+  *t1 = tiles * (s + 1) / S;
+}
+
+// The split whose tiles hold key tile t
+__host__ __device__ __forceinline__ int64_t split_of(int64_t t, int64_t tiles, int64_t S) {
+  int64_t s = 0;
+  while (tiles * (s + 1) / S <= t) ++s;
+  return s;
+}
+
+// ---- kernels: grid.x = query tiles (forward, dq) or key tiles (dk), grid.y = splits of the key tiles (forward,
+// dq); kThreads threads; panel: the plan's
 // (>= D: the block's own tile is loaded once, here, and published by logits_tile's first barrier)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
                    const int64_t* __restrict__ self, int64_t N, int64_t M, int64_t D, float inv_t, int64_t panel,
-                   float* __restrict__ loss, float* __restrict__ lse) {
+                   int64_t splits, float* __restrict__ part, float* __restrict__ loss, float* __restrict__ lse) {
   SSL_DYN_SHARED(smem);
   const Layout<T> sm = layout<T>(smem, panel, false);
+  const int64_t split = blockIdx.y;
+  int64_t t0, t1;
+  split_tiles(dev::ceil_div(M, kBK), splits, split, &t0, &t1);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
   const bool whole = D <= panel;
   if (whole) load_panel(sm, sm.qs, q, i0, N, D, 0);
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;  // tile row, and its even (0) or odd (1) columns
   const Row row = load_row(i0 + r, N, pos, self, nullptr, nullptr);
   float m = -INFINITY, l = 0.f, pl = 0.f;  // running max and sum over this thread's columns; positive logit
-  for (int64_t k0 = 0; k0 < M; k0 += kBK) {
+  for (int64_t k0 = t0 * kBK; k0 < M && k0 < t1 * kBK; k0 += kBK) {
     const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
     logits_tile(sm, q, i0, N, !whole, k, k0, M, true, D);
     if (row.valid) {
@@ -508,9 +534,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     float sum = 0.f;
     if (m != -INFINITY) sum += l * expf(m - mm);
     if (m2 != -INFINITY) sum += l2 * expf(m2 - mm);
+    const float p = (row.pos & 1) == 0 ? pl : pl2;  // k0 is even: odd keys are the odd thread's
+    if (splits == 1) {
+      const float v = mm + logf(sum);
+      lse[i0 + r] = v;
+      loss[i0 + r] = v - p;
+    } else {  // this split's partial: [max | sum at that max | positive logit (its split's only)] x [S][N]
+      const int64_t at = split * N + i0 + r;
+      part[at] = mm;
+      part[splits * N + at] = sum;
+      part[2 * splits * N + at] = p;
+    }
+  }
+}
+
+// loss and lse from the forward's S partials, added in split order
+__global__ void __launch_bounds__(256)
+    merge_forward_kernel(const float* __restrict__ part, const int64_t* __restrict__ pos, int64_t N, int64_t M,
+                         int64_t splits, float* __restrict__ loss, float* __restrict__ lse) {
+  const int64_t tiles = dev::ceil_div(M, kBK);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float mm = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) mm = fmaxf(mm, part[s * N + i]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float ms = part[s * N + i];
+      if (ms != -INFINITY) sum += part[(splits + s) * N + i] * expf(ms - mm);
+    }
+    const int64_t ps = split_of(pos[i] / kBK, tiles, splits);
     const float v = mm + logf(sum);
-    lse[i0 + r] = v;
-    loss[i0 + r] = v - ((row.pos & 1) == 0 ? pl : pl2);  // k0 is even: odd keys are the odd thread's
+    lse[i] = v;
+    loss[i] = v - part[(2 * splits + ps) * N + i];
   }
 }
 
@@ -519,9 +574,13 @@ template <typename T, bool kSym>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ pos,
               const int64_t* __restrict__ self, const float* __restrict__ lse, const float* __restrict__ g, int64_t N,
-              int64_t M, int64_t D, float inv_t, int64_t panel, bool acc_in_shared, float* __restrict__ dq) {
+              int64_t M, int64_t D, float inv_t, int64_t panel, bool acc_in_shared, int64_t splits,
+              float* __restrict__ part, float* __restrict__ dq) {
   SSL_DYN_SHARED(smem);
   const Layout<T> sm = layout<T>(smem, panel, true, kSym);
+  const int64_t split = blockIdx.y;
+  int64_t t0, t1;
+  split_tiles(dev::ceil_div(M, kBK), splits, split, &t0, &t1);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBQ;
   const bool whole = D <= panel;
   if (whole) load_panel(sm, sm.qs, q, i0, N, D, 0);
@@ -529,10 +588,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
   const Row row = load_row(i0 + r, N, pos, self, lse, g);
   float scale = grad_scale<T>(g, i0, rows), inv_scale = 1.f / scale;
-  float* acc = acc_in_shared ? sm.acc : dq + i0 * D;  // the block's rows of dq are its own
+  // the block's rows of dq (split: of its partial) are its own
+  float* out = splits == 1 ? dq + i0 * D : part + (split * N + i0) * D;
+  float* acc = acc_in_shared ? sm.acc : out;
   zero_rows(acc, rows, D);
   __syncwarp();  // zeroed before the product passes (another lane mapping, same warp rows)
-  for (int64_t k0 = 0; k0 < M; k0 += kBK) {
+  for (int64_t k0 = t0 * kBK; k0 < M && k0 < t1 * kBK; k0 += kBK) {
     const int cols = M - k0 < kBK ? static_cast<int>(M - k0) : kBK;
     if constexpr (kSym) {
       stage_columns(sm, k0, cols, pos, self, lse, g);
@@ -546,7 +607,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     add_products<T, false>(sm, sm.ks, k, k0, M, D, !whole, acc, rows, inv_scale);
   }
   __syncwarp();
-  store_rows(acc, dq + i0 * D, rows, D, inv_t);
+  store_rows(acc, out, rows, D, splits == 1 ? inv_t : 1.f);
+}
+
+// dq [N, D] = inv_t x the sum of the S partials, in split order
+__global__ void __launch_bounds__(256) merge_rows_kernel(const float* __restrict__ part, int64_t N, int64_t D,
+                                                         int64_t splits, float inv_t, float* __restrict__ dq) {
+  const int64_t n = N * D;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int64_t s = 0; s < splits; ++s) v += part[s * n + e];
+    dq[e] = v * inv_t;
+  }
 }
 
 template <typename T>
@@ -601,28 +674,64 @@ inline Plan make_plan(int64_t D, size_t max_shared, bool backward, bool sym = fa
   return tries[2];  // the smallest (under 48 KiB for every dtype)
 }
 
-// loss [N], lse [N] (fp32)
-template <typename T>
-void forward(const T* q, const T* k, const int64_t* pos, const int64_t* self, int64_t N, int64_t M, int64_t D,
-             float inv_t, float* loss, float* lse, size_t max_shared, cudaStream_t stream) {
-  if (N == 0) return;
-  const Plan p = make_plan<T>(D, max_shared, false);
-  ssl_allow_shared(forward_kernel<T>, p.shared);
-  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream, forward_kernel<T>)(
-      q, k, pos, self, N, M, D, inv_t, p.panel, loss, lse);
+// Blocks per query tile over the key tiles (grid.y): 1 when the query tiles alone make about two blocks
+// per SM (or sm_count <= 0), else enough for that, with at least kMinSplitTiles key tiles per block
+inline int64_t split_count(int64_t N, int64_t M, int sm_count) {
+  const int64_t rows = dev::ceil_div(N, kBQ), tiles = dev::ceil_div(M, kBK), want = 2 * static_cast<int64_t>(sm_count);
+  if (rows >= want) return 1;
+  int64_t s = dev::ceil_div(want, rows);
+  if (s > tiles / kMinSplitTiles) s = tiles / kMinSplitTiles;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : s;
 }
 
-// dq [N, D] and dk [M, D] (fp32, every element written), each skipped when null; g = dL/dloss [N]
+// The workspace (floats) that forward needs: the partials of S > 1 splits, else none
+inline int64_t forward_workspace(int64_t N, int64_t M, int sm_count) {
+  const int64_t S = split_count(N, M, sm_count);
+  return S > 1 ? 3 * S * N : 0;
+}
+
+// The workspace (floats) that backward's dq (or backward_sym's dz) needs
+inline int64_t backward_workspace(int64_t N, int64_t M, int64_t D, int sm_count) {
+  const int64_t S = split_count(N, M, sm_count);
+  return S > 1 ? S * N * D : 0;
+}
+
+inline dim3 merge_grid(int64_t n) {
+  const int64_t blocks = dev::ceil_div(n, 256);
+  return dim3(static_cast<unsigned>(blocks < 1024 ? (blocks > 0 ? blocks : 1) : 1024));
+}
+
+// loss [N], lse [N] (fp32); sm_count: the device's SMs; workspace: forward_workspace(N, M, sm_count) floats
+template <typename T>
+void forward(const T* q, const T* k, const int64_t* pos, const int64_t* self, int64_t N, int64_t M, int64_t D,
+             float inv_t, float* loss, float* lse, size_t max_shared, int sm_count, float* workspace,
+             cudaStream_t stream) {
+  if (N == 0) return;
+  const Plan p = make_plan<T>(D, max_shared, false);
+  const int64_t S = split_count(N, M, sm_count);
+  ssl_allow_shared(forward_kernel<T>, p.shared);
+  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ)), static_cast<unsigned>(S)), dim3(kThreads), p.shared,
+             stream, forward_kernel<T>)(q, k, pos, self, N, M, D, inv_t, p.panel, S, workspace, loss, lse);
+  if (S > 1)
+    SSL_LAUNCH(merge_grid(N), dim3(256), 0, stream, merge_forward_kernel)(workspace, pos, N, M, S, loss, lse);
+}
+
+// dq [N, D] and dk [M, D] (fp32, every element written), each skipped when null; g = dL/dloss [N];
+// workspace: backward_workspace(N, M, D, sm_count) floats when dq is wanted
 template <typename T>
 void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, const float* lse, const float* g,
-              int64_t N, int64_t M, int64_t D, float inv_t, float* dq, float* dk, size_t max_shared,
-              cudaStream_t stream) {
+              int64_t N, int64_t M, int64_t D, float inv_t, float* dq, float* dk, size_t max_shared, int sm_count,
+              float* workspace, cudaStream_t stream) {
   if (D == 0) return;  // nothing to write
   const Plan p = make_plan<T>(D, max_shared, true);
   if (dq != nullptr && N > 0) {
+    const int64_t S = split_count(N, M, sm_count);
     ssl_allow_shared(dq_kernel<T, false>, p.shared);
-    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
-               dq_kernel<T, false>)(q, k, pos, self, lse, g, N, M, D, inv_t, p.panel, p.acc_in_shared, dq);
+    SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ)), static_cast<unsigned>(S)), dim3(kThreads),
+               p.shared, stream, dq_kernel<T, false>)(q, k, pos, self, lse, g, N, M, D, inv_t, p.panel,
+                                                      p.acc_in_shared, S, workspace, dq);
+    if (S > 1) SSL_LAUNCH(merge_grid(N * D), dim3(256), 0, stream, merge_rows_kernel)(workspace, N, D, S, inv_t, dq);
   }
   if (dk != nullptr && M > 0) {
     ssl_allow_shared(dk_kernel<T>, p.shared);
@@ -632,15 +741,19 @@ void backward(const T* q, const T* k, const int64_t* pos, const int64_t* self, c
 }
 
 // dz [N, D] (fp32, every element written) = dq + dk of the loss with keys = queries = z, one kernel;
-// lse from forward(z, z, ...), g = dL/dloss [N]
+// lse from forward(z, z, ...), g = dL/dloss [N]; workspace: backward_workspace(N, N, D, sm_count) floats
 template <typename T>
 void backward_sym(const T* z, const int64_t* pos, const int64_t* self, const float* lse, const float* g, int64_t N,
-                  int64_t D, float inv_t, float* dz, size_t max_shared, cudaStream_t stream) {
+                  int64_t D, float inv_t, float* dz, size_t max_shared, int sm_count, float* workspace,
+                  cudaStream_t stream) {
   if (D == 0 || N == 0) return;  // nothing to write
   const Plan p = make_plan<T>(D, max_shared, true, true);
+  const int64_t S = split_count(N, N, sm_count);
   ssl_allow_shared(dq_kernel<T, true>, p.shared);
-  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ))), dim3(kThreads), p.shared, stream,
-             dq_kernel<T, true>)(z, z, pos, self, lse, g, N, N, D, inv_t, p.panel, p.acc_in_shared, dz);
+  SSL_LAUNCH(dim3(static_cast<unsigned>(dev::ceil_div(N, kBQ)), static_cast<unsigned>(S)), dim3(kThreads), p.shared,
+             stream, dq_kernel<T, true>)(z, z, pos, self, lse, g, N, N, D, inv_t, p.panel, p.acc_in_shared, S,
+                                         workspace, dz);
+  if (S > 1) SSL_LAUNCH(merge_grid(N * D), dim3(256), 0, stream, merge_rows_kernel)(workspace, N, D, S, inv_t, dz);
 }
 
 }  // namespace contrastive
