@@ -38,6 +38,28 @@ void by_dtype(const at::Tensor& q, const at::Tensor& k, Fn fn) {
   }
 }
 
+// What the backward entries hand their kernels besides the inputs
+struct BackwardArgs {
+  at::Tensor lse, g;     // fp32, contiguous
+  const int64_t* self;  // or null
+  float inv_t;
+  size_t max_shared;  // per block, with opt-in
+  int sms;
+  cudaStream_t stream;
+};
+
+BackwardArgs backward_args(const at::Tensor& lse, const at::Tensor& grad_rows, const c10::optional<at::Tensor>& self,
+                           double temperature) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return {lse.to(at::kFloat).contiguous(),
+          grad_rows.to(at::kFloat).contiguous(),
+          self.has_value() ? self->data_ptr<int64_t>() : nullptr,
+          static_cast<float>(1.0 / temperature),
+          props->sharedMemPerBlockOptin,
+          props->multiProcessorCount,
+          at::cuda::getCurrentCUDAStream()};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> contrastive_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
@@ -74,19 +96,13 @@ std::vector<at::Tensor> contrastive_backward_cuda(const at::Tensor& q, const at:
   // the kernels write every element (zeros where no query or key contributes)
   auto dq = need_dq ? at::empty({N, D}, fopt) : at::Tensor();
   auto dk = need_dk ? at::empty({M, D}, fopt) : at::Tensor();
-  auto lse_c = lse.to(at::kFloat).contiguous();
-  auto g_c = grad_rows.to(at::kFloat).contiguous();
-  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int sms = props->multiProcessorCount;
-  auto workspace = at::empty({need_dq ? contrastive::backward_workspace(N, M, D, sms) : 0}, fopt);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const BackwardArgs a = backward_args(lse, grad_rows, self, temperature);
+  auto workspace = at::empty({need_dq ? contrastive::backward_workspace(N, M, D, a.sms) : 0}, fopt);
   by_dtype(q, k, [&](auto qp, auto kp) {
-    contrastive::backward(qp, kp, pos.data_ptr<int64_t>(), sp, lse_c.data_ptr<float>(), g_c.data_ptr<float>(), N, M,
-                          D, inv_t, need_dq ? dq.data_ptr<float>() : nullptr,
-                          need_dk ? dk.data_ptr<float>() : nullptr, props->sharedMemPerBlockOptin, sms,
-                          workspace.data_ptr<float>(), stream);
+    contrastive::backward(qp, kp, pos.data_ptr<int64_t>(), a.self, a.lse.data_ptr<float>(), a.g.data_ptr<float>(), N,
+                          M, D, a.inv_t, need_dq ? dq.data_ptr<float>() : nullptr,
+                          need_dk ? dk.data_ptr<float>() : nullptr, a.max_shared, a.sms, workspace.data_ptr<float>(),
+                          a.stream);
   });
   cuda::check_launch();
   return {dq, dk};
@@ -106,19 +122,14 @@ at::Tensor contrastive_backward_sym_cuda(const at::Tensor& z, const at::Tensor& 
   check_inputs(z, z, pos, self);
   c10::cuda::CUDAGuard guard(z.device());
   const int64_t N = z.size(0), D = z.size(1);
-  auto dz = at::empty({N, D}, z.options().dtype(at::kFloat));  // the kernel writes every element
-  auto lse_c = lse.to(at::kFloat).contiguous();
-  auto g_c = grad_rows.to(at::kFloat).contiguous();
-  const int64_t* sp = self.has_value() ? self->data_ptr<int64_t>() : nullptr;
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int sms = props->multiProcessorCount;
-  auto workspace = at::empty({contrastive::backward_workspace(N, N, D, sms)}, z.options().dtype(at::kFloat));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto fopt = z.options().dtype(at::kFloat);
+  auto dz = at::empty({N, D}, fopt);  // the kernel writes every element
+  const BackwardArgs a = backward_args(lse, grad_rows, self, temperature);
+  auto workspace = at::empty({contrastive::backward_workspace(N, N, D, a.sms)}, fopt);
   by_dtype(z, z, [&](auto zp, auto) {
-    contrastive::backward_sym(zp, pos.data_ptr<int64_t>(), sp, lse_c.data_ptr<float>(), g_c.data_ptr<float>(), N, D,
-                              inv_t, dz.data_ptr<float>(), props->sharedMemPerBlockOptin, sms,
-                              workspace.data_ptr<float>(), stream);
+    contrastive::backward_sym(zp, pos.data_ptr<int64_t>(), a.self, a.lse.data_ptr<float>(), a.g.data_ptr<float>(), N,
+                              D, a.inv_t, dz.data_ptr<float>(), a.max_shared, a.sms, workspace.data_ptr<float>(),
+                              a.stream);
   });
   cuda::check_launch();
   return dz;
