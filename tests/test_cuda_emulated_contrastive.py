@@ -619,13 +619,13 @@ def test_sym_does_not_depend_on_scheduling_or_placement(emu, dtype):
 
 # (the exact text in kernels/contrastive.cuh, what replaces it, the check that must then fail)
 FAULTS = {
-    "no barrier between loading a panel and the SIMT GEMM": (
-        "      __syncthreads();\n      const int width = panel_width(sm, D, d0);\n#pragma unroll 4\n",
-        "      const int width = panel_width(sm, D, d0);\n#pragma unroll 4\n",
+    "no barrier between loading the logits panels and the SIMT GEMM": (
+        "  if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);\n  __syncthreads();\n",
+        "  if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);\n",
         ("random+self", 37, 75, 33, 1.0, torch.float32)),
-    "no barrier between loading a panel and the wmma GEMM": (
-        "      __syncthreads();\n      const int width = panel_width(sm, D, d0);\n      for (int kk = 0;",
-        "      const int width = panel_width(sm, D, d0);\n      for (int kk = 0;",
+    "no barrier between loading the logits panels and the wmma GEMM": (
+        "  if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);\n  __syncthreads();\n",
+        "  if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);\n",
         ("random+self", 37, 75, 33, 1.0, torch.bfloat16)),
     "product pass starts before dS is complete and the logits GEMM is done with the panels": (
         "  const int ld = sm.ld;\n  __syncthreads();\n  if constexpr (Cfg<T>::kWmma) {\n    using namespace",

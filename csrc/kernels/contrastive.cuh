@@ -180,6 +180,19 @@ __device__ __forceinline__ void load_panel(const Layout<T>& sm, T* dst, const T*
   }
 }
 
+// The panels of Q and K starting at column d0 for the logits GEMM (each side loaded unless its whole
+// tile is already there); returns their width. Called by every thread.
+template <typename T>
+__device__ __forceinline__ int logits_panel(const Layout<T>& sm, const T* __restrict__ q, int64_t q0, int64_t N,
+                                            bool load_q, const T* __restrict__ k, int64_t k0, int64_t M, bool load_k,
+                                            int64_t D, int64_t d0) {
+  __syncthreads();  // every warp is done with the previous panels (and the previous tile's dS and products)
+  if (load_q) load_panel(sm, sm.qs, q, q0, N, D, d0);
+  if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);
+  __syncthreads();
+  return panel_width(sm, D, d0);
+}
+
 // S (not yet divided by T) = rows q0.. of q times rows k0.. of k, transposed, into sm.s; warp w
 // writes rows 16w..16w+15. D goes through the panels; a side whose whole tile the block loaded
 // once (load_q / load_k false: one panel holds all of D) is not reloaded. Starts with a block
@@ -196,11 +209,7 @@ __device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_
 #pragma unroll
     for (int n = 0; n < kBK / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
     for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
-      __syncthreads();  // every warp is done with the previous panels (and the previous tile's dS and products)
-      if (load_q) load_panel(sm, sm.qs, q, q0, N, D, d0);
-      if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);
-      __syncthreads();
-      const int width = panel_width(sm, D, d0);
+      const int width = logits_panel(sm, q, q0, N, load_q, k, k0, M, load_k, D, d0);
       for (int kk = 0; kk < width; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::load_matrix_sync(a, sm.qs + 16 * w * ld + kk, ld);
@@ -224,18 +233,14 @@ __device__ void logits_tile(const Layout<T>& sm, const T* __restrict__ q, int64_
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     for (int64_t d0 = 0; d0 < D; d0 += sm.panel) {
-      __syncthreads();  // every warp is done with the previous panels (and the previous tile's dS and products)
-      if (load_q) load_panel(sm, sm.qs, q, q0, N, D, d0);
-      if (load_k) load_panel(sm, sm.ks, k, k0, M, D, d0);
-      __syncthreads();
-      const int width = panel_width(sm, D, d0);
+      const int width = logits_panel(sm, q, q0, N, load_q, k, k0, M, load_k, D, d0);
 #pragma unroll 4
       for (int d = 0; d < width; ++d) {
         float a[4], b[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = dev::to_float(sm.qs[(4 * ty + i) * ld + d]);
+        for (int i = 0; i < 4; ++i) a[i] = sm.qs[(4 * ty + i) * ld + d];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) b[j] = dev::to_float(sm.ks[(tx + 8 * j) * ld + d]);
+        for (int j = 0; j < 8; ++j) b[j] = sm.ks[(tx + 8 * j) * ld + d];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
