@@ -141,6 +141,29 @@ class Shifted(Guarded):
         return super().ptr + self.buf.itemsize
 
 
+def forward_on(emu, code, gq, gk, n, m, d, pos, self_index, temperature, grad_rows, max_shared, sm_count):
+    """The emulated forward on the placed queries gq [n, d] and keys gk [m, d] of dtype code `code`; returns
+    (by name) the buffers the backward needs, with its workspace, all guarded, and the self_index pointer."""
+    gpos = Guarded(pos.numpy().astype(np.int64))
+    gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
+    self_ptr = None if gself is None else gself.ptr
+    loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
+    ws_f, ws_b = workspace(emu, 0, n, m, d, sm_count), workspace(emu, 1, n, m, d, sm_count)
+    emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d,
+             1.0 / temperature, loss.ptr, lse.ptr, max_shared, sm_count, ws_f.ptr)
+    buffers = {"pos_index": gpos, "loss": loss, "lse": lse, "lse copy": Guarded(lse.value()),
+               "grad_rows": Guarded(grad_rows.numpy().astype(np.float32)), "forward workspace": ws_f,
+               "backward workspace": ws_b}
+    if gself is not None:
+        buffers["self_index"] = gself
+    return buffers, self_ptr
+
+
+def assert_intact(buffers):
+    for name, g in buffers.items():
+        assert g.intact(), f"a kernel wrote outside {name}"
+
+
 def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, need_dk=True,
              max_shared=H100_SHARED, unaligned=False, sm_count=H100_SMS):
     """Forward, then backward with grad_rows, on the emulated kernels: float64 (loss, lse, dq, dk).
@@ -149,25 +172,16 @@ def emulated(emu, q, k, pos, self_index, temperature, grad_rows, need_dq=True, n
     the queries and keys start one element past an aligned address."""
     n, d = q.shape
     m = k.shape[0]
-    code, inv_t = CODES[q.dtype], 1.0 / temperature
     place = Shifted if unaligned else Guarded
     gq, gk = place(raw(q)), place(raw(k))
-    gpos = Guarded(pos.numpy().astype(np.int64))
-    gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
-    self_ptr = None if gself is None else gself.ptr
-    loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
-    ws_f, ws_b = workspace(emu, 0, n, m, d, sm_count), workspace(emu, 1, n, m, d, sm_count)
-    emu.call("emu_contrastive_forward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, n, m, d, inv_t, loss.ptr, lse.ptr,
-             max_shared, sm_count, ws_f.ptr)
-    glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
+    b, self_ptr = forward_on(emu, CODES[q.dtype], gq, gk, n, m, d, pos, self_index, temperature, grad_rows,
+                             max_shared, sm_count)
     dq, dk = Guarded.poisoned((n, d), np.float32), Guarded.poisoned((m, d), np.float32)
-    emu.call("emu_contrastive_backward", code, gq.ptr, gk.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, m, d, inv_t,
-             int(need_dq), int(need_dk), dq.ptr, dk.ptr, max_shared, sm_count, ws_b.ptr)
-    buffers = [("queries", gq), ("keys", gk), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse),
-               ("grad_rows", gg), ("dq", dq), ("dk", dk), ("forward workspace", ws_f), ("backward workspace", ws_b)]
-    buffers += [] if gself is None else [("self_index", gself)]
-    for name, g in buffers:
-        assert g.intact(), f"a kernel wrote outside {name}"
+    emu.call("emu_contrastive_backward", CODES[q.dtype], gq.ptr, gk.ptr, b["pos_index"].ptr, self_ptr,
+             b["lse copy"].ptr, b["grad_rows"].ptr, n, m, d, 1.0 / temperature, int(need_dq), int(need_dk), dq.ptr,
+             dk.ptr, max_shared, sm_count, b["backward workspace"].ptr)
+    assert_intact({**b, "queries": gq, "keys": gk, "dq": dq, "dk": dk})
+    loss, lse = b["loss"], b["lse"]
     for name, g, needed in [("dq", dq, need_dq), ("dk", dk, need_dk)]:
         if not needed:
             assert (g.buf.view(np.uint8) == 0xFF).all(), f"{name} was not requested but written"
@@ -506,24 +520,14 @@ def test_fp16_backward_keeps_the_negatives_gradient(emu):
 def emulated_sym(emu, z, pos, self_index, temperature, grad_rows, max_shared=H100_SHARED, sm_count=H100_SMS):
     """The loss with keys = queries = z: forward(z, z), then the dz kernel; float64 (loss, lse, dz)."""
     n, d = z.shape
-    code, inv_t = CODES[z.dtype], 1.0 / temperature
-    gz, gpos = Guarded(raw(z)), Guarded(pos.numpy().astype(np.int64))
-    gself = None if self_index is None else Guarded(self_index.numpy().astype(np.int64))
-    self_ptr = None if gself is None else gself.ptr
-    loss, lse = Guarded.poisoned((n,), np.float32), Guarded.poisoned((n,), np.float32)
-    ws_f, ws_b = workspace(emu, 0, n, n, d, sm_count), workspace(emu, 1, n, n, d, sm_count)
-    emu.call("emu_contrastive_forward", code, gz.ptr, gz.ptr, gpos.ptr, self_ptr, n, n, d, inv_t, loss.ptr, lse.ptr,
-             max_shared, sm_count, ws_f.ptr)
-    glse, gg = Guarded(lse.value()), Guarded(grad_rows.numpy().astype(np.float32))
+    gz = Guarded(raw(z))
+    b, self_ptr = forward_on(emu, CODES[z.dtype], gz, gz, n, n, d, pos, self_index, temperature, grad_rows,
+                             max_shared, sm_count)
     dz = Guarded.poisoned((n, d), np.float32)
-    emu.call("emu_contrastive_backward_sym", code, gz.ptr, gpos.ptr, self_ptr, glse.ptr, gg.ptr, n, d, inv_t, dz.ptr,
-             max_shared, sm_count, ws_b.ptr)
-    buffers = [("z", gz), ("pos_index", gpos), ("loss", loss), ("lse", lse), ("lse copy", glse), ("grad_rows", gg),
-               ("dz", dz), ("forward workspace", ws_f), ("backward workspace", ws_b)]
-    buffers += [] if gself is None else [("self_index", gself)]
-    for name, g in buffers:
-        assert g.intact(), f"a kernel wrote outside {name}"
-    return tuple(torch.from_numpy(g.value()).double() for g in (loss, lse, dz))
+    emu.call("emu_contrastive_backward_sym", CODES[z.dtype], gz.ptr, b["pos_index"].ptr, self_ptr, b["lse copy"].ptr,
+             b["grad_rows"].ptr, n, d, 1.0 / temperature, dz.ptr, max_shared, sm_count, b["backward workspace"].ptr)
+    assert_intact({**b, "z": gz, "dz": dz})
+    return tuple(torch.from_numpy(g.value()).double() for g in (b["loss"], b["lse"], dz))
 
 
 def reference_sym(z, pos, self_index, temperature, grad_rows, dtype=torch.float64):
