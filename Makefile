@@ -5,13 +5,15 @@
 #   make test-convergence - the fifteen methods' short CPU pretraining runs, each scored by kNN against random init
 #   make test-fast        - make test without the multi-process (torchrun) tests, while editing
 #   make gpu-check        - on a GPU machine: build, CUDA tests, ops/throughput benchmarks, a short SimCLR run (JSON)
+#   make bench-peers     - install the peer libraries the benchmarks compare against (bench/peers.txt; network)
+#   make peer-wheels     - download them as wheels to .whl/, for make gpu-check on a machine without network
 #   make fashion-mnist   - install Debian's dataset-fashion-mnist (as root), for the tests that use it
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-convergence test-fast demo gpu-check fashion-mnist clean
+.PHONY: install test test-convergence test-fast demo gpu-check bench-peers peer-wheels fashion-mnist clean
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,13 @@ demo: install
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py
+
+# the benchmarks' peers (bench/peers.txt), installed into .venv; or downloaded as wheels for gpu-check to install
+bench-peers: install
+	$(PY) -m pip install -q -r bench/peers.txt
+
+peer-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl -r bench/peers.txt
 
 # optional: Fashion-MNIST's IDX files from Debian (/usr/share/datasets/fashion-mnist); its tests skip without them
 fashion-mnist:

@@ -14,15 +14,23 @@ and writes bench/results/<date>-<device>.json (every step's command, wall time, 
 otherwise. Each step has a time limit so that the whole check fits its budget (8 minutes by default); a step
 that fails or runs out of time is recorded as such and the check goes on. Exits non-zero if any step failed.
 
-    python bench/gpu_check.py [--out FILE] [--budget-s 480] [--device cuda]
+    python bench/gpu_check.py [--out FILE] [--budget-s 480] [--device cuda] [--wheels .whl]
+
+The peers that steps 3 and 4 measure beside the project's code (bench/peers.txt: lightly, fast-pytorch-kmeans)
+are used where installed; on a machine without network they come as wheels: `make peer-wheels` on a machine
+with network downloads them to .whl/, and this check installs them from there into runs/gpu-check-peers (the
+JSON's "peers" says which version each step saw, or why a peer is missing; its rows are then skipped).
 
 --device cpu runs the same steps on the CPU with small shapes (to check the plumbing without a GPU;
 with --skip-build it keeps the extension already built).
 """
 import argparse
 import datetime
+import glob
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +40,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run_step(name, argv, limit_s, env=None, parse_json=True):
-    """Runs argv in the repository root; returns a record with the wall time and the last JSON line of stdout."""
+def run_step(name, argv, limit_s, env=None, parse_json=True, partial_json=None):
+    """Runs argv in the repository root; returns a record with the wall time and the JSON of stdout (or, when the
+    step stopped early, what it had written to partial_json)."""
     started = time.time()
     record = {"step": name, "command": " ".join(argv), "limit_s": round(limit_s)}
     try:
@@ -46,18 +55,85 @@ def run_step(name, argv, limit_s, env=None, parse_json=True):
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     record["wall_s"] = round(time.time() - started, 1)
-    if parse_json:
-        for line in reversed(out.strip().splitlines()):
-            if line.startswith("{"):
+    if parse_json:  # the step's JSON: the last object printed at the end of stdout, on one line or indented
+        lines = out.strip().splitlines()
+        for i in reversed(range(len(lines))):
+            if lines[i].startswith("{"):
                 try:
-                    record["result"] = json.loads(line)
+                    record["result"] = json.loads("\n".join(lines[i:]))
                     break
                 except json.JSONDecodeError:
                     pass
+        if "result" not in record and partial_json and os.path.exists(partial_json):
+            with open(partial_json) as f:
+                record.update(result=json.load(f), result_partial=True)
     if not record["ok"] or "result" not in record:
         record["output_tail"] = (out[-3000:] + "\n" + err[-3000:]).strip()
     print(f"# {name}: {'ok' if record['ok'] else 'FAILED'} in {record['wall_s']} s", file=sys.stderr, flush=True)
     return record
+
+
+# the GPU targets at bench/ops.py's CUDA shapes: (op, what, key of the compiled run or of the op's ratios, limit)
+TARGETS = [
+    ("contrastive", "2N = 65536, D = 128, bf16, forward + backward (ms)", "time_ms", 12.0),
+    ("contrastive", "its peak extra memory (MiB; 128 MB)", "peak_extra_mb", 128e6 / 2**20),
+    ("moco", "4096 queries x 65536 keys, bf16, forward + backward (ms)", "time_ms", 0.5),
+    ("kmeans", "1.28M x 128 -> 3000, TF32 (ms per iteration)", "ms_per_iteration", 6.0),
+    ("kmeans", "time vs fast-pytorch-kmeans (at least 3x faster)", "time_vs_fast_pytorch_kmeans", 1 / 3),
+    ("sinkhorn", "7936 x 3000, 3 iterations (ms)", "time_ms", 0.3),
+    ("sinkhorn", "time vs SwAV's formula (at least 3x faster)", "time_vs_swav_formula", 1 / 3),
+]
+
+
+def verdicts(ops_report, device):
+    """Each target against bench/ops.py's measurement: the value, the limit, and met (None: not measured)."""
+    out = []
+    for op, what, key, limit in TARGETS:
+        results = ops_report.get("results", {}).get(f"{op}/{device}", {})
+        value = ops_report.get("ratios", {}).get(f"{op}/{device}", {}).get(key) if key.startswith("time_vs") \
+            else (results.get("compiled") or {}).get(key)
+        out.append({"op": op, "target": what, "limit": round(limit, 4),
+                    "measured": None if value is None else round(value, 4),
+                    "met": None if value is None else value <= limit})
+    return out
+
+
+def peer_packages():
+    """The pinned peers of bench/peers.txt: [(distribution name, version)]."""
+    with open(os.path.join(ROOT, "bench", "peers.txt")) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    return [tuple(line.split("==")) for line in lines if line]
+
+
+def install_peers(wheel_dir, target):
+    """Makes the benchmarks' peers importable by the steps: a peer already installed is used as it is, the others
+    are installed from the wheels in wheel_dir (`make peer-wheels` fills it on a machine with network) into target,
+    which goes on the steps' PYTHONPATH. Returns (the steps' extra environment, {peer: what was used})."""
+    def norm(name):
+        return re.sub(r"[-_.]+", "_", name).lower()
+    used, wheels = {}, []
+    for name, pinned in peer_packages():
+        try:
+            used[name] = f"{importlib.metadata.version(name)} (installed)"
+            continue
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        found = sorted(glob.glob(os.path.join(wheel_dir, f"{norm(name)}-{pinned}-*.whl")))
+        if found:
+            wheels.append(found[-1])
+            used[name] = f"{pinned} (wheel)"
+        else:
+            used[name] = (f"missing: not installed and no {norm(name)}-{pinned} wheel in {wheel_dir} "
+                          f"(make peer-wheels); its benchmarks record it as skipped")
+    if not wheels:
+        return {}, used
+    shutil.rmtree(target, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--target", target, *wheels], capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        return {}, {name: (f"missing: {why}" if v.endswith("(wheel)") else v) for name, v in used.items()}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)}, used
 
 
 def main():
@@ -67,6 +143,8 @@ def main():
     parser.add_argument("--simclr-epochs", type=int, default=60)
     parser.add_argument("--out", default=None, help="default: bench/results/<date>-<device>.json")
     parser.add_argument("--skip-build", action="store_true", help="use the common._C already built")
+    parser.add_argument("--wheels", default=os.path.join(ROOT, ".whl"),
+                        help="where the peers' wheels are for an offline machine (default: .whl, make peer-wheels)")
     args = parser.parse_args()
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,6 +166,7 @@ def main():
         env_build["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     else:
         env_build["SSL_OPS_NO_CUDA"] = "1"
+    peers_env, peers = install_peers(args.wheels, os.path.join(ROOT, "runs", "gpu-check-peers"))
     steps = []
     if not args.skip_build:
         steps.append(run_step("build", [py, "setup.py", "-q", "build_ext", "--inplace"], limits["build"], env_build,
@@ -97,11 +176,15 @@ def main():
     steps.append(run_step("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test_files,
                                     *(["-k", "cuda"] if cuda else ["-k", "sinkhorn"])], limits["tests"],
                           parse_json=False))
-    steps.append(run_step("ops", [py, "bench/ops.py", "--device", args.device, *([] if cuda else ["--quick"])],
-                          limits["ops"]))
+    ops_json = os.path.join(ROOT, "runs", "gpu-check-ops.json")
+    os.makedirs(os.path.dirname(ops_json), exist_ok=True)
+    if os.path.exists(ops_json):
+        os.remove(ops_json)
+    steps.append(run_step("ops", [py, "bench/ops.py", "--device", args.device, *([] if cuda else ["--quick"]),
+                                  "--out", ops_json], limits["ops"], peers_env, partial_json=ops_json))
     steps.append(run_step("throughput", [py, "bench/throughput.py", "--device", args.device, "--scripts", "",
                                          "--cases", "resnet18_32", *([] if cuda else ["--steps", "1"])],
-                          limits["throughput"]))
+                          limits["throughput"], peers_env))
     run_dir = os.path.join(ROOT, "runs", "gpu-check-simclr")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed one
     # on the GPU the paper's CIFAR recipe; the CPU dry run takes the 32-px ImageNet-stem recipe for 4 steps
@@ -124,7 +207,11 @@ def main():
               "command": "python " + " ".join(["bench/gpu_check.py", *sys.argv[1:]]),
               "device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": str(datetime.date.today()), "budget_s": args.budget_s,
-              "wall_s": round(time.time() - started, 1), "ok": all(s["ok"] for s in steps), "steps": steps}
+              "wall_s": round(time.time() - started, 1), "ok": all(s["ok"] for s in steps), "peers": peers,
+              "steps": steps}
+    ops_step = next(s for s in steps if s["step"] == "ops")
+    if cuda and "result" in ops_step:
+        report["targets"] = verdicts(ops_step["result"], args.device)
     if cuda:
         key = "h200" if "H200" in device_name else "h100"
         report["perf_model"] = perf_model.model(key)
@@ -132,7 +219,9 @@ def main():
     with open(out_path, "w") as f:
         f.write(text + "\n")
     print(json.dumps({"ok": report["ok"], "wall_s": report["wall_s"], "out": os.path.relpath(out_path, ROOT),
-                      "steps": {s["step"]: s["ok"] for s in steps}}))
+                      "steps": {s["step"]: s["ok"] for s in steps},
+                      "targets": {f"{t['op']}: {t['target']}": [t["measured"], t["limit"], t["met"]]
+                                  for t in report.get("targets", [])}}))
     return 0 if report["ok"] else 1
 
 
