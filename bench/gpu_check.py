@@ -173,7 +173,7 @@ def main():
                               parse_json=False))
     test_files = ["tests/test_ops.py", "tests/test_gpu_aug.py", "tests/test_eval_suite.py"] if cuda else \
         ["tests/test_ops.py"]
-    steps.append(run_step("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test_files,
+    steps.append(run_step("tests", [py, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider", *test_files,
                                     *(["-k", "cuda"] if cuda else ["-k", "sinkhorn"])], limits["tests"],
                           parse_json=False))
     ops_json = os.path.join(ROOT, "runs", "gpu-check-ops.json")
