@@ -319,6 +319,57 @@ def test_contrastive_symmetric_half_cuda(dtype):
         assert (o - t).abs().max().item() <= 2 * (nv - t).abs().max().item() + 1e-2
 
 
+def clustered_moco_batch(n, m, d, seed):
+    """Unit queries and keys around 16 random centres (same-centre cosine ~0.7), the first n keys each query's
+    positive (cosine ~0.99): most of the softmax mass sits on negatives, so their share of dq is large."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(16, d, generator=g, dtype=torch.float64), dim=1)
+
+    def around(count):
+        return centres[torch.randint(0, 16, (count,), generator=g)] + 0.6 * torch.randn(
+            count, d, generator=g, dtype=torch.float64) / d ** 0.5
+
+    q = F.normalize(around(n), dim=1)
+    k = F.normalize(torch.cat([q + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5,
+                               around(m - n)]), dim=1)
+    return q, k, torch.arange(n)
+
+
+MOCO_SCALE_CASES = [("cpu", torch.float32, 517, 8209, 2e-5)] + [
+    pytest.param("cuda", dtype, 4096, 65536, tol, marks=pytest.mark.skipif(not CUDA, reason="no GPU"))
+    for dtype, tol in [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)]]
+
+
+@pytest.mark.parametrize("device,dtype,n,m,tol", MOCO_SCALE_CASES)
+def test_contrastive_moco_scale_keeps_the_negatives_share(device, dtype, n, m, tol):
+    """MoCo's loss at its shape (on CUDA 4096 queries x 65536 keys in 16 bits, the mean over the rows, keys without
+    gradient): dL/dlogit of a negative is about p_j / n, 1e-9 to 4e-8 here, below fp16's smallest subnormal
+    (6e-8), so a kernel that casts it to fp16 unscaled loses the negatives' share of dq (the plain formula in fp16
+    loses it too, so it is no bar here). dq's relative error against float64 on the rounded inputs is at most tol:
+    fp16 with the cast scaled rounds to about 4e-4, unscaled misses by 0.42; bf16 rounds to about 2e-3; dropping the
+    negatives' share altogether would miss by about 1.1 (checked below)."""
+    q, k, pos = clustered_moco_batch(n, m, 128, 29)
+    q, k, pos = q.to(device), k.to(device), pos.to(device)
+    t = 0.2
+
+    def run(fn, work_dtype):
+        qq = q.to(dtype).to(work_dtype).requires_grad_()
+        loss = fn(qq, k.to(dtype).to(work_dtype), pos, t, reduction="none")
+        loss.mean().backward()
+        return loss.detach().double(), qq.grad.double()
+
+    truth_loss, truth = run(ops.contrastive_loss_reference, torch.float64)
+    ours_loss, ours = run(ops.contrastive_loss, dtype)
+
+    def rel(a):
+        return ((a - truth).norm() / truth.norm()).item()
+
+    positives_only = -k[:n].double().to(dtype).double() / (t * n)  # dq without the softmax term
+    assert rel(positives_only) > 0.3  # the data give the negatives a large share
+    assert rel(ours) <= tol, rel(ours)
+    assert (ours_loss - truth_loss).abs().max() <= tol * truth_loss.abs().max()
+
+
 # ----------------------------------------------------------------------------- k-means
 
 def clustered(n, d, centers, seed, device="cpu"):
