@@ -38,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import perf_model  # noqa: E402
 
 
 def run_step(name, argv, limit_s, env=None, parse_json=True, partial_json=None):
@@ -73,28 +74,18 @@ def run_step(name, argv, limit_s, env=None, parse_json=True, partial_json=None):
     return record
 
 
-# the GPU targets at bench/ops.py's CUDA shapes: (op, what, key of the compiled run or of the op's ratios, limit)
-TARGETS = [
-    ("contrastive", "2N = 65536, D = 128, bf16, forward + backward (ms)", "time_ms", 12.0),
-    ("contrastive", "its peak extra memory (MiB; 128 MB)", "peak_extra_mb", 128e6 / 2**20),
-    ("moco", "4096 queries x 65536 keys, bf16, forward + backward (ms)", "time_ms", 0.5),
-    ("kmeans", "1.28M x 128 -> 3000, TF32 (ms per iteration)", "ms_per_iteration", 6.0),
-    ("kmeans", "time vs fast-pytorch-kmeans (at least 3x faster)", "time_vs_fast_pytorch_kmeans", 1 / 3),
-    ("sinkhorn", "7936 x 3000, 3 iterations (ms)", "time_ms", 0.3),
-    ("sinkhorn", "time vs SwAV's formula (at least 3x faster)", "time_vs_swav_formula", 1 / 3),
-]
-
-
 def verdicts(ops_report, device):
-    """Each target against bench/ops.py's measurement: the value, the limit, and met (None: not measured)."""
+    """Each of bench/perf_model.py's targets against bench/ops.py's measurement: the value, the limit, and met
+    (None: not measured)."""
     out = []
-    for op, what, key, limit in TARGETS:
-        results = ops_report.get("results", {}).get(f"{op}/{device}", {})
-        value = ops_report.get("ratios", {}).get(f"{op}/{device}", {}).get(key) if key.startswith("time_vs") \
-            else (results.get("compiled") or {}).get(key)
-        out.append({"op": op, "target": what, "limit": round(limit, 4),
-                    "measured": None if value is None else round(value, 4),
-                    "met": None if value is None else value <= limit})
+    for op, targets in perf_model.TARGETS.items():
+        ratios = ops_report.get("ratios", {}).get(f"{op}/{device}", {})
+        compiled = ops_report.get("results", {}).get(f"{op}/{device}", {}).get("compiled") or {}
+        for what, key, limit in targets:
+            value = ratios.get(key) if key.startswith("time_vs") else compiled.get(key)
+            out.append({"op": op, "target": what, "limit": round(limit, 4),
+                        "measured": None if value is None else round(value, 4),
+                        "met": None if value is None else value <= limit})
     return out
 
 
@@ -202,7 +193,6 @@ def main():
                                    "--test-data", "cifar10-test", "--arch", "resnet18", stem,
                                    "--image-size", "32"],
                                   limits["simclr"] * 0.2))
-    from bench import perf_model
     report = {"what": "GPU acceptance: build, CUDA tests, ops and throughput benchmarks, a short SimCLR run",
               "command": "python " + " ".join(["bench/gpu_check.py", *sys.argv[1:]]),
               "device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,

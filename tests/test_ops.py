@@ -364,7 +364,7 @@ def test_contrastive_moco_scale_keeps_the_negatives_share(device, dtype, n, m, t
     def rel(a):
         return ((a - truth).norm() / truth.norm()).item()
 
-    positives_only = -k[:n].double().to(dtype).double() / (t * n)  # dq without the softmax term
+    positives_only = -k[:n].to(dtype).double() / (t * n)  # dq without the softmax term
     assert rel(positives_only) > 0.3  # the data give the negatives a large share
     assert rel(ours) <= tol, rel(ours)
     assert (ours_loss - truth_loss).abs().max() <= tol * truth_loss.abs().max()
