@@ -53,6 +53,33 @@ def _check_matrix(name, t):
         raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(t.shape)}.")
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}.")
+    if t.layout != torch.strided or t.device.type == "meta":
+        raise ValueError(f"{name} must be a dense tensor with data, got a {t.layout} tensor on {t.device}.")
+
+
+def _integer(name, value, minimum, maximum=None):
+    """value as an int, or one sentence: it must be an integral number in [minimum, maximum)."""
+    try:
+        ok = not isinstance(value, (bool, str, bytes)) and math.isfinite(float(value)) and int(value) == value \
+            and value >= minimum and (maximum is None or value < maximum)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        what = "a non-negative" if minimum == 0 else ("a positive" if minimum == 1 else "an")
+        raise ValueError(f"{name} must be {what} integer{'' if maximum is None else ' below ' + str(maximum)}, "
+                         f"got {value!r}.")
+    return int(value)
+
+
+def _positive(name, value):
+    """value as a float, or one sentence: it must be a finite positive number."""
+    try:
+        number = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or not number > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return number
 
 
 def _check_index(name, idx, n, m, device):
@@ -90,10 +117,8 @@ def sinkhorn(scores, epsilon=0.05, n_iters=3, group=None):
     equals running it on the concatenation of all ranks' rows.
     """
     _check_matrix("scores", scores)
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be positive, got {epsilon}.")
-    if int(n_iters) != n_iters or n_iters < 1:
-        raise ValueError(f"n_iters must be a positive integer, got {n_iters}.")
+    epsilon = _positive("epsilon", epsilon)
+    n_iters = _integer("n_iters", n_iters, 1)
     if scores.shape[1] == 0:
         raise ValueError("scores must have at least one column (prototype).")
     group = _world(group)
@@ -147,6 +172,8 @@ def sinkhorn_reference(scores, epsilon=0.05, n_iters=3, group=None):
         log_q = scores.detach().to(_compute_dtype(scores)) / epsilon
         n_samples, n_prototypes = log_q.shape
         total_samples = _global_rows(n_samples, group, log_q.device)
+        if total_samples == 0:
+            return torch.zeros_like(scores)
         for _ in range(int(n_iters)):
             # prototypes: logsumexp over all ranks' samples, computed stably
             col_max = log_q.max(dim=0).values if n_samples else torch.full(
@@ -191,9 +218,7 @@ def contrastive_loss(queries, keys, pos_index, temperature, self_index=None, red
         _check_index("self_index", self_index, n, m, queries.device)
         if bool((self_index == pos_index).any()):
             raise ValueError("pos_index and self_index must differ for every row.")
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
+    temperature = _positive("temperature", temperature)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
     if _use_compiled(queries) and keys is queries:
@@ -302,11 +327,9 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None, 
     _check_matrix("x", x)
     if not isinstance(tf32, bool):
         raise ValueError(f"tf32 must be True or False, got {tf32!r}.")
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be a positive integer, got {k}.")
-    if int(n_iters) != n_iters or n_iters < 0:
-        raise ValueError(f"n_iters must be a non-negative integer, got {n_iters}.")
+    k = _integer("k", k, 1)
+    n_iters = _integer("n_iters", n_iters, 0)
+    seed = _integer("seed", seed, -2 ** 63, 2 ** 63)
     group = _world(group)
     total = _global_rows(x.shape[0], group, x.device)
     if total < k:
@@ -316,6 +339,8 @@ def kmeans(x, k, n_iters=10, spherical=True, init="random", seed=0, group=None, 
             raise ValueError(f"init centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}.")
         if init.device != x.device:
             raise ValueError(f"init centroids are on {init.device} but x is on {x.device}.")
+        if init.dtype not in _FLOATS:
+            raise ValueError(f"init centroids must be a floating-point tensor, got {init.dtype}.")
     elif init != "random":
         raise ValueError(f"init must be 'random' or a [k, D] tensor, got {init!r}.")
     if _use_compiled(x):
@@ -379,7 +404,10 @@ def _assign(x, centroids, spherical, chunk=16384):
 
 
 def _farthest_points(x, best_score, n, group):
-    """The n rows of the global data whose best score is lowest (farthest from their centroid)."""
+    """The n rows of the global data whose best score is lowest (farthest from their centroid).
+
+    best_score must compare across rows: the cosine (spherical), x.c - |x|^2 / 2 = -|x - c|^2 / 2
+    (Euclidean)."""
     local_n = min(n, x.shape[0])
     order = torch.argsort(best_score, stable=True)[:local_n]
     cand_scores, cand_points = best_score[order], x[order]
@@ -416,13 +444,35 @@ def _reference_update(points, assignments, k):
     return sums, torch.bincount(assignments, minlength=k).to(points.dtype)
 
 
+def _global_mean(x, group):
+    """The mean row of every rank's x, summed in float64."""
+    sums = _all_reduce(x.sum(dim=0, dtype=torch.float64), dist.ReduceOp.SUM, group)
+    return (sums / _global_rows(x.shape[0], group, x.device)).to(x.dtype)
+
+
 def _lloyd(points, k, n_iters, spherical, init, seed, group, assign, update):
-    """The Lloyd loop shared by the reference and the compiled kernels (assign, update)."""
+    """The Lloyd loop shared by the reference and the compiled kernels (assign, update).
+
+    Euclidean: the data are centred first (the global mean row, added back to the centroids at the
+    end). Euclidean k-means does not move with the data, and its score x.c - |c|^2/2 is exact only
+    at the scale of the data's spread: far from the origin it would be rounded at the scale of the
+    offset (in float32, data at 1000 + N(0, 1) lost most assignments).
+    Empty clusters take the rows farthest from their centroids: lowest cosine (spherical; an
+    all-zero row, which has no direction, never), largest |x - c| (Euclidean).
+    """
     compute = points.dtype
+    mean = None
     if spherical:
         points = torch.nn.functional.normalize(points, dim=1)
+        no_direction = (points == 0).all(dim=1)
+    else:
+        mean = _global_mean(points, group)
+        points = points - mean
+        half_sq_norms = 0.5 * (points * points).sum(dim=1)
     if isinstance(init, torch.Tensor):
         centroids = init.detach().to(compute).clone()
+        if mean is not None:
+            centroids -= mean
     else:
         centroids = _random_init(points, k, seed, group)
     if spherical:
@@ -436,8 +486,9 @@ def _lloyd(points, k, n_iters, spherical, init, seed, group, assign, update):
         centroids = torch.where(nonempty[:, None], sums / counts.clamp(min=1)[:, None], centroids)
         empty = (~nonempty).nonzero()[:, 0]
         if len(empty):
-            centroids[empty] = _farthest_points(points, best_score, len(empty), group)
+            closeness = best_score.masked_fill(no_direction, math.inf) if spherical else best_score - half_sq_norms
+            centroids[empty] = _farthest_points(points, closeness, len(empty), group)
         if spherical:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
     _, assignments = assign(points, centroids, spherical)
-    return centroids, assignments
+    return (centroids if mean is None else centroids + mean), assignments

@@ -7,6 +7,7 @@ set TF32 explicitly; k-means assignments are compared tie-tolerantly.
 CUDA cases run the same checks and are skipped without a GPU.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -434,6 +435,38 @@ def test_kmeans_reseeds_empty_clusters(device, spherical):
     assert_assignments_are_argmax(x, centroids, assignments, spherical)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_reseeds_with_the_farthest_point(device, dtype):
+    """Euclidean: farthest means largest |x - c|, not lowest x.c - |c|^2/2 (which only ranks centroids for one
+    row); spherical: lowest cosine, and an all-zero row (no direction) is never a centroid."""
+    x = torch.tensor([[49.0], [51.0], [200.0]], dtype=dtype, device=device)
+    init = torch.tensor([[50.0], [1e6]], dtype=dtype, device=device)  # the second is empty after one assignment
+    centroids, assignments = ops.kmeans(x, 2, n_iters=1, spherical=False, init=init)
+    assert centroids[:, 0].tolist() == [100.0, 200.0] and assignments.tolist() == [0, 0, 1]
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]], dtype=dtype, device=device)
+    init = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=dtype, device=device)
+    centroids, assignments = ops.kmeans(x, 2, n_iters=2, init=init)
+    assert torch.allclose(centroids.norm(dim=1).double(), torch.ones(2, dtype=torch.float64, device=device))
+    assert assignments[:2].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 1e3, -3e4])
+def test_kmeans_euclidean_far_from_the_origin(device, offset):
+    """Every row's assignment is its nearest returned centroid, in float64 distances, wherever the data sit."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2003, 29, generator=gen) + offset).to(device)
+    for fn in (ops.kmeans, ops.kmeans_reference):
+        centroids, assignments = fn(x, 21, n_iters=5, spherical=False, seed=0)
+        d2 = torch.cdist(x.double() - offset, centroids.double() - offset).pow(2)
+        excess = d2.gather(1, assignments[:, None])[:, 0] - d2.min(dim=1).values
+        assert excess.max().item() <= 1e-3 * d2.min(dim=1).values.mean().item()  # fp32 rounding of |x - c|^2 ~ 28
+        ref_c, ref_a = ops.kmeans_reference(x.double(), 21, n_iters=5, spherical=False, seed=0)
+        assert (assignments == ref_a).float().mean() > 0.99
+        assert torch.allclose(centroids.double(), ref_c, atol=1e-3 + 1e-6 * abs(offset))  # fp32 ulp: 6e-8 x offset
+
+
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 @pytest.mark.parametrize("spherical", [True, False])
 def test_kmeans_tf32_cuda(spherical):
@@ -536,6 +569,13 @@ def test_scalar_and_fp32_fallbacks_pass_the_same_tests():
     lambda: ops.kmeans(torch.randn(5, 3), 2, init=torch.randn(3, 3)),
     lambda: ops.kmeans(torch.randn(5, 3), 2, init="kmeans++"),
     lambda: ops.kmeans(torch.randn(5, 3), 2, tf32="yes"),
+    lambda: ops.kmeans(torch.randn(5, 3), 2.5),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, n_iters=math.inf),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, seed=2 ** 70),
+    lambda: ops.kmeans(torch.randn(5, 3), 2, init=torch.ones(2, 3, dtype=torch.long)),
+    lambda: ops.sinkhorn(torch.randn(3, 4), None),
+    lambda: ops.sinkhorn(torch.randn(3, 4).to_sparse(), 0.05),
+    lambda: ops.contrastive_loss(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), None),
 ])
 def test_bad_inputs_raise_value_error(call):
     with pytest.raises(ValueError):
