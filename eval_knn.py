@@ -258,16 +258,25 @@ def main(argv=None):
             if args.fewshot == "fixed":
                 summary.update(way=args.way, shot=args.shot, query=args.query)
         else:
+            n_train = len(train_labels)
+            if args.report_k > n_train:
+                raise ValueError(f"--report-k {args.report_k} is more neighbours than the {n_train} training images.")
+            ks = [k for k in args.k if k <= n_train]
+            skipped = [k for k in args.k if k > n_train]
+            if skipped:
+                print(f"k={', '.join(map(str, skipped))} left out: only {n_train} training images.", file=sys.stderr)
             results = {}
             for layer in args.layers:
                 results[layer] = weighted_knn(cache["train_features"][layer].to(device), train_labels.to(device),
                                               cache["test_features"][layer].to(device), test_labels.to(device),
-                                              args.k, args.temperature)
+                                              ks, args.temperature)
             headline = results[args.layers[0]][args.report_k]
             summary = {"top1": round(headline["top1"], 3), "top5": round(headline["top5"], 3), "k": args.report_k,
                        "temperature": args.temperature, **common_fields,
                        "per_k": {layer: {str(k): {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}
                                  for layer, res in results.items()}}
+            if skipped:
+                summary["k_left_out"] = skipped
         summary["seconds"] = round(time.time() - started, 1)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

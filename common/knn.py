@@ -33,13 +33,18 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, ks, t
     """Top-1/top-5 accuracy (%) for every k in `ks` of the weighted kNN vote.
 
     Features need not be normalised (they are, here). Labels may be any integers: they
-    are mapped to 0..C-1 over the union of train and test labels.
+    are mapped to 0..C-1 over the union of train and test labels. Top-5 looks at the
+    min(5, k) classes with the most votes, as DINO's knn_classifier: k neighbours vote
+    for k classes at most. Every k must be at most the number of training images.
     """
     train_features = torch.nn.functional.normalize(train_features.float(), dim=1)
     test_features = torch.nn.functional.normalize(test_features.float(), dim=1)
     classes, mapped = torch.unique(torch.cat([train_labels, test_labels]), return_inverse=True)
     train_y, test_y = mapped[:len(train_labels)], mapped[len(train_labels):]
-    n_classes, max_k = len(classes), min(max(ks), len(train_features))
+    n_classes, max_k = len(classes), max(ks)
+    if max_k > len(train_features):
+        raise ValueError(f"k={max_k} neighbours asked for, but there are only {len(train_features)} training "
+                         f"images.")
     correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
     for start in range(0, len(test_features), test_chunk):
         queries = test_features[start:start + test_chunk]
@@ -54,10 +59,10 @@ def weighted_knn(train_features, train_labels, test_features, test_labels, ks, t
         neighbour_labels = train_y[best_idx]
         truth = test_y[start:start + test_chunk]
         for k in ks:
-            kk = min(k, max_k)
             votes = torch.zeros(len(queries), n_classes, device=queries.device)
-            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            ranked = votes.topk(min(5, n_classes), dim=1).indices
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            # top-5 counts at most k classes: k neighbours vote for k classes at most (DINO's knn_classifier)
+            ranked = votes.topk(min(5, n_classes, k), dim=1).indices
             correct[k][0] += (ranked[:, 0] == truth).sum().cpu()
             correct[k][1] += (ranked == truth[:, None]).any(dim=1).sum().cpu()
     n = len(test_features)
@@ -119,6 +124,9 @@ class KnnMonitor:
         _require_labels(held_out, f"--eval-data {spec}")
         self.spec = spec
         self.bank = balanced_subset(train_images, args.eval_bank, args.seed)
+        if len(self.bank) < K:
+            raise ValueError(f"--eval-every's kNN votes over {K} neighbours, and its bank has {len(self.bank)} "
+                             f"training images: pass --eval-bank {K} or more (and train on at least {K} images).")
         self.queries = balanced_subset(held_out, args.eval_size, args.seed)
         self.image_size, self.transform = image_size, features.eval_transform(image_size)
         self.kw = dict(batch_size=min(256, max(args.batch_size, 1)), workers=min(args.workers, 4), device=device,
