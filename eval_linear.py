@@ -27,9 +27,14 @@ log-spaced grid at once, C chosen on the validation split, refit on train + val.
 
 Data modes: cached features (`--features`, or extracted once; no augmentation, the fast
 default) and `--augment` (on-the-fly augmented crops through the frozen trunk in eval mode).
-Protocols: `standard`; `vtab` (VTAB-1k, Zhai et al. 2019: the first 800 training images fit,
-the next 200 choose, the chosen setting is retrained on all 1000 with 5 seeds, test mean ±
-std); `fraction` (1% / 10% of the labels per class, seeded, as VISSL's semi-supervised splits).
+Protocols: `standard`; `vtab` (VTAB-1k, Zhai et al. 2019: 800 training images fit, 200 more
+choose, the chosen setting is retrained on all 1000 with 5 seeds, test mean ± std; the 1000 are
+a seeded sample of the training data, or with `--vtab-order given` the first 800 and the next
+200 in order, which on a train800val200 list are VTAB-1k's own; VTAB's reference code fine-tunes
+the whole network, this is its frozen-trunk linear version); `fraction` (1% / 10% of the
+training images with their labels, the same number from every class, seeded: the shape of
+SimCLR's ImageNet lists that VISSL's semi-supervised benchmark uses, which fine-tunes the whole
+network on those fixed lists where this trains linear heads on a seeded draw).
 `--save-head` writes the chosen head; `--eval-only --head FILE` tests it on other data
 (pyVTAB's ImageNet -> ImageNet-v2 case).
 
@@ -44,6 +49,12 @@ scikit-learn logistic regression: on CIFAR-10 features of a SimCLR and a random-
 instead of per-batch ones. The held-out images' features (never their labels) take part in
 those statistics, and with `--augment` in the batch statistics; held-out rows are masked out of
 the loss rather than out of the batch, so a fold's heads see about (k-1)/k of each batch.
+The cosine schedule is stepped every step (DINO and SwAV step CosineAnnealingLR once per
+epoch). Weight decay applies to the weights only, never the bias (VISSL regularises the
+bias; DINO's wd is 0, so there it is the same). The BatchNorm standardises each feature
+dimension without an affine; VISSL's `eval_mlp` on the `vissl-*` taps is a BatchNorm2d (one
+mean, variance and affine per channel over the pooled grid): the heads can represent the
+same functions, only the optimisation's path differs.
 `--logreg` standardises the features and runs 300 L-BFGS iterations (DINOv2: cuML on the raw
 features, 1000 iterations) and holds out a class-balanced 10% (DINOv2: a random 10%).
 
@@ -83,10 +94,12 @@ class Args:
     save_features: str = ""
     layers: tuple[str, ...] = ("pooled",)
     protocol: str = field(default="standard", metadata={"choices": ["standard", "vtab", "fraction"]})  # standard: all labels; vtab: VTAB-1k 800/200; fraction: --label-fraction of the labels
-    label_fraction: float = 0.01  # --protocol fraction: 0.01 or 0.1 as VISSL's semi-supervised splits
+    label_fraction: float = 0.01  # --protocol fraction: 0.01 or 0.1, the same number of images from every class
     vtab_order: str = field(default="shuffled", metadata={"choices": ["shuffled", "given"], "help":
-                            "VTAB's train800/val200 are the first images of TFDS's shuffled train split; "
-                            "'shuffled' takes a seeded permutation first, 'given' the file order"})
+                            "--protocol vtab: 'shuffled' fits on the first 800 of a seeded permutation of the "
+                            "training images and chooses on the next 200; 'given' on the first 800 and next 200 "
+                            "in the data's order: VTAB-1k's own images are a train800val200 list in that order "
+                            "(scripts/vtab_from_tfds.py writes them)"})
     vtab_seeds: int = 5  # --protocol vtab: seeds averaged
     folds: int = 5  # k-fold cross-validation chooses the head on training sets smaller than --cv-below
     cv_below: int = 20000  # training sets smaller than this choose the head by --folds cross-validation
@@ -319,6 +332,24 @@ def stratified_folds(labels, k, seed):
     return torch.from_numpy(folds)
 
 
+def label_subset(labels, fraction, seed):
+    """round(fraction x N) training rows, the same number from every class (one more from seeded classes
+    for the remainder), as SimCLR's 1% / 10% ImageNet lists hold 12-13 / 128-129 images of each class; a
+    class with fewer images than its share gives all it has. Sorted row indices."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--label-fraction must be in (0, 1], got {fraction}.")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    total = max(len(classes), round(fraction * len(labels)))
+    share = np.full(len(classes), total // len(classes))
+    share[rng.permutation(len(classes))[:total % len(classes)]] += 1
+    keep = []
+    for label, n in zip(classes, share):
+        members = np.flatnonzero(labels == label)
+        keep.append(rng.choice(members, size=min(n, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
 def split_indices(labels, args):
     """The train rows of --protocol and how the head is chosen on them.
 
@@ -337,7 +368,7 @@ def split_indices(labels, args):
         return order[:1000], held_out, order[:800], order[800:1000], list(range(args.vtab_seeds))
     pool = torch.arange(n)
     if args.protocol == "fraction":
-        pool = torch.from_numpy(data.fraction_indices(labels.numpy(), args.label_fraction, args.seed))
+        pool = torch.from_numpy(label_subset(labels.numpy(), args.label_fraction, args.seed))
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}.")
     if args.folds < 2:

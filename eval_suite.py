@@ -47,6 +47,9 @@ Per kind:
   (%, IoU of each class summed over the split, mean over classes that occur) and pixel accuracy;
   depth: the decoder predicts log depth (squared error over measured pixels), metrics RMSE,
   abs rel and delta1 (%, max(p/g, g/p) < 1.25) over every measured pixel of the split.
+  pyVTAB hands its pixelwise heads five maps (the stem's and the four stages'); this decoder
+  takes the three deepest, and like every task here chooses its setting on val before the
+  seeded fits on train + val.
 
 Runners. Every item is a file in `--work-dir` (common/workarea.py): any number of runners
 share it, on one machine or many (a shared directory; a SLURM array runs the same command in

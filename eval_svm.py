@@ -4,21 +4,37 @@ Goyal et al., "Scaling and Benchmarking Self-Supervised Visual Representation Le
 ICCV 2019, as VISSL runs it (svm_trainer / svm_low_shot_trainer): features L2-normalised,
 one-vs-rest linear SVMs with squared hinge loss and L2 penalty (liblinear's primal,
 bias as a regularised feature), positives weighted 2:1, the cost of each class chosen by
-3-fold cross-validated average precision over C in {0.01, ..., 1000}, then the model
-refit on all of train. Multi-label targets are N x C in {1, 0, -1}: -1 (difficult) is
-left out at test and is a negative in training unless --difficult ignore. Metrics: mean AP
-(VOC all-point interpolated, as VISSL) and, for single-label data, top-1 of the argmax.
+3-fold cross-validated average precision (sklearn's StratifiedKFold folds and its
+average_precision scorer, as VISSL's cross_val_score) over C in {0.01, ..., 1000}, then
+the model refit on all of train. Multi-label targets are N x C in {1, 0, -1}: -1
+(difficult) is left out at test and is a negative in training unless --difficult ignore.
+Metrics: mean AP (VOC all-point interpolated, as VISSL) and, for single-label data, top-1
+of the argmax (a test image of a class that train lacks counts as wrong).
+
+--low-shot is VISSL's low-shot benchmark: for each k, --low-shot-samples draws of
+training rows (multi-label: per class k positives and (C - 1) k negatives; single-label:
+k images of every class), an SVM per class and cost on each draw, and the cost whose test
+mAP averaged over the draws is best (VISSL's aggregate_stats; the mean, population std,
+min and max over the draws at that cost are reported, and top-1 beside mAP for
+single-label data). That choice looks at the test set; --low-shot-cost cv instead chooses
+each class's cost by cross-validation on the draw (k folds at most; --one-shot-cost at
+k = 1). A k that the data cannot supply is left out with a message, as VISSL skips it.
+Images go through features.eval_transform: the short side resized, then a centre crop, as
+every evaluation here; --squash gives VISSL's VOC07 configs' preprocessing (Resize 256, then
+the whole image to 224 x 224).
 
 Unlike VISSL's one liblinear call per (class, cost, fold), every SVM of the sweep is one
 column of one batched problem: min_W 0.5 |w_p|^2 + C_p sum_i s_ip max(0, 1 - y_ip x_i.w_p)^2,
 solved by Newton's method with preconditioned conjugate gradients (Chapelle 2007; the
 primal solver of liblinear) using only matrix products, on GPU when present.
 
-    python eval_svm.py --weights ckpt.pth --train-data voc07.train.txt --test-data voc07.test.txt --image-size 224
+    python eval_svm.py --weights ckpt.pth --train-data voc07.train.txt --test-data voc07.test.txt --image-size 224 \
+        --squash
     python eval_svm.py --weights random --arch resnet18 --train-data cifar10-mini --image-size 32 --save-features f.pth
     python eval_svm.py --features f.pth --low-shot          # k = 1..96 positives per class, 5 draws
 """
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,11 +73,18 @@ class Args:
     low_shot: bool = False  # the low-shot benchmark: k positives per class, --low-shot-samples draws
     low_shot_k: tuple[int, ...] = LOW_SHOT_K  # positives per class
     low_shot_samples: int = 5  # independent draws per k
-    one_shot_cost: float = field(default=1.0, metadata={"help": "the cost at k=1, where no fold can be held out"})
+    low_shot_cost: str = field(default="best-test", metadata={
+        "choices": ["best-test", "cv"],
+        "help": "best-test: VISSL's choice, per k the cost with the best test mAP averaged over the draws; cv: per "
+                "class by cross-validation on the draw's training rows (the test set is not looked at)"})
+    one_shot_cost: float = field(default=1.0, metadata={"help": "--low-shot-cost cv: the cost at k=1, where no fold "
+                                                                "can be held out"})
     newton_iters: int = 40  # Newton steps of the batched squared-hinge solver
     tol: float = 1e-4  # relative gradient norm at which the solver stops
     image_size: int = field(default=0, metadata={"help": "centre-crop size (0: the checkpoint's crop size, else 224)"})
     resize_size: int = 0
+    squash: bool = field(default=False, metadata={"help": "VISSL's VOC07 preprocessing: after the short-side resize, "
+                                                          "the whole image to image-size x image-size, no crop"})
     precise_bn: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics on this many training "
                                                           "images before extracting (0: the checkpoint's)"})
     batch_size: int = 256  # images per forward pass when extracting
@@ -154,26 +177,44 @@ def train_svms(x, signs, weights, costs, newton_iters=40, tol=1e-4, cg_iters=50)
     return result
 
 
-def average_precision(scores, positive, include):
-    """VOC all-point interpolated AP of every column: scores, positive, include are [N, P].
+def average_precision(scores, positive, include, interpolated=True):
+    """AP of every column: scores, positive, include are [N, P].
 
-    Rows with include=False are left out (difficult at test, training rows in cross-validation).
+    interpolated: VOC's all-point interpolated AP (VISSL's test metric, evaluate.py); else
+    sklearn's average_precision_score (VISSL's cross-validation scorer): sum over the distinct
+    scores, highest first, of the recall gained there times the precision there. Rows with
+    include=False are left out (difficult at test, training rows in cross-validation).
     Columns without a positive get NaN.
     """
-    order = scores.masked_fill(~include, -float("inf")).argsort(dim=0, descending=True)
+    masked = scores.masked_fill(~include, -float("inf"))
+    order = masked.argsort(dim=0, descending=True)
     pos = (positive & include).gather(0, order).to(scores.dtype)
     neg = (~positive & include).gather(0, order).to(scores.dtype)
     tp, fp = pos.cumsum(0), neg.cumsum(0)
     precision = tp / (tp + fp).clamp_min(1)
-    envelope = precision.flip(0).cummax(0).values.flip(0)  # max precision at any higher recall
     n_pos = pos.sum(0)
-    return (envelope * pos).sum(0) / n_pos.where(n_pos > 0, torch.full_like(n_pos, float("nan")))
+    if interpolated:
+        envelope = precision.flip(0).cummax(0).values.flip(0)  # max precision at any higher recall
+        total = (envelope * pos).sum(0)
+    else:  # one term per run of equal scores, at its last row: the precision after the whole run
+        sorted_scores = masked.gather(0, order)
+        last = torch.ones_like(pos, dtype=torch.bool)
+        last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+        tp_at = torch.where(last, tp, torch.zeros_like(tp))
+        gained = tp_at - torch.cat([torch.zeros_like(tp[:1]), tp_at.cummax(0).values[:-1]])
+        total = (gained * precision * last).sum(0)
+    return total / n_pos.where(n_pos > 0, torch.full_like(n_pos, float("nan")))
 
 
 def stratified_folds(positive, n_folds):
-    """Fold id of every row, as sklearn's StratifiedKFold(n_folds) without shuffling: [N] int64."""
+    """Fold id of every row, as sklearn's StratifiedKFold(n_folds) without shuffling: [N] int64.
+
+    Like sklearn, the classes are numbered in order of first appearance: the first row's class
+    is class 0, whose share of each fold is counted first."""
     folds = torch.empty(len(positive), dtype=torch.long)
     y = positive.long().cpu()
+    if len(y) and y[0] == 1:
+        y = 1 - y
     ordered = torch.sort(y).values
     for value in (0, 1):
         members = torch.nonzero(y == value).flatten()
@@ -182,11 +223,14 @@ def stratified_folds(positive, n_folds):
     return folds
 
 
-def sweep(x, targets, train_rows, costs, n_folds, positive_weight, newton_iters=40, tol=1e-4, max_columns=None):
+def sweep(x, targets, train_rows, costs, n_folds, positive_weight, newton_iters=40, tol=1e-4, max_columns=None,
+          every_cost=False):
     """Cross-validate the cost of every class and refit: VISSL's SVM trainer for all classes at once.
 
     targets: [N, C] bool (positive); train_rows: [N, C] bool (the rows each class's SVM trains on).
-    Returns (W [D+1, C] refit with each class's chosen cost, chosen costs [C], cv AP [C, len(costs)]).
+    Returns (W [D+1, C] refit with each class's chosen cost, chosen costs [C], cv AP [C, len(costs)]);
+    with every_cost, W is [D+1, C, len(costs)]: the refit at every cost. n_folds = 1: no
+    cross-validation, the first cost is "chosen".
     The columns (fold or refit) x class x cost are solved in one batched problem (chunked by class
     so that N x columns stays under `max_columns` x N).
     """
@@ -221,13 +265,13 @@ def sweep(x, targets, train_rows, costs, n_folds, positive_weight, newton_iters=
             scores = scores.view(n, n_folds, len(cls), k)
             held_out = fold_of[:, None, :, None] == torch.arange(n_folds, device=x.device)[None, :, None, None]
             ap = average_precision(scores.flatten(1), pos[:, None, :, None].expand_as(scores).flatten(1),
-                                   held_out.expand_as(scores).flatten(1)).view(n_folds, len(cls), k)
+                                   held_out.expand_as(scores).flatten(1), interpolated=False).view(n_folds, len(cls), k)
             mean_ap = ap.nan_to_num(0).mean(0)  # a fold without positives scores 0, as sklearn's scorer
             best = mean_ap.argmax(1)  # ties: the smallest cost
         else:
             mean_ap = torch.full((len(cls), k), float("nan"))
             best = torch.zeros(len(cls), dtype=torch.long)
-        weights_out.append(w[:, -1, torch.arange(len(cls)), best.to(w.device)])
+        weights_out.append(w[:, -1] if every_cost else w[:, -1, torch.arange(len(cls)), best.to(w.device)])
         chosen.append(torch.tensor(costs, dtype=torch.float64)[best.cpu()])
         cv_ap.append(mean_ap.cpu())
     return torch.cat(weights_out, 1), torch.cat(chosen), torch.cat(cv_ap)
@@ -238,8 +282,9 @@ def evaluate(w, x_test, test_targets, test_include, single_label):
     scores = torch.cat([x_test, torch.ones(len(x_test), 1, dtype=x_test.dtype, device=x_test.device)], 1) @ w
     ap = average_precision(scores, test_targets, test_include)
     result = {"mAP": 100 * ap.nanmean().item(), "ap_per_class": [round(100 * a, 3) for a in ap.tolist()]}
-    if single_label:
-        result["top1"] = 100 * (scores.argmax(1) == test_targets.float().argmax(1)).float().mean().item()
+    if single_label:  # an image of a class that train lacks has no positive column: never right
+        right = (scores.argmax(1) == test_targets.float().argmax(1)) & test_targets.any(1)
+        result["top1"] = 100 * right.float().mean().item()
     return result
 
 
@@ -284,13 +329,43 @@ def as_targets(labels, classes=None):
     return (labels[:, None] == classes[None, :]).long(), True
 
 
-def low_shot_rows(targets, k, generator):
-    """Training rows per class for k-shot: k random positives of the class, all of its negatives."""
-    rows = targets == 0
-    for c in range(targets.shape[1]):
-        positives = torch.nonzero(targets[:, c] == 1).flatten()
-        rows[positives[torch.randperm(len(positives), generator=generator)[:k]], c] = True
+def low_shot_rows(targets, k, generator, single_label):
+    """The training rows [N, C] of each class's SVM in one k-shot draw, sampled as VISSL does
+    (create_low_shot_samples.py), or None when the data have too few images for k.
+
+    Multi-label (VOC07): per class, k random positives and (C - 1) k random negatives (label 0);
+    the class's other rows are left out. Single-label (Places205): k random images of every class,
+    C k in all; every class's SVM trains on all of them, its own k as positives.
+    """
+    n_classes = targets.shape[1]
+
+    def draw(candidates, n):
+        return candidates[torch.randperm(len(candidates), generator=generator)[:n]]
+
+    rows = torch.zeros_like(targets, dtype=torch.bool)
+    for c in range(n_classes):
+        positives, negatives = (torch.nonzero(targets[:, c] == v).flatten() for v in (1, 0))
+        if len(positives) < k or (not single_label and len(negatives) < (n_classes - 1) * k):
+            return None
+        if single_label:
+            rows[draw(positives, k)] = True
+        else:
+            rows[draw(positives, k), c] = True
+            rows[draw(negatives, (n_classes - 1) * k), c] = True
     return rows
+
+
+def low_shot_stats(runs, metric):
+    """VISSL's summary of the draws at one k: mean, std (population), min, max; and the draws."""
+    values = torch.tensor([r[metric] for r in runs], dtype=torch.float64)
+    return {"metric": metric, "mean": round(values.mean().item(), 3),
+            "std": round(values.std(correction=0).item(), 3), "min": round(values.min().item(), 3),
+            "max": round(values.max().item(), 3), "runs": [round(v, 3) for v in values.tolist()]}
+
+
+def low_shot_needs(single_label):
+    return ("k images of every class are drawn" if single_label else
+            "k positives (label 1) and (C - 1) k negatives (label 0) of every class are drawn")
 
 
 def main(argv=None):
@@ -335,20 +410,38 @@ def main(argv=None):
                 continue
             per_k = {}
             for k in args.low_shot_k:
-                runs = []
-                for sample in range(args.low_shot_samples):
-                    g = torch.Generator().manual_seed(args.seed * 1000 + sample)
-                    rows = low_shot_rows(train_targets, k, g) & train_rows
-                    folds = min(args.cv_folds, k)
-                    costs = args.costs if folds > 1 else (args.one_shot_cost,)
-                    w, chosen, _ = sweep(x, (train_targets == 1).to(device), rows.to(device), costs, folds,
-                                         args.positive_weight, args.newton_iters, args.tol)
-                    runs.append(evaluate(w, x_test, test_pos, test_include, single_label))
-                metric = "top1" if single_label else "mAP"
-                values = torch.tensor([r[metric] for r in runs])
-                per_k[str(k)] = {"metric": metric, "mean": round(values.mean().item(), 3),
-                                 "std": round(values.std().item() if len(values) > 1 else 0.0, 3),
-                                 "runs": [round(v, 3) for v in values.tolist()]}
+                draws = [low_shot_rows(train_targets, k, torch.Generator().manual_seed(args.seed * 1000 + sample),
+                                       single_label) for sample in range(args.low_shot_samples)]
+                if draws[0] is None:
+                    continue  # said once below
+                runs = []  # per draw, per cost tried: the test metrics
+                for rows in draws:
+                    rows = (rows & train_rows).to(device)
+                    if args.low_shot_cost == "best-test":
+                        w = sweep(x, (train_targets == 1).to(device), rows, args.costs, 1, args.positive_weight,
+                                  args.newton_iters, args.tol, every_cost=True)[0]
+                        runs.append([evaluate(w[:, :, j], x_test, test_pos, test_include, single_label)
+                                     for j in range(len(args.costs))])
+                    else:
+                        folds = min(args.cv_folds, k)
+                        costs = args.costs if folds > 1 else (args.one_shot_cost,)
+                        w = sweep(x, (train_targets == 1).to(device), rows, costs, folds, args.positive_weight,
+                                  args.newton_iters, args.tol)[0]
+                        runs.append([evaluate(w, x_test, test_pos, test_include, single_label)])
+                mean_map = torch.tensor([[r["mAP"] for r in run] for run in runs]).mean(0)
+                best = int(mean_map.argmax())  # ties: the smallest cost
+                per_k[str(k)] = low_shot_stats([run[best] for run in runs], "mAP")
+                if args.low_shot_cost == "best-test":
+                    per_k[str(k)]["cost"] = args.costs[best]
+                if single_label:
+                    per_k[str(k)]["top1"] = low_shot_stats([run[best] for run in runs], "top1")
+            skipped = [k for k in args.low_shot_k if str(k) not in per_k]
+            if not per_k:
+                raise ValueError(f"no --low-shot-k can be drawn: {low_shot_needs(single_label)}, and the smallest "
+                                 f"--low-shot-k is {min(args.low_shot_k)}.")
+            if skipped and layer == args.layers[0]:
+                print(f"low-shot k={', '.join(map(str, skipped))} left out: {low_shot_needs(single_label)} for "
+                      f"each.", file=sys.stderr)
             results[layer] = per_k
         head = results[args.layers[0]]
         summary = {"layer": args.layers[0], "weights": cache["meta"].get("weights"),

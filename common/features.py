@@ -52,12 +52,16 @@ HEAD_PREFIXES = ("head.", "projection_head.", "projector.", "module.projection_h
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def eval_transform(image_size, resize_size=None):
-    """Resize the short side, centre-crop `image_size`, normalise; small images are used as they are."""
+def eval_transform(image_size, resize_size=None, squash=False):
+    """Resize the short side, centre-crop `image_size`, normalise; small images are used as they are.
+
+    squash: VISSL's VOC07 SVM preprocessing, the short side resized, then the whole image to
+    image_size x image_size (no crop)."""
     if resize_size is None:
         resize_size = image_size if image_size <= 64 else round(image_size * 256 / 224)
-    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+    bicubic = T.InterpolationMode.BICUBIC
+    last = T.Resize((image_size, image_size), interpolation=bicubic) if squash else T.CenterCrop(image_size)
+    return T.Compose([T.Resize(resize_size, interpolation=bicubic), last, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def load_trunk(weights, arch=None, cifar_stem=None, state_dict_key=None, remove_prefix=None, append_prefix=None,
@@ -295,7 +299,8 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
     trunk, info = load_trunk(args.weights, args.arch or None, args.cifar_stem, args.state_dict_key or None,
                              args.remove_prefix or None, args.append_prefix or None, "head" in args.layers)
     image_size = args.image_size or info.get("train_crop_size", 224)
-    transform = eval_transform(image_size, args.resize_size or None)
+    squash = getattr(args, "squash", False)
+    transform = eval_transform(image_size, args.resize_size or None, squash)
     kw = dict(batch_size=args.batch_size, workers=args.workers, device=runtime.device,
               precision=getattr(args, "precision", "auto"))
     if args.precise_bn:
@@ -303,6 +308,7 @@ def compute_or_load(args, runtime, train_set=None, test_set=None):
     train = extract(trunk, train_set, args.layers, transform, **kw)
     test = extract(trunk, test_set, args.layers, transform, **kw)
     meta = {"weights": args.weights, "arch": trunk.arch, "cifar_stem": trunk.cifar_stem, "image_size": image_size,
+            **({"squash": True} if squash else {}),
             "precise_bn": min(args.precise_bn, len(train_set)),
             "train_data": args.train_data, "test_data": args.test_data or args.train_data,
             "missing_keys": info.get("missing_keys", []), "unexpected_keys": info.get("unexpected_keys", [])}

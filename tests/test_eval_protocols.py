@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
@@ -60,6 +61,24 @@ def test_knn_equals_a_direct_float64_computation(feats):
     assert one[20]["top1"] == direct_knn_top1(feats["x"], y, feats["xt"][:1], yt[:1], 20, 0.07)
 
 
+def test_knn_top5_with_fewer_than_five_neighbours_and_too_large_k(feats):
+    """Top-5 counts the min(5, k) best-voted classes (DINO's knn_classifier); k above the training set is refused."""
+    x, y, xt, yt = feats["x"][:300], feats["y"][:300], feats["xt"][:100], feats["yt"][:100]
+    got = eval_knn.weighted_knn(x, y, xt, yt, (1, 3, 5), 0.07)
+    assert got[1]["top5"] == got[1]["top1"]
+    xn, xtn = torch.nn.functional.normalize(x.double(), dim=1), torch.nn.functional.normalize(xt.double(), dim=1)
+    for k in (3, 5):
+        hits = 0
+        for q, truth in zip(xtn, yt.tolist()):
+            sims = xn @ q
+            top = sims.argsort(descending=True)[:k]
+            votes = torch.zeros(10, dtype=torch.float64).index_add_(0, y[top], (sims[top] / 0.07).exp())
+            hits += truth in votes.argsort(descending=True)[:min(5, k)].tolist()
+        assert got[k]["top5"] == pytest.approx(100 * hits / len(yt), abs=1e-9)
+    with pytest.raises(ValueError, match="only 300 training images"):
+        eval_knn.weighted_knn(x, y, xt, yt, (20, 301), 0.07)
+
+
 def test_fewshot_episodes_and_confidence_interval(feats):
     result = eval_knn.fewshot(feats["xt"], feats["yt"], "fixed", 600, seed=3)
     acc = np.array(result["accuracies"])
@@ -99,10 +118,79 @@ def test_average_precision_and_folds_match_references():
     got = eval_svm.average_precision(torch.tensor(scores), torch.tensor(labels == 1), torch.tensor(include))
     for c in range(3):
         assert got[c].item() == pytest.approx(voc_ap_loop(scores[include[:, c], c], labels[include[:, c], c]))
-    y = rng.integers(0, 2, 101)
-    ours = eval_svm.stratified_folds(torch.tensor(y == 1), 3).numpy()
-    for fold, (_, test) in enumerate(StratifiedKFold(3).split(np.zeros(len(y)), y)):
-        assert set(np.flatnonzero(ours == fold)) == set(test)
+    for first in (0, 1):  # sklearn numbers the classes by first appearance: both cases
+        y = rng.integers(0, 2, 101)
+        y[0] = first
+        ours = eval_svm.stratified_folds(torch.tensor(y == 1), 3).numpy()
+        for fold, (_, test) in enumerate(StratifiedKFold(3).split(np.zeros(len(y)), y)):
+            assert set(np.flatnonzero(ours == fold)) == set(test)
+
+
+def test_cross_validation_ap_is_sklearns_scorer():
+    """VISSL scores the folds with sklearn's average_precision (not interpolated), ties taken together."""
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n = int(rng.integers(3, 80))
+        y = rng.integers(0, 2, n)
+        y[0] = 1
+        s = np.round(rng.normal(size=n), trial % 3)  # 0 and 1 decimals: many ties
+        include = rng.random(n) < 0.8
+        include[0] = True
+        got = eval_svm.average_precision(torch.tensor(s)[:, None], torch.tensor(y == 1)[:, None],
+                                         torch.tensor(include)[:, None], interpolated=False)[0].item()
+        assert got == pytest.approx(average_precision_score(y[include], s[include]), abs=1e-12)
+    # the two APs differ where the interpolation lifts a precision: 1 + (2/3) vs 1 + (1/2) over 2 positives
+    s, y = torch.tensor([[3.0], [2.0], [1.0], [0.0]]), torch.tensor([[True], [False], [False], [True]])
+    every = torch.ones_like(y)
+    assert eval_svm.average_precision(s, y, every, interpolated=False).item() == pytest.approx(0.75)
+    assert eval_svm.average_precision(s, y, every).item() == pytest.approx(0.75)
+    s2 = torch.tensor([[3.0], [2.0], [1.0], [0.5], [0.0]])
+    y2 = torch.tensor([[True], [False], [True], [False], [True]])
+    ones = torch.ones_like(y2)
+    assert eval_svm.average_precision(s2, y2, ones, interpolated=False).item() == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert eval_svm.average_precision(s2, y2, ones).item() == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+
+
+def test_svm_top1_counts_a_class_train_lacks_as_wrong():
+    train_classes = torch.tensor([0, 1, 2])
+    test_targets, _ = eval_svm.as_targets(torch.tensor([5, 5, 5, 1]), train_classes)
+    w = torch.zeros(3, 3)
+    w[-1, 0] = 1.0  # every image scores highest on class index 0 (the bias)
+    x_test = torch.zeros(4, 2)
+    result = eval_svm.evaluate(w, x_test, test_targets == 1, test_targets != -1, True)
+    assert result["top1"] == 0.0
+    w[-1] = torch.tensor([0.0, 1.0, 0.0])  # now class 1: the last image is right
+    assert eval_svm.evaluate(w, x_test, test_targets == 1, test_targets != -1, True)["top1"] == 25.0
+
+
+def test_squash_keeps_the_whole_image():
+    """--squash (VISSL's VOC07 preprocessing): the whole image reaches the trunk; the centre crop loses the sides."""
+    from PIL import Image
+    pixels = np.zeros((256, 512, 3), dtype=np.uint8)
+    pixels[:, :64] = 255  # a white band on the left eighth
+    image = Image.fromarray(pixels)
+    squashed = features.eval_transform(224, squash=True)(image)
+    cropped = features.eval_transform(224)(image)
+    assert squashed.shape == cropped.shape == (3, 224, 224)
+    white = (1 - torch.tensor(features.MEAN)) / torch.tensor(features.STD)
+    assert torch.allclose(squashed[:, :, :20].mean((1, 2)), white, atol=1e-3)  # the band: 224 / 8 = 28 columns
+    assert cropped.max() < 0  # the crop of the 448 x 224 resized image starts at column 112: all black
+
+
+def test_low_shot_draws_are_vissls():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 4  # 15 images of each of 4 classes
+    targets, _ = eval_svm.as_targets(labels)
+    rows = eval_svm.low_shot_rows(targets, 3, g, single_label=True)
+    assert rows.all(1).sum() == 12 and (rows.any(1) == rows.all(1)).all()  # one set of 4 x 3 images for all SVMs
+    assert torch.bincount(labels[rows[:, 0]], minlength=4).tolist() == [3] * 4
+    assert eval_svm.low_shot_rows(targets, 16, g, single_label=True) is None
+    multi = torch.from_numpy(np.random.default_rng(0).choice([1, 0, 0, 0, -1], size=(400, 5)))
+    rows = eval_svm.low_shot_rows(multi, 4, g, single_label=False)
+    for c in range(5):
+        assert (multi[rows[:, c], c] == 1).sum() == 4 and (multi[rows[:, c], c] == 0).sum() == 16
+        assert (multi[rows[:, c], c] != -1).all()
+    assert eval_svm.low_shot_rows(multi, 60, g, single_label=False) is None  # 4 x 60 negatives: too few
 
 
 def sklearn_svms(x, targets, c, train_rows=None):
@@ -169,7 +257,16 @@ def test_svm_cli_cross_validation_and_low_shot(feats):
     proc = run_script("eval_svm.py", "--features", feats["path"], "--low-shot", "--low-shot-k", "1", "4",
                       "--low-shot-samples", "2", "--costs", "0.1", "1")
     low = last_json(proc.stdout)["low_shot"]["pooled"]
-    assert len(low["4"]["runs"]) == 2 and low["4"]["mean"] == pytest.approx(np.mean(low["4"]["runs"]), abs=1e-3)
+    for k in ("1", "4"):
+        assert low[k]["metric"] == "mAP" and low[k]["cost"] in (0.1, 1.0) and len(low[k]["runs"]) == 2
+        assert low[k]["mean"] == pytest.approx(np.mean(low[k]["runs"]), abs=1e-3)
+        assert low[k]["std"] == pytest.approx(np.std(low[k]["runs"]), abs=1e-3)
+        assert len(low[k]["top1"]["runs"]) == 2
+    assert low["4"]["mean"] > low["1"]["mean"]
+    proc = run_script("eval_svm.py", "--features", feats["path"], "--low-shot", "--low-shot-k", "2", "500",
+                      "--low-shot-samples", "1", "--costs", "1", "--low-shot-cost", "cv")
+    low = last_json(proc.stdout)["low_shot"]["pooled"]
+    assert list(low) == ["2"] and "cost" not in low["2"] and "k=500 left out" in proc.stderr
 
 
 # ---------------------------------------------------------------- linear probe
@@ -216,6 +313,19 @@ def test_linear_cli_protocols_and_saved_head(feats, tmp_path):
     assert frac["n_train"] == 100
 
 
+def test_label_fraction_takes_the_same_number_from_every_class():
+    """As SimCLR's 1% ImageNet list (12-13 images of every class), whatever the class sizes."""
+    labels = np.repeat(np.arange(7), [732, 1300, 1300, 900, 1000, 1100, 30])
+    rows = eval_linear.label_subset(labels, 0.01, seed=3)
+    counts = np.bincount(labels[rows], minlength=7)
+    assert len(rows) == 64 and sorted(counts.tolist()) == [9] * 6 + [10] and len(set(rows.tolist())) == 64  # 63.62
+    rows = eval_linear.label_subset(labels, 0.1, seed=3)  # 636 = 7 x 90 + 6: six shares of 91, one of 90
+    counts = np.bincount(labels[rows])
+    assert counts[6] == 30 and set(counts[:6].tolist()) <= {90, 91} and counts[:6].sum() in (545, 546)
+    assert np.array_equal(rows, eval_linear.label_subset(labels, 0.1, seed=3))
+    assert not np.array_equal(rows, eval_linear.label_subset(labels, 0.1, seed=4))
+
+
 @pytest.mark.parametrize("batch_size", [24, 7])
 def test_precise_bn_running_statistics_are_the_average_of_batch_statistics(tiny_folder, batch_size):
     """bn1 after precise BN = the mean over batches of conv1's per-channel batch mean / unbiased variance
@@ -249,9 +359,14 @@ def test_scripts_from_images_end_to_end_and_bad_input(tiny_folder, tmp_path):
     cached = tmp_path / "tiny.pth"
     base = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0",
             "--train-data", tiny_folder, "--test-data", tiny_folder]
-    knn = last_json(run_script("eval_knn.py", *base, "--save-features", cached, "--layers", "pooled", "vissl-res4").stdout)
+    proc = run_script("eval_knn.py", *base, "--save-features", cached, "--layers", "pooled", "vissl-res4")
+    knn = last_json(proc.stdout)
     assert knn["n_train"] == 24 and features.load_features(cached)["train_features"]["vissl-res4"].shape == (24, 2304)
-    assert last_json(run_script("eval_knn.py", "--features", cached, "--preset", "vissl").stdout)["k"] == 200
+    assert knn["k"] == 20 and knn["k_left_out"] == [100, 200] and list(knn["per_k"]["pooled"]) == ["10", "20"]
+    assert "k=100, 200 left out: only 24 training images." in proc.stderr
+    proc = run_script("eval_knn.py", "--features", cached, "--preset", "vissl", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --report-k 200 is more neighbours than the 24 training images.")
     linear = last_json(run_script("eval_linear.py", *base, "--augment", "--epochs", "2", "--batch-size", "8",
                                   "--lrs", "0.1", "--weight-decays", "0", "--val-fraction", "0.25",
                                   "--precise-bn", "16").stdout)
