@@ -140,15 +140,16 @@ class DeepClusterV2(nn.Module):
             p.requires_grad = False
 
     def forward(self, crops):
-        """crops: list of [n, 3, H, W]; same-size crops share a forward pass. Returns z [V*n, d], [scores [V*n, k]]."""
-        embeddings, start = [], 0
+        """crops: list of [n, 3, H, W]; same-size crops share a trunk pass, and the head (its BatchNorm) sees every
+        crop at once, as SwAV's resnet50.py. Returns z [V*n, d], [scores [V*n, k]]."""
+        features, start = [], 0
         while start < len(crops):
             end = start
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            embeddings.append(self.head(self.trunk(torch.cat(crops[start:end]))))
+            features.append(self.trunk(torch.cat(crops[start:end])))
             start = end
-        z = torch.cat(embeddings)
+        z = self.head(torch.cat(features))
         z = nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
         with torch.autocast(z.device.type, enabled=False):
             scores = [prototypes(z) for prototypes in self.prototypes]
@@ -258,7 +259,8 @@ def train(args, runtime):
             labels = cluster_memory(core, bank, bank_indices, run.n_images, args.kmeans_iters,
                                     seed=args.seed * 1_000_003 + epoch * 1_000)
         for crops, indices in run.batches(loader):
-            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr,
+                                     endpoint=True)  # np.linspace(start, peak, warmup steps), as the original
             optim.set_lr(optimizer, lr)
             indices = indices.to(run.device, non_blocking=True)
             with run.autocast():

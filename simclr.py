@@ -130,15 +130,16 @@ class SimCLR(nn.Module):
         self.head = projection_head([self.trunk.feature_dim, args.hidden_dim, args.embedding_dim], args.head_bn)
 
     def forward(self, views):
-        """views: list of [n, 3, H, W] batches; same-size views share one forward pass (SwAV's trick)."""
-        embeddings, start = [], 0
+        """views: list of [n, 3, H, W] batches; same-size views share one trunk pass (SwAV's trick), and the head
+        (its BatchNorm, with --head-bn) sees every view at once, as VISSL's multi-resolution forward."""
+        features, start = [], 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
                 end += 1
-            embeddings.append(self.head(self.trunk(torch.cat(views[start:end]))))
+            features.append(self.trunk(torch.cat(views[start:end])))
             start = end
-        z = torch.cat(embeddings)
+        z = self.head(torch.cat(features))
         return nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
 
 

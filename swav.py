@@ -94,7 +94,8 @@ class Args(RunArgs):
 
 
 PRESETS = {
-    "small-batch": dict(_doc="the swav repository's 256-image recipe: 8 x 32, lr 0.6 -> 0.0006 without warmup, "
+    "small-batch": dict(_doc="the swav repository's 256-image recipe (its 4 x 64; here 32 per process, 8 processes), "
+                             "lr 0.6 -> 0.0006 without warmup, "
                              "queue 3840 from epoch 15, 200 epochs",
                         batch_size=32, lr=0.6, start_lr=0.0, final_lr=0.0006, warmup_epochs=0.0, queue_length=3840,
                         epoch_queue_starts=15, epochs=200, output_dir="runs/swav-small-batch"),
@@ -147,15 +148,16 @@ class SwAV(nn.Module):
         self.prototypes.weight.copy_(nn.functional.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops):
-        """crops: list of [n, 3, H, W]; same-size crops share one forward pass. Returns z [V*n, d], scores [V*n, K]."""
-        embeddings, start = [], 0
+        """crops: list of [n, 3, H, W]; same-size crops share one trunk pass, and the head (its BatchNorm) sees every
+        crop at once, as SwAV's resnet50.py. Returns z [V*n, d], scores [V*n, K]."""
+        features, start = [], 0
         while start < len(crops):
             end = start
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            embeddings.append(self.head(self.trunk(torch.cat(crops[start:end]))))
+            features.append(self.trunk(torch.cat(crops[start:end])))
             start = end
-        z = torch.cat(embeddings)
+        z = self.head(torch.cat(features))
         z = nn.functional.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
         with torch.autocast(z.device.type, enabled=False):  # scores in fp32: Sinkhorn divides them by epsilon
             scores = self.prototypes(z)
@@ -240,7 +242,8 @@ def train(args, runtime):
         if queue_length and epoch >= args.epoch_queue_starts and queue is None:
             queue = torch.zeros(len(args.crops_for_assign), local_queue_length, args.embedding_dim, device=run.device)
         for crops, indices in run.batches(loader):
-            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr)
+            lr = optim.warmup_cosine(run.step, run.total_steps, warmup_steps, peak_lr, final_lr, start_lr,
+                                     endpoint=True)  # np.linspace(start, peak, warmup steps), as the original
             optim.set_lr(optimizer, lr)
             core.normalize_prototypes()
             with run.autocast():

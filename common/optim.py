@@ -164,9 +164,15 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
-def warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr=0.0, start_lr=0.0):
-    """Linear warmup from `start_lr` to `peak_lr`, then cosine decay to `final_lr`, per step."""
+def warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr=0.0, start_lr=0.0, endpoint=False):
+    """Linear warmup from `start_lr` to `peak_lr`, then cosine decay to `final_lr`, per step.
+
+    endpoint: the warmup is np.linspace(start_lr, peak_lr, warmup_steps), whose last step is the
+    peak (SwAV's and DINO's schedules); else start + (peak - start) step / warmup_steps, which
+    reaches the peak at the first cosine step (SimCLR's, BYOL's, Barlow Twins')."""
     if step < warmup_steps:
+        if endpoint:
+            return start_lr + (peak_lr - start_lr) * (step / (warmup_steps - 1) if warmup_steps > 1 else 0.0)
         return start_lr + (peak_lr - start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_lr + 0.5 * (peak_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))

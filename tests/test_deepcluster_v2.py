@@ -109,6 +109,8 @@ def test_interrupted_run_resumes_exactly_across_a_clustering(tmp_path):
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}
     assert sorted(full) == sorted(split) == list(range(1, 17))
     assert full == split  # bit-identical, mid-epoch 1 (restored labels) and after epoch 2's k-means (restored bank)
+    lrs = {r["step"]: r["lr"] for r in metrics(tmp_path / "full")}  # warmup: np.linspace(start, peak, 7 steps)
+    assert lrs[1] < lrs[7] == lrs[8] == max(lrs.values()) and lrs[16] < lrs[8]
     ckpt = torch.load(tmp_path / "split" / "checkpoint-00000016.pth", weights_only=False)
     torchvision.models.resnet18().load_state_dict(ckpt["trunk"])
     assert ckpt["method"] == "deepcluster_v2" and ckpt["bank"].shape == (2, 112, 32)  # crops 0 and 1

@@ -267,3 +267,42 @@ def test_deepcluster_v2_fidelity_loss_value_and_gradient():
         ref_grad_z = sum(gr @ c.numpy() for gr, c in zip(ref_grads, centroids))
         torch.testing.assert_close(loss.double(), torch.tensor(ref_loss, dtype=torch.float64), rtol=rtol, atol=atol)
         torch.testing.assert_close(grad_z.double(), torch.from_numpy(ref_grad_z), rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- multi-crop forward
+
+def test_the_head_normalises_every_crop_at_once():
+    """The trunk runs once per crop size, the head once on every crop (swav's resnet50.py: forward_head on the
+    concatenated trunk outputs), so the head's BatchNorm statistics cover the large and the small crops."""
+    import simclr
+    gen = torch.Generator().manual_seed(0)
+    crops = [torch.randn(3, 3, size, size, generator=gen, dtype=torch.float64) for size in (32, 32, 16, 16)]
+    small = ["--arch", "resnet18", "--hidden-dim", "16"]
+    models_ = [swav.SwAV(cli.parse_args(swav.Args, swav.PRESETS, [*small, "--n-prototypes", "7"])),
+               dc.DeepClusterV2(dc_args("--num-clusters", "7", "5")),
+               simclr.SimCLR(cli.parse_args(simclr.Args, None, [*small, "--head-bn"]))]
+    for model in models_:
+        model = model.double().train()
+        out = model(crops)
+        z = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            features = torch.cat([model.trunk(torch.cat(crops[:2])), model.trunk(torch.cat(crops[2:]))])
+            expected = torch.nn.functional.normalize(model.head(features), dim=1)
+            by_size = torch.nn.functional.normalize(torch.cat([model.head(features[:6]), model.head(features[6:])]),
+                                                    dim=1)
+        torch.testing.assert_close(z.detach(), expected, rtol=1e-10, atol=1e-12)
+        assert (z.detach() - by_size).abs().max() > 1e-3  # statistics per crop size would differ
+
+
+def test_learning_rate_schedule_is_main_swavs():
+    """main_swav.py / main_deepclusterv2.py: np.linspace(start_warmup, base_lr, warmup iterations) (its last value is
+    the peak), then final + (base - final)(1 + cos(pi t / T)) / 2 over the remaining T iterations."""
+    from common import optim
+    for warmup, total in ((7, 30), (1, 5), (0, 9)):
+        start, base, final = 0.3, 4.8, 0.0048
+        iters = np.arange(total - warmup)
+        cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / (total - warmup)))
+        reference = np.concatenate([np.linspace(start, base, warmup), cosine])
+        ours = [optim.warmup_cosine(step, total, warmup, base, final, start, endpoint=True) for step in range(total)]
+        np.testing.assert_allclose(ours, reference, rtol=1e-14, atol=0)
+    assert optim.warmup_cosine(6, 30, 7, 4.8, 0.0048, 0.3, endpoint=True) == 4.8

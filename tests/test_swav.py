@@ -127,6 +127,8 @@ def test_interrupted_run_with_a_queue_resumes_exactly_and_prototypes_wait_one_ep
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}
     assert sorted(full) == sorted(split) == list(range(1, 12))
     assert full == split  # bit-identical: the queue (filled at steps 8-9, used from step 10) was restored
+    lrs = {r["step"]: r["lr"] for r in metrics(tmp_path / "full")}  # warmup: np.linspace(start, peak, 7 steps)
+    assert lrs[1] < lrs[7] == lrs[8] == max(lrs.values()) and lrs[11] < lrs[8]
     ckpt = {s: torch.load(tmp_path / "full" / f"checkpoint-{s:08d}.pth", weights_only=False) for s in (2, 6)}
     split11 = torch.load(tmp_path / "split" / "checkpoint-00000011.pth", weights_only=False)
     torchvision.models.resnet18().load_state_dict(split11["trunk"])
