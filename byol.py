@@ -28,6 +28,9 @@ Deviations from the original code:
 - The two views are encoded one after the other through each network, as in the original (BatchNorm
   statistics per view); the target's BatchNorm statistics are its own, from its forward passes.
 - bf16 autocast on GPU; a step with a non-finite loss or gradient is skipped and moves the target nowhere.
+- An epoch is floor(N / batch) steps (the last, smaller batch is dropped, as in every script here), so the
+  schedules run epochs x floor(N / B) steps; the original counts epochs x N // B (on ImageNet at 4096 and
+  1000 epochs 312,000 against 312,784 steps, warmup 3,120 against 3,127: 0.25% shorter).
 
     torchrun --nproc_per_node=8 byol.py --data /datasets/imagenet/train --epochs 1000
     python byol.py --preset cifar --data cifar10
@@ -38,7 +41,6 @@ with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU afte
 (common/gpu_aug.py; bilinear crops without antialias). Speed (common/speed.py): channels_last,
 bf16 autocast, `--compile`.
 """
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -140,7 +142,7 @@ class BYOL(nn.Module):
         super().__init__()
         self.online = Encoder(args)
         self.predictor = models.mlp([args.embedding_dim, args.hidden_dim, args.embedding_dim])
-        self.target = copy.deepcopy(self.online)  # xi starts equal to theta
+        self.target = Encoder(args)  # xi has its own random start, as byol_experiment.py draws it from its own key
         for p in self.target.parameters():
             p.requires_grad = False
 

@@ -100,9 +100,11 @@ class Args(RunArgs):
 
 PRESETS = {
     "resnet50": dict(_doc="the README's ResNet-50 command: SGD lr 0.03, weight decay 1e-4 throughout, global crops "
-                          "0.14-1, local crops 0.05-0.14",
+                          "0.14-1, local crops 0.05-0.14, and main_dino.py's defaults for the rest: 8 local crops, "
+                          "teacher temperature 0.04 throughout",
                      arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
-                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), output_dir="runs/dino-resnet50"),
+                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_crops=8, teacher_temp=0.04,
+                     warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, output_dir="runs/dino-resnet50"),
     "cifar": dict(_doc="solo-learn's CIFAR-10 recipe (scripts/pretrain/cifar/dino.yaml, 89.52 linear after 1000 "
                        "epochs): ResNet-18 with the CIFAR stem at 32 px, two crops and no local ones, head "
                        "2048-256 -> 4096 prototypes, teacher momentum 0.9995, LARS lr 0.3 (the authors' trust "

@@ -62,6 +62,11 @@ def test_schedules_equal_dinos_numpy_schedules():
     args = cli.parse_args(dino.Args, None, ["--epochs", "50", "--warmup-teacher-temp-epochs", "30"])
     temps = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(20) * 0.07))
     np.testing.assert_allclose([dino.teacher_temperature(e, args) for e in range(50)], temps, rtol=1e-14)
+    # the README's ResNet-50 command sets no crop or temperature flag: main_dino.py's 8 local crops, 0.04 throughout
+    r50 = cli.parse_args(dino.Args, dino.PRESETS, ["--preset", "resnet50"])
+    assert (r50.local_crops, r50.optimizer, r50.lr) == (8, "sgd", 0.03)
+    assert r50.weight_decay == r50.weight_decay_end == 1e-4
+    assert [dino.teacher_temperature(e, r50) for e in range(r50.epochs)] == [0.04] * 100
 
 
 def test_head_and_centre():
