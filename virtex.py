@@ -28,10 +28,12 @@ without SyncBatchNorm: 32 images per GPU).
 (a linear layer on the pooled trunk predicts the caption's words as a bag: minus the mean log-probability of the
 caption's distinct tokens), `masked_lm` (the same decoder without causal mask predicts masked tokens with the
 original's proportions: 15% of a caption's words, each replaced by [MASK] with p 0.85, by a random word with p 0.1,
-kept with p 0.05; the selection rule, the share rounded down but at least one word and never [SOS] / [EOS], is this
-script's) and `multilabel_classification` (the same linear layer predicts the image's COCO object categories, read
-from ROOT/annotations/instances_train2017.json, with token classification's loss over the distinct categories;
-images without objects are left out, and the flip is only an image flip).
+kept with p 0.05, a lone chosen word always [MASK], and only the [MASK]ed words predicted; the selection rule, the
+share rounded down but at least one word and never [SOS] / [EOS], is this script's (the original rounds up), and the
+random word is never a special token (the original draws any id: its [UNK] doubles as padding)) and
+`multilabel_classification` (the same linear layer predicts the image's COCO object categories, read from
+ROOT/annotations/instances_train2017.json, with token classification's loss over the distinct categories; images
+without objects are left out, and the flip is only an image flip).
 
 Deviations from the original code:
 - Tokenizer: a word-level vocabulary built here from the training captions (lower-cased, accents stripped,
@@ -323,7 +325,8 @@ def padded(ids, length):
 def mask_words(ids, vocab_size, args):
     """Masked LM's corruption of one caption (the original's MaskedLmDataset): a share of the word positions (not
     [SOS] / [EOS]), at least one, each -> [MASK] (p mask_probability), a random word (p replace_probability) or
-    kept; labels hold the original token there and [PAD] elsewhere."""
+    kept; a lone chosen word always becomes [MASK]. Labels hold the original token where [MASK] went, [PAD]
+    (ignored) elsewhere: as in the original, only [MASK]ed words are predicted."""
     ids, labels = list(ids), [PAD] * len(ids)
     positions = [i for i, t in enumerate(ids) if t not in (SOS, EOS)]
     if not positions:
@@ -331,10 +334,9 @@ def mask_words(ids, vocab_size, args):
     count = max(1, int(len(positions) * args.mask_proportion))
     for i in torch.randperm(len(positions))[:count].tolist():
         at = positions[i]
-        labels[at] = ids[at]
-        u = float(torch.rand(()))
+        u = 0.0 if count == 1 else float(torch.rand(()))
         if u < args.mask_probability:
-            ids[at] = MASK
+            labels[at], ids[at] = ids[at], MASK
         elif u < args.mask_probability + args.replace_probability:
             ids[at] = int(torch.randint(len(SPECIALS), vocab_size, ()))
     return ids, labels
@@ -371,11 +373,12 @@ class WordAndPositionalEmbedding(nn.Module):
 
 
 def transformer(args, width):
+    """The decoder stack; pre-norm ends with a LayerNorm of the last layer's output, as the original's."""
     heads = args.textual_heads or width // 64
+    pre = args.norm_type == "pre"
     layer = nn.TransformerDecoderLayer(width, heads, dim_feedforward=args.feedforward_dim or 4 * width,
-                                       dropout=args.dropout, activation="gelu", batch_first=True,
-                                       norm_first=args.norm_type == "pre")
-    return nn.TransformerDecoder(layer, args.textual_layers)
+                                       dropout=args.dropout, activation="gelu", batch_first=True, norm_first=pre)
+    return nn.TransformerDecoder(layer, args.textual_layers, norm=nn.LayerNorm(width) if pre else None)
 
 
 def bert_init(module):
@@ -480,10 +483,10 @@ def virtex_loss(outputs, tokens, task, label_smoothing=0.0, labels=None):
         loss = token_classification_loss(outputs, tokens)
     elif task == "multilabel_classification":
         loss = token_classification_loss(outputs, tokens, ignored=1)
-    else:  # masked_lm: every position with a label
+    else:  # masked_lm: the mean over every position with a label (0 for a batch without one)
         logits = outputs if outputs.dtype == torch.float64 else outputs.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=PAD,
-                               label_smoothing=label_smoothing)
+                               label_smoothing=label_smoothing, reduction="sum") / (labels != PAD).sum().clamp(min=1)
     return loss, {}
 
 

@@ -258,7 +258,32 @@ def test_vocabulary_truncation_and_masking():
         masked, labels = virtex.mask_words([virtex.SOS, 5, 6, 5, 6, 5, 6, virtex.EOS], 7, args)
         changed = [i for i, y in enumerate(labels) if y != virtex.PAD]
         assert len(changed) == 1 and changed[0] not in (0, 7)  # int(6 x 0.15) = 0 -> at least one word
+        assert masked[changed[0]] == virtex.MASK  # a lone chosen word is always [MASK]ed
         assert masked[0] == virtex.SOS and masked[-1] == virtex.EOS
+    # 20 words, 3 chosen: only the [MASK]ed ones are labelled (MaskedLmDataset); about 15% of the chosen words
+    # become random words or stay, unlabelled
+    caption = [virtex.SOS] + [5 + i % 2 for i in range(20)] + [virtex.EOS]
+    labelled = 0
+    for _ in range(400):
+        masked, labels = virtex.mask_words(caption, 7, args)
+        at = [i for i, y in enumerate(labels) if y != virtex.PAD]
+        assert all(masked[i] == virtex.MASK and labels[i] == caption[i] for i in at)
+        assert sum(m == virtex.MASK for m in masked) == len(at)
+        assert sum(m != c for m, c in zip(masked, caption)) <= 3
+        labelled += len(at)
+    assert 0.80 < labelled / 1200 < 0.90  # p 0.85 of the 3 x 400 chosen words
+
+
+def test_pre_norm_decoder_ends_with_a_layer_norm():
+    """The original's TransformerDecoderTextualHead passes norm=LayerNorm(width) when norm_first."""
+    pre = virtex.transformer(tiny_args("--norm-type", "pre"), 32)
+    post = virtex.transformer(tiny_args(), 32)
+    assert isinstance(pre.norm, torch.nn.LayerNorm) and post.norm is None
+    assert sum(p.numel() for p in pre.parameters()) == sum(p.numel() for p in post.parameters()) + 64
+    model = virtex.VirTex(tiny_args("--norm-type", "pre"), 40)
+    names = [n for n, _ in model.named_parameters() if n.endswith("transformer.norm.weight")
+             or n.endswith("transformer.norm.bias")]
+    assert names and all(virtex.NO_DECAY.match(n) for n in names)  # like every textual norm: no weight decay
 
 
 def test_dataset_reads_coco_layout_leaves_out_uncaptioned_images_and_subsets(tmp_path):
