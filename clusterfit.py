@@ -199,9 +199,9 @@ def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
     The ramp starts at --warmup-start x peak, by default at --lr, the rate of a 256-image batch that peak
     scales up (Goyal et al. 2017, as VISSL's auto-scaled warmup): no ramp for 256 images or fewer.
     """
-    start = args.warmup_start if args.warmup_start is not None else min(1.0, args.lr / peak_lr) if peak_lr else 1.0
     return optim.warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr, args.warmup_epochs,
-                                                  start, args.lr_schedule, args.lr_decay, args.lr_milestones)
+                                                  optim.vissl_warmup_start(args.warmup_start, args.lr, peak_lr),
+                                                  args.lr_schedule, args.lr_decay, args.lr_milestones)
 
 
 # ----------------------------------------------------------------------------- stage 3: training

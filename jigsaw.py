@@ -12,8 +12,10 @@ tile perm[i]); each tile goes through the shared (siamese) trunk and a 1000-d fc
 the nine outputs are concatenated in position order and a linear classifier predicts which
 permutation was applied (cross-entropy). Defaults follow VISSL's jigsaw_8gpu_resnet
 (ResNet-50, 2000 permutations, grayscale p=0.66, SGD 0.1 x batch/256, wd 1e-4 not on
-BatchNorm, 5 warmup epochs from lr/4, 105 epochs with x0.1 steps at 30/60/90/100, 32 images
-per GPU).
+BatchNorm, 105 epochs with x0.1 steps at 30/60/90/100, 32 images per GPU). The warmup is the one
+VISSL runs: its YAML writes 5 epochs "0.025 -> 0.1", which its automatic lr scaling turns into a
+ramp from the lr of one node's batch to the scaled lr, none at all for 8 x 32 images; here the
+ramp starts at --lr (the rate of 256 images), so it exists only for larger global batches.
 
 The permutation set is a deterministic function of --seed and --permutation-rule (see
 `hamming_permutations`), saved in every checkpoint and reused on resume. The default rule,
@@ -83,7 +85,8 @@ class Args(RunArgs):
     epochs: int = 105
     batch_size: int = 32  # images (puzzles) per process: VISSL uses 32 x 8 GPUs
     lr: float = 0.1  # for a global batch of 256 puzzles, scaled linearly
-    warmup_epochs: float = 5.0  # linear from lr/4 (VISSL: 5 of 105 epochs, 0.025 -> 0.1)
+    warmup_epochs: float = 5.0  # a linear ramp to the scaled lr over 5 of 105 epochs, when the batch exceeds 256
+    warmup_start: float = None  # the ramp starts at this x the peak lr; default: at --lr (VISSL's rule)
     lr_schedule: str = field(default="step", metadata={"choices": ["step", "cosine"]})  # step: times --lr-decay at each milestone
     lr_milestones: tuple[int, ...] = (30, 60, 90, 100)  # epochs where the step schedule multiplies by --lr-decay
     lr_decay: float = 0.1  # factor applied at each of --lr-milestones
@@ -106,9 +109,10 @@ class Args(RunArgs):
 PRESETS = {
     "cifar": dict(_doc="ResNet-18 with the CIFAR stem; the ImageNet geometry scaled by 30/255: a 30 px crop of the "
                        "32 px image, 10 px cells, 8 px tiles (64/85 x 10 = 7.5, rounded up); 100 permutations, "
-                       "batch 128, cosine, 100 epochs",
+                       "batch 128, 5 warmup epochs from lr/4, cosine, 100 epochs",
                   arch="resnet18", cifar_stem=True, resize_size=32, crop_size=30, tile_size=8, num_permutations=100,
-                  batch_size=128, lr=0.1, epochs=100, warmup_epochs=5, lr_schedule="cosine", workers=4,
+                  batch_size=128, lr=0.1, epochs=100, warmup_epochs=5, warmup_start=0.25, lr_schedule="cosine",
+                  workers=4,
                   output_dir="runs/jigsaw-cifar"),
 }
 
@@ -239,9 +243,10 @@ def permutation_loss(logits, labels):
 # ----------------------------------------------------------------------------- training
 
 def learning_rate(step, steps_per_epoch, total_steps, peak_lr, args):
-    """Linear warmup from peak/4 (VISSL's composite schedule), then x lr_decay at each milestone, or cosine to 0."""
+    """Linear warmup from optim.vissl_warmup_start, then x lr_decay at each milestone, or cosine to 0."""
     return optim.warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr, args.warmup_epochs,
-                                                  0.25, args.lr_schedule, args.lr_decay, args.lr_milestones)
+                                                  optim.vissl_warmup_start(args.warmup_start, args.lr, peak_lr),
+                                                  args.lr_schedule, args.lr_decay, args.lr_milestones)
 
 
 def check_geometry(args):

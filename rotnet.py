@@ -33,7 +33,8 @@ VISSL turns the whole, generally non-square, image before cropping with PIL's ro
 keeps the canvas and fills black bars that the crop can include at 90/270 degrees only. The
 crop is bicubic (bilinear in VISSL and the authors' code). --preset cifar takes the
 authors' CIFAR-10 optimiser (batch 128, lr 0.1, nesterov, wd 5e-4, x0.2 at 60/120/160 of 200
-epochs) on a ResNet-18 instead of their Network-In-Network, with a random-resized crop at
+epochs; BatchNorm parameters undecayed, as everywhere here, where the authors decay every
+parameter) on a ResNet-18 instead of their Network-In-Network, with a random-resized crop at
 scale 0.5-1 and ImageNet statistics instead of their 4-px-padded random crop and CIFAR
 statistics (the batched GPU augmentation makes resized crops).
 

@@ -191,6 +191,18 @@ def warmup_then_milestones_or_cosine(step, steps_per_epoch, total_steps, peak_lr
     return peak_lr * decay ** sum(epoch >= m for m in milestones)
 
 
+def vissl_warmup_start(warmup_start, base_lr, peak_lr):
+    """The fraction of the peak lr that VISSL's automatically scaled linear warmup starts from.
+
+    `warmup_start` when given; else the lr of 256 images, base_lr / peak_lr. VISSL's YAML writes a
+    ramp (e.g. 0.025 -> 0.1) but its lr scaling (vissl/utils/hydra_config.py, resolve_linear_schedule)
+    replaces the start with one node's lr, the same as 256 images with 8 x 32 per node, and drops the
+    ramp when start and end are equal: no ramp up to a 256-image batch."""
+    if warmup_start is not None:
+        return warmup_start
+    return min(1.0, base_lr / peak_lr) if peak_lr else 1.0
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

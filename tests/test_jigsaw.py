@@ -135,3 +135,16 @@ def test_bad_inputs_get_one_sentence_and_nonzero_exit(tmp_path):
     run_script("jigsaw.py", *SMALL, "--output-dir", tmp_path / "p10", "--max-steps", "1")
     proc = run_script("jigsaw.py", *SMALL, "--num-permutations", "12", "--output-dir", tmp_path / "p10", check=False)
     assert proc.returncode == 2 and "10 permutations" in proc.stderr, proc.stderr
+
+
+def test_warmup_is_the_one_vissl_runs():
+    """VISSL's YAML ramp 0.025 -> 0.1 becomes, after its lr scaling, no ramp at 8 x 32 images and a ramp from the
+    256-image lr above that; x0.1 at epochs 30/60/90/100. The cifar preset ramps from a quarter of its peak."""
+    args = cli.parse_args(jigsaw.Args, jigsaw.PRESETS, [])
+    epochs = (0, 2.5, 5, 29, 30, 100)
+    for peak, want in [(0.1, [0.1, 0.1, 0.1, 0.1, 0.01, 1e-5]), (0.4, [0.1, 0.25, 0.4, 0.4, 0.04, 4e-5])]:
+        lr = [jigsaw.learning_rate(round(e * 10), 10, 1050, peak, args) for e in epochs]
+        assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(lr, want)), (peak, lr)
+    cifar = cli.parse_args(jigsaw.Args, jigsaw.PRESETS, ["--preset", "cifar"])
+    lr = [jigsaw.learning_rate(round(e * 10), 10, 1000, 0.05, cifar) for e in (0, 2.5, 5)]
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(lr, [0.0125, 0.03125, 0.05])), lr
