@@ -36,8 +36,10 @@ where VISSL resizes the patch crop, then cuts the patches out of it.
 
 At 32 px VISSL's default photometric transform (solarize with a threshold drawn from 0-256, posterize,
 autocontrast) leaves PIRL near chance; --gblur learns (tests/test_convergence_instance.py). Nine of every
-ten images the trunk sees are patches, forwarded after the image, so the checkpoint's BatchNorm statistics are
-mostly the patches': evaluate with `--precise-bn N` (eval_*.py re-estimate them on N training images).
+ten images the trunk sees are patches. The trunk takes the patches, then the images (VISSL's input order), and
+its BatchNorm running statistics average the two passes (about 47% patches, 53% images at momentum 0.1), so
+the checkpoint's statistics fit neither well: evaluate with `--precise-bn N` (eval_*.py re-estimate them on N
+training images).
 
 The views are stated once (`view_recipe`); common/augment.py builds both data paths from it: per image
 with PIL in the data workers, or, on CUDA (`--gpu-aug`), batched on the GPU after decode-only workers
@@ -143,8 +145,8 @@ class PIRL(nn.Module):
 
     def forward(self, images, patches):
         """images [B, 3, S, S], patches [B, 9, 3, P, P] -> normalised f(v_I), g(v_I^t), each [B, 128]."""
+        patch_codes = self.patch_head(self.trunk(patches.flatten(0, 1)))  # patches first, as VISSL's input order
         f = self.image_head(self.trunk(images))
-        patch_codes = self.patch_head(self.trunk(patches.flatten(0, 1)))
         g = self.jigsaw_head(patch_codes.reshape(len(images), -1))
         return [nn.functional.normalize(x if x.dtype == torch.float64 else x.float(), dim=1) for x in (f, g)]
 

@@ -26,6 +26,14 @@ Deviations from the original code:
 - VISSL's warmup starts at the lr of one 8-GPU node's batch and is dropped on a
   single node; here it starts at --warmup-start-lr x batch/256 on any machine, which
   equals VISSL's 0.6 for its 4096-image recipe.
+- After the warmup the cosine runs from the peak to 0 over the remaining steps, as in
+  the paper's code; VISSL's composite scheduler evaluates it at the run's overall
+  progress, so its lr is already 4.68 (of 4.8) when the warmup ends and 2.4 at mid-run.
+- `--preset cifar` follows the paper's code except in two places that VISSL shares with
+  every LARS run here: the loss is the mean over the 2N views (the paper's code adds
+  the two directions' means, twice that: the parameters left out of LARS take half its
+  step), and LARS is Apex's LARC (the lr applied after the momentum; the paper's code
+  keeps it inside the momentum buffer, which differs while the warmup raises the lr).
 
     torchrun --nproc_per_node=8 simclr.py --data /datasets/imagenet/train --epochs 100
     python simclr.py --preset cifar --data cifar10 --epochs 800
