@@ -28,6 +28,10 @@ Deviations from the original code:
 - The two views are encoded one after the other through each network, as in the original (BatchNorm
   statistics per view); the target's BatchNorm statistics are its own, from its forward passes.
 - bf16 autocast on GPU; a step with a non-finite loss or gradient is skipped and moves the target nowhere.
+- Colour jitter is torchvision's: brightness a factor in [0.6, 1.4], contrast towards the grayscale mean,
+  saturation a blend with grayscale; BYOL's TF code adds a brightness offset in [-0.4, 0.4], pulls contrast
+  towards each channel's mean and scales saturation in HSV (docs/fidelity.md). Blur pads by reflection (BYOL's:
+  zeros).
 - An epoch is floor(N / batch) steps (the last, smaller batch is dropped, as in every script here), so the
   schedules run epochs x floor(N / B) steps; the original counts epochs x N // B (on ImageNet at 4096 and
   1000 epochs 312,000 against 312,784 steps, warmup 3,120 against 3,127: 0.25% shorter).

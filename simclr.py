@@ -29,6 +29,10 @@ Deviations from the original code:
 - After the warmup the cosine runs from the peak to 0 over the remaining steps, as in
   the paper's code; VISSL's composite scheduler evaluates it at the run's overall
   progress, so its lr is already 4.68 (of 4.8) when the warmup ends and 2.4 at mid-run.
+- Colour jitter is torchvision's (contrast towards the grayscale mean, saturation a blend with
+  grayscale; the paper's TF code: each channel's own mean, and HSV), images are normalised
+  with ImageNet's statistics (the paper's code does not normalise), and the crop is
+  torchvision's RandomResizedCrop (the TF sampler keeps at least 10% of the image).
 - `--preset cifar` follows the paper's code except in two places that VISSL shares with
   every LARS run here: the loss is the mean over the 2N views (the paper's code adds
   the two directions' means, twice that: the parameters left out of LARS take half its

@@ -550,13 +550,15 @@ def autocontrast(x: Tensor) -> Tensor:
 
 def sample_photometric_params(batch_size: int, p: float = 0.66, generator=None, device=None) -> Dict[str, Tensor]:
     """VISSL's ImgPilRandomPhotometric (PIRL): with probability ``p`` all of posterize (``bits`` uniform in
-    4..7), sharpness (``sharpness`` ~ U[0.1, 1.9)), solarize (``threshold`` uniform in 0..255, over 255)
-    and autocontrast, else none; ``apply`` bool[N]. The ranges are VISSL's half-open ones (random.randrange)."""
+    4..8), sharpness (``sharpness`` ~ U[0.1, 1.9)), solarize (``threshold`` uniform in 0..256, over 255)
+    and autocontrast, else none; ``apply`` bool[N]. The integer ranges are closed, as VISSL's
+    RandomPosterizeTransform and RandomSolarizeTransform draw them (closed_interval=True): 8 bits and a
+    threshold of 256 leave the image as it is."""
     apply = _bernoulli(batch_size, p, generator, device)
     u = _rand((batch_size, 3), generator, device, torch.float64).to(torch.float64)
-    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 4)).clamp(max=7).to(torch.long),
+    return {"apply": apply, "bits": (4 + torch.floor(u[:, 0] * 5)).clamp(max=8).to(torch.long),
             "sharpness": (0.1 + 1.8 * u[:, 1]).to(torch.float32),
-            "threshold": (torch.floor(u[:, 2] * 256).clamp(max=255) / 255.0).to(torch.float32)}
+            "threshold": (torch.floor(u[:, 2] * 257).clamp(max=256) / 255.0).to(torch.float32)}
 
 
 def apply_photometric(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
@@ -567,7 +569,8 @@ def apply_photometric(x: Tensor, params: Dict[str, Tensor]) -> Tensor:
         return x
     sub = x.index_select(0, idx)
     levels = _bcast(torch.pow(2.0, params["bits"].to(x.device)[idx].to(x.dtype)))
-    sub = torch.minimum(torch.floor(sub * levels), levels - 1).clamp_(min=0.0) / levels
+    posterized = torch.minimum(torch.floor(sub * levels), levels - 1).clamp_(min=0.0) / levels
+    sub = torch.where(levels < 256, posterized, sub)  # 8 bits keep every level, as PIL's posterize
     sub = adjust_sharpness(sub, params["sharpness"].to(x.device)[idx])
     threshold = _bcast(params["threshold"].to(x.device, x.dtype)[idx])
     sub = torch.where(sub >= threshold, 1.0 - sub, sub)

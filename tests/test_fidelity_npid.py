@@ -229,9 +229,9 @@ def test_npid_fidelity_pirl_patch_offsets_are_vissls_half_open_range():
 
 
 def test_npid_fidelity_pirl_photometric_draws_vissls_ranges():
-    """RandomPosterizeTransform: bits in 4..7; RandomSolarizeTransform: threshold in 0..255 (randint, high
-    excluded). The draws of the per-image path (the image and each patch: 10 per image) where the photometric
-    transform applies."""
+    """RandomPosterizeTransform: bits in 4..8; RandomSolarizeTransform: threshold in 0..256 (closed_interval=True:
+    np.random.randint(low, high + 1)). The draws of the per-image path (the image and each patch: 10 per image)
+    where the photometric transform applies."""
     _, draws = _pirl_per_image_draws(1000, "--image-size", "8", "--patch-crop-size", "24", "--patch-size", "5")
     bits, thresholds = [], []
     for groups in draws:
@@ -240,8 +240,8 @@ def test_npid_fidelity_pirl_photometric_draws_vissls_ranges():
             bits += photometric["bits"][photometric["apply"]].tolist()
             thresholds += (photometric["threshold"][photometric["apply"]] * 255).round().long().tolist()
     assert len(bits) > 5000  # p = 0.66 of 10000 views
-    assert set(bits) == {4, 5, 6, 7}
-    assert min(thresholds) == 0 and max(thresholds) == 255 and len(set(thresholds)) > 200
+    assert set(bits) == {4, 5, 6, 7, 8} and abs(bits.count(8) / len(bits) - 0.2) < 0.03
+    assert min(thresholds) == 0 and max(thresholds) == 256 and len(set(thresholds)) > 200
 
 
 def test_npid_fidelity_pirl_photometric_draws_reach_pil_unchanged(monkeypatch):

@@ -439,11 +439,13 @@ def test_photometric_matches_torchvision_per_image():
     params = A.sample_photometric_params(12, 0.66, gen(81))
     params["apply"][:4] = True
     params["threshold"][0] = 256 / 255  # PIL's largest threshold: nothing inverted
+    params["bits"][1] = 8  # nothing posterized
     out = A.apply_photometric(x, params)
     for i in range(12):
         ref = x[i]
         if params["apply"][i]:
-            ref = TF.posterize(ref, int(params["bits"][i]))
+X
+                ref = TF.posterize(ref, int(params["bits"][i]))
             ref = TF.adjust_sharpness(ref, float(params["sharpness"][i]))
             if params["threshold"][i] <= 1:
                 ref = TF.solarize(ref, float(params["threshold"][i]))
@@ -455,10 +457,11 @@ def test_photometric_matches_torchvision_per_image():
 def test_photometric_params_distribution():
     params = A.sample_photometric_params(30000, 0.66, gen(82))
     assert abs(params["apply"].double().mean() - 0.66) < 0.015
-    assert torch.equal(torch.unique(params["bits"]), torch.arange(4, 8))  # VISSL's random.randrange(4, 8)
+    assert torch.equal(torch.unique(params["bits"]), torch.arange(4, 9))  # VISSL's np.random.randint(4, 8 + 1)
     assert stats.chisquare(torch.bincount(params["bits"])[4:].numpy()).pvalue > 1e-3
     thresholds = (params["threshold"] * 255).round().long()
-    assert thresholds.min() == 0 and thresholds.max() == 255  # random.randrange(0, 256)
+    assert thresholds.min() == 0 and thresholds.max() == 256  # np.random.randint(0, 256 + 1)
+    assert stats.chisquare(torch.bincount(thresholds, minlength=257).numpy()).pvalue > 1e-3
     assert stats.kstest(params["sharpness"].numpy(), stats.uniform(0.1, 1.8).cdf).pvalue > 1e-3
 
 
