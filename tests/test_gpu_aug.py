@@ -444,7 +444,7 @@ def test_photometric_matches_torchvision_per_image():
     for i in range(12):
         ref = x[i]
         if params["apply"][i]:
-X
+            if int(params["bits"][i]) < 8:  # 8 bits: PIL keeps the image (torchvision's float rule would not)
                 ref = TF.posterize(ref, int(params["bits"][i]))
             ref = TF.adjust_sharpness(ref, float(params["sharpness"][i]))
             if params["threshold"][i] <= 1:
