@@ -323,11 +323,8 @@ def dino_loss(student_out, teacher_out, center, n_crops, student_temp, teacher_t
 
 def cosine_schedule(step, total_steps, base, final, warmup_steps=0, start=0.0):
     """DINO's cosine_scheduler at one step: np.linspace(start, base, warmup) during the warmup, then
-    final + (base - final) (1 + cos(pi i / (total - warmup))) / 2."""
-    if step < warmup_steps:
-        return start + (base - start) * step / max(1, warmup_steps - 1)
-    i = step - warmup_steps
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / max(1, total_steps - warmup_steps)))
+    final + (base - final) (1 + cos(pi i / (total - warmup))) / 2 (optim.warmup_cosine with the endpoint)."""
+    return optim.warmup_cosine(step, total_steps, warmup_steps, base, final, start, endpoint=True)
 
 
 def teacher_temperature(epoch, args):
